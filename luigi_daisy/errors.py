@@ -1,0 +1,17 @@
+"""One small hierarchy of the errors luigi_daisy raises on purpose."""
+
+
+class LuigiDaisyError(Exception):
+    """Base class of every error raised by luigi_daisy."""
+
+
+class GeometryError(LuigiDaisyError, ValueError):
+    """A ROI, block shape or fit mode that cannot be tiled into blocks."""
+
+
+class TaskDefinitionError(LuigiDaisyError, ValueError):
+    """A task argument that is not geometry (ids, retries, upstream tasks) is invalid."""
+
+
+class SchedulerError(LuigiDaisyError, RuntimeError):
+    """The scheduler was asked for something its state does not allow."""
