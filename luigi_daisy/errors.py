@@ -15,3 +15,7 @@ class TaskDefinitionError(LuigiDaisyError, ValueError):
 
 class SchedulerError(LuigiDaisyError, RuntimeError):
     """The scheduler was asked for something its state does not allow."""
+
+
+class ProtocolError(LuigiDaisyError):
+    """A frame or message on the wire is malformed, oversized or not allowed here."""

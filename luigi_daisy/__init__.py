@@ -1,0 +1,22 @@
+"""luigi_daisy: blockwise processing of huge nD volumes, daisy-compatible, in Luigi.
+
+Scripts written for daisy run with ``import luigi_daisy as daisy``.
+"""
+
+from funlib.geometry import Coordinate, Roi
+
+from .blocks import Block, BlockStatus
+from .context import Context
+from .errors import GeometryError, LuigiDaisyError, SchedulerError, TaskDefinitionError
+from .run import run_blockwise
+from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
+from .summary import RunResult
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block", "BlockScheduler", "BlockStatus", "Context", "Coordinate", "GeometryError",
+    "LuigiDaisyError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError",
+    "Task", "TaskDefinitionError", "TaskState", "run_blockwise",
+]

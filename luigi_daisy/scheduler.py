@@ -1,0 +1,353 @@
+"""The scheduler: a pure state machine over the lazy dependency graph.
+
+No sockets, threads or clocks: time comes in as an argument, and user code (process and
+check functions) never runs inside the bookkeeping. :class:`BlockScheduler` is the core;
+:class:`Scheduler` adds daisy's in-process API on top (it calls the check functions,
+because in daisy the scheduler does).
+
+Memory is proportional to the blocks in flight and the frontier: per task, the ready
+queue, a countdown of unfinished dependencies for each block one of whose dependencies
+has finished, the blocks being processed, and the failed and orphaned blocks. A block
+that none of its dependencies has touched yet is not stored anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+
+from .blocks import Block, BlockGrid, BlockStatus, new_block
+from .errors import SchedulerError
+from .graph import ConflictStencil, UpstreamLink
+from .task import Task, collect_tasks
+
+
+class TaskState:
+    """Counters of one task's blocks, with daisy's names.
+
+    ``completed_count`` includes ``skipped_count`` (blocks found done and not processed),
+    so ``ready + processing + pending + completed + failed + orphaned == total`` at every
+    step.
+    """
+
+    __slots__ = ("task_id", "started", "total_block_count", "ready_count", "processing_count",
+                 "completed_count", "skipped_count", "failed_count", "orphaned_count",
+                 "worker_failure_count", "worker_restart_count", "timeout_reclaim_count",
+                 "failed_blocks")
+
+    def __init__(self, task_id: str, total_block_count: int) -> None:
+        self.task_id = task_id
+        self.started = False
+        self.total_block_count = total_block_count
+        self.ready_count = 0
+        self.processing_count = 0
+        self.completed_count = 0
+        self.skipped_count = 0
+        self.failed_count = 0
+        self.orphaned_count = 0
+        self.worker_failure_count = 0
+        self.worker_restart_count = 0
+        self.timeout_reclaim_count = 0
+        #: indices of the blocks that failed for good, with the last error text
+        self.failed_blocks: dict[int, str | None] = {}
+
+    @property
+    def pending_count(self) -> int:
+        """Blocks waiting for their dependencies."""
+        return (self.total_block_count - self.ready_count - self.processing_count
+                - self.completed_count - self.failed_count - self.orphaned_count)
+
+    @property
+    def succeeded(self) -> bool:
+        """True when every block completed (processed or skipped)."""
+        return self.completed_count == self.total_block_count
+
+    def is_done(self) -> bool:
+        """True when no block is left to process."""
+        return (self.completed_count + self.failed_count + self.orphaned_count
+                >= self.total_block_count)
+
+    def __bool__(self) -> bool:
+        return self.succeeded
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return (f"TaskState({self.task_id!r}: total={self.total_block_count}, "
+                f"ready={self.ready_count}, processing={self.processing_count}, "
+                f"pending={self.pending_count}, completed={self.completed_count}, "
+                f"skipped={self.skipped_count}, failed={self.failed_count}, "
+                f"orphaned={self.orphaned_count})")
+
+
+_NOT_PROCESSING = object()
+
+
+class ReleaseOutcome(enum.Enum):
+    """What a release changed."""
+
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+    RETRYING = "retrying"
+    FAILED = "failed"
+
+
+class _TaskProgress:
+    """The scheduler's mutable record of one task."""
+
+    __slots__ = ("task_id", "grid", "stencil", "max_retries", "timeout", "state",
+                 "upstream_links", "downstream_links", "ready", "roots", "waiting",
+                 "processing", "retries", "orphaned", "has_downstream")
+
+    def __init__(self, task: Task) -> None:
+        self.task_id = task.task_id
+        self.grid: BlockGrid = task.grid
+        self.stencil = ConflictStencil(task.grid, task.read_write_conflict)
+        self.max_retries = task.max_retries
+        self.timeout = task.timeout
+        self.state = TaskState(task.task_id, task.grid.num_blocks)
+        self.upstream_links: list[tuple[UpstreamLink, _TaskProgress]] = []
+        self.downstream_links: list[tuple[UpstreamLink, _TaskProgress]] = []
+        self.ready: deque[int] = deque()
+        self.roots = None
+        self.waiting: dict[int, int] = {}
+        self.processing: dict[int, float] = {}
+        self.retries: dict[int, int] = {}
+        self.orphaned: set[int] = set()
+        self.has_downstream = False
+
+    def plan_roots(self) -> None:
+        """Set up the lazy iterator over blocks that depend on nothing."""
+        self.has_downstream = self.stencil.has_conflicts or bool(self.downstream_links)
+        if not self.upstream_links:
+            self.roots = self.stencil.roots()
+            self.state.ready_count = self.stencil.root_count()
+        elif any(link.covers_grid for link, _ in self.upstream_links):
+            self.roots = iter(())
+        else:
+            links = [link for link, _ in self.upstream_links]
+            position_of = self.grid.position_of
+            self.roots = (
+                index for index in self.stencil.roots()
+                if not any(link.dependency_count(position_of(index)) for link in links))
+
+    def dependency_count(self, position: tuple[int, ...]) -> int:
+        """Unfinished-or-not, how many blocks this block waits for in total."""
+        count = self.stencil.upstream_count(position)
+        for link, _ in self.upstream_links:
+            count += link.dependency_count(position)
+        return count
+
+
+class BlockScheduler:
+    """Pure state machine that hands out the blocks of a set of tasks.
+
+    Parameters
+    ----------
+    tasks:
+        The tasks to run; upstream tasks are pulled in.
+    """
+
+    def __init__(self, tasks: Task | Iterable[Task]) -> None:
+        self.tasks: dict[str, Task] = {task.task_id: task for task in collect_tasks(tasks)}
+        self._progress: dict[str, _TaskProgress] = {
+            task_id: _TaskProgress(task) for task_id, task in self.tasks.items()}
+        for task_id, task in self.tasks.items():
+            progress = self._progress[task_id]
+            for upstream in task.upstream_tasks:
+                upstream_progress = self._progress[upstream.task_id]
+                link = UpstreamLink(upstream.grid, task.grid)
+                progress.upstream_links.append((link, upstream_progress))
+                upstream_progress.downstream_links.append((link, progress))
+        for progress in self._progress.values():
+            progress.plan_roots()
+        self.task_states: dict[str, TaskState] = {
+            task_id: progress.state for task_id, progress in self._progress.items()}
+
+    # ------------------------------------------------------------------ queries
+    def _get(self, task_id: str) -> _TaskProgress:
+        try:
+            return self._progress[task_id]
+        except KeyError:
+            raise SchedulerError(
+                f"unknown task_id {task_id!r}; this scheduler runs "
+                f"{', '.join(map(repr, self._progress))}") from None
+
+    def is_done(self) -> bool:
+        """True when every task is done."""
+        return all(state.is_done() for state in self.task_states.values())
+
+    def processing(self, task_id: str) -> dict[int, float]:
+        """Indices of the blocks of a task being processed, with their start times."""
+        return dict(self._get(task_id).processing)
+
+    def block(self, task_id: str, index: int) -> Block:
+        """A fresh ``Block`` object for a block of a task (for reports and retries)."""
+        progress = self._get(task_id)
+        return new_block(task_id, index, progress.grid)
+
+    # ------------------------------------------------------------------ acquire
+    def acquire(self, task_id: str, now: float = 0.0) -> Block | None:
+        """Hand out a ready block of ``task_id``, or None if none is ready now."""
+        progress = self._get(task_id)
+        if progress.ready:
+            index = progress.ready.popleft()
+        else:
+            index = next(progress.roots, None)
+            if index is None:
+                return None
+            if progress.upstream_links:
+                progress.state.ready_count += 1
+        state = progress.state
+        state.ready_count -= 1
+        state.processing_count += 1
+        state.started = True
+        progress.processing[index] = now
+        return new_block(task_id, index, progress.grid)
+
+    # ------------------------------------------------------------------ release
+    def release(self, block: Block, status: BlockStatus | None = None,
+                now: float = 0.0, skipped: bool = False) -> ReleaseOutcome:
+        """Take a block back.
+
+        Parameters
+        ----------
+        block:
+            A block handed out by :meth:`acquire` and not yet released.
+        status:
+            ``SUCCESS`` or ``FAILED``; defaults to ``block.status``.
+        now:
+            The current time (unused today; kept so callers pass time explicitly).
+        skipped:
+            The block was found done without being processed.
+        """
+        progress = self._get(block.task_id)
+        index = block.index
+        if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
+            raise SchedulerError(
+                f"block {index} of task {block.task_id!r} was released but is not being "
+                f"processed; release each acquired block exactly once")
+        state = progress.state
+        state.processing_count -= 1
+        if status is None:
+            status = block.status
+        if status == BlockStatus.SUCCESS:
+            state.completed_count += 1
+            if skipped:
+                state.skipped_count += 1
+            if progress.has_downstream:
+                self._finished(progress, index)
+            return ReleaseOutcome.SKIPPED if skipped else ReleaseOutcome.COMPLETED
+        if status != BlockStatus.FAILED:
+            raise SchedulerError(
+                f"block {index} of task {block.task_id!r} released with status "
+                f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
+        attempts = progress.retries.get(index, 0)
+        if attempts < progress.max_retries:
+            progress.retries[index] = attempts + 1
+            progress.ready.append(index)
+            state.ready_count += 1
+            return ReleaseOutcome.RETRYING
+        progress.retries.pop(index, None)
+        state.failed_count += 1
+        state.failed_blocks[index] = block.error
+        self._orphan_dependents(progress, index)
+        return ReleaseOutcome.FAILED
+
+    def _finished(self, progress: _TaskProgress, index: int) -> None:
+        """Count down the dependencies of every block waiting for this one."""
+        position = progress.grid.position_of(index)
+        if progress.stencil.has_conflicts:
+            self._count_down(progress, progress.stencil.downstream(position, index))
+        for link, downstream in progress.downstream_links:
+            self._count_down(downstream, link.dependents(position))
+
+    @staticmethod
+    def _count_down(progress: _TaskProgress, indices: list[int]) -> None:
+        waiting = progress.waiting
+        orphaned = progress.orphaned
+        for index in indices:
+            remaining = waiting.get(index)
+            if remaining is None:
+                if orphaned and index in orphaned:
+                    continue
+                # first finished dependency of this block: none of the others is done
+                remaining = progress.dependency_count(progress.grid.position_of(index))
+            remaining -= 1
+            if remaining:
+                waiting[index] = remaining
+            else:
+                waiting.pop(index, None)
+                progress.ready.append(index)
+                progress.state.ready_count += 1
+
+    def _orphan_dependents(self, progress: _TaskProgress, index: int) -> None:
+        """Orphan every block that transitively depends on a block failed for good."""
+        stack = [(progress, index)]
+        while stack:
+            source, source_index = stack.pop()
+            position = source.grid.position_of(source_index)
+            targets = [(source, source.stencil.downstream(position, source_index))]
+            targets += [(downstream, link.dependents(position))
+                        for link, downstream in source.downstream_links]
+            for target, indices in targets:
+                for dependent in indices:
+                    if dependent in target.orphaned:
+                        continue
+                    target.orphaned.add(dependent)
+                    target.waiting.pop(dependent, None)
+                    target.state.orphaned_count += 1
+                    stack.append((target, dependent))
+
+    # ------------------------------------------------------------------ time
+    def expired(self, now: float) -> list[Block]:
+        """Blocks held longer than their task's timeout at time ``now``."""
+        expired = []
+        for progress in self._progress.values():
+            if progress.timeout is None:
+                continue
+            limit = now - progress.timeout
+            expired += [new_block(progress.task_id, index, progress.grid)
+                        for index, started in progress.processing.items() if started < limit]
+        return expired
+
+
+class Scheduler:
+    """daisy's in-process scheduler API over :class:`BlockScheduler`.
+
+    ``acquire_block`` skips (and counts as skipped) the blocks a task's check function
+    reports as done; ``release_block`` applies the post check of a ``(pre, post)`` pair.
+    """
+
+    def __init__(self, tasks: Task | Iterable[Task]) -> None:
+        self.core = BlockScheduler(tasks)
+        self.tasks = self.core.tasks
+        self.task_states = self.core.task_states
+
+    def acquire_block(self, task_id: str) -> Block | None:
+        """A block of ``task_id`` to process, or None if none is ready now."""
+        pre_check = self.tasks[task_id].pre_check if task_id in self.tasks else None
+        while True:
+            block = self.core.acquire(task_id)
+            if block is None or pre_check is None or not pre_check(block):
+                return block
+            block.status = BlockStatus.SUCCESS
+            self.core.release(block, BlockStatus.SUCCESS, skipped=True)
+
+    def release_block(self, block: Block) -> ReleaseOutcome:
+        """Return a processed block; its ``status`` says whether it succeeded."""
+        status = block.status
+        if status == BlockStatus.PROCESSING:
+            status = block.status = BlockStatus.SUCCESS
+        post_check = self.tasks[block.task_id].post_check if block.task_id in self.tasks \
+            else None
+        if status == BlockStatus.SUCCESS and post_check is not None and not post_check(block):
+            status = block.status = BlockStatus.FAILED
+            block.error = block.error or "post check returned False"
+        return self.core.release(block, status)

@@ -1,0 +1,72 @@
+"""The execution summary printed at the end of a run, in daisy's words."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .scheduler import TaskState
+
+#: at most this many failed blocks are listed per task
+MAX_LISTED_FAILURES = 20
+
+
+class RunResult(dict):
+    """Mapping ``task_id -> TaskState`` returned by ``run_blockwise``.
+
+    Its truth value is True exactly when every block of every task succeeded, so both
+    ``if run_blockwise(tasks):`` and ``result["task"].failed_count`` work.
+    """
+
+    def __bool__(self) -> bool:
+        return all(state.succeeded for state in self.values())
+
+    @property
+    def succeeded(self) -> bool:
+        """True when every block of every task succeeded."""
+        return bool(self)
+
+
+def _first_line(text: str | None) -> str:
+    if not text:
+        return "(no error text)"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no error text)"
+
+
+def format_summary(states: Mapping[str, TaskState],
+                   worker_logs: Mapping[str, list[str]] | None = None) -> str:
+    """daisy's execution summary: per task, blocks done, skipped, failed and orphaned.
+
+    ``worker_logs`` maps a task id to the log files that hold its workers' tracebacks.
+    """
+    lines = ["", "Execution Summary", "-----------------", ""]
+    for task_id, state in states.items():
+        lines += [
+            f"  Task {task_id}:",
+            "",
+            f"    num blocks : {state.total_block_count}",
+            f"    completed ✔: {state.completed_count} (skipped {state.skipped_count})",
+            f"    failed    ✗: {state.failed_count}",
+            f"    orphaned  ∅: {state.orphaned_count}",
+            "",
+        ]
+        if state.succeeded:
+            lines += ["    all blocks processed successfully", ""]
+            continue
+        if state.failed_blocks:
+            lines.append("    failed blocks (index: last error):")
+            for index, error in list(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
+                lines.append(f"      {index}: {_first_line(error)}")
+            hidden = len(state.failed_blocks) - MAX_LISTED_FAILURES
+            if hidden > 0:
+                lines.append(f"      ... and {hidden} more")
+        logs = (worker_logs or {}).get(task_id)
+        if logs:
+            lines.append("    tracebacks are in the worker logs:")
+            lines += [f"      {path}" for path in logs]
+        not_run = (state.total_block_count - state.completed_count - state.failed_count
+                   - state.orphaned_count)
+        if not_run > 0:
+            lines.append(f"    {not_run} blocks were never run")
+        lines += ["    some blocks failed or were orphaned", ""]
+    return "\n".join(lines)
