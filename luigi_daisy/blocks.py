@@ -217,7 +217,7 @@ class Block:
         Text of the error that failed the block, if any.
     """
 
-    __slots__ = ("task_id", "index", "status", "error", "_grid", "_read_roi", "_write_roi")
+    __slots__ = ("task_id", "index", "status", "error", "_grid", "_rois")
 
     def __init__(self, total_roi: Roi, read_roi: Roi, write_roi: Roi,
                  block_id: int | None = None, task_id: str | None = None) -> None:
@@ -233,8 +233,7 @@ class Block:
         self.status = BlockStatus.CREATED
         self.error = None
         self._grid = None
-        self._read_roi = read_roi
-        self._write_roi = write_roi
+        self._rois = (read_roi, write_roi)
 
     @property
     def block_id(self) -> tuple[str | None, int]:
@@ -244,16 +243,16 @@ class Block:
     @property
     def read_roi(self) -> Roi:
         """The region this block may read."""
-        if self._read_roi is None:
-            self._read_roi, self._write_roi = self._grid.rois_of(self.index)
-        return self._read_roi
+        if self._rois is None:
+            self._rois = self._grid.rois_of(self.index)
+        return self._rois[0]
 
     @property
     def write_roi(self) -> Roi:
         """The region this block writes."""
-        if self._write_roi is None:
-            self._read_roi, self._write_roi = self._grid.rois_of(self.index)
-        return self._write_roi
+        if self._rois is None:
+            self._rois = self._grid.rois_of(self.index)
+        return self._rois[1]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Block):
@@ -273,8 +272,8 @@ class Block:
                 self.write_roi)
 
     def __setstate__(self, state) -> None:
-        (self.task_id, self.index, self.status, self.error, self._read_roi,
-         self._write_roi) = state
+        self.task_id, self.index, self.status, self.error, read_roi, write_roi = state
+        self._rois = (read_roi, write_roi)
         self._grid = None
 
 
@@ -289,8 +288,7 @@ def new_block(task_id: str, index: int, grid: BlockGrid) -> Block:
     block.status = BlockStatus.PROCESSING
     block.error = None
     block._grid = grid
-    block._read_roi = None
-    block._write_roi = None
+    block._rois = None
     return block
 
 
@@ -303,8 +301,7 @@ def block_from_rois(task_id: str, index: int, read_roi: Roi, write_roi: Roi,
     block.status = status
     block.error = None
     block._grid = None
-    block._read_roi = read_roi
-    block._write_roi = write_roi
+    block._rois = (read_roi, write_roi)
     return block
 
 

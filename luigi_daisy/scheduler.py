@@ -195,7 +195,10 @@ class BlockScheduler:
     # ------------------------------------------------------------------ acquire
     def acquire(self, task_id: str, now: float = 0.0) -> Block | None:
         """Hand out a ready block of ``task_id``, or None if none is ready now."""
-        progress = self._get(task_id)
+        progress = self._progress.get(task_id)
+        if progress is None:
+            progress = self._get(task_id)
+        state = progress.state
         if progress.ready:
             index = progress.ready.popleft()
         else:
@@ -203,8 +206,7 @@ class BlockScheduler:
             if index is None:
                 return None
             if progress.upstream_links:
-                progress.state.ready_count += 1
-        state = progress.state
+                state.ready_count += 1
         state.ready_count -= 1
         state.processing_count += 1
         state.started = True
@@ -227,7 +229,9 @@ class BlockScheduler:
         skipped:
             The block was found done without being processed.
         """
-        progress = self._get(block.task_id)
+        progress = self._progress.get(block.task_id)
+        if progress is None:
+            progress = self._get(block.task_id)
         index = block.index
         if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
             raise SchedulerError(
@@ -318,36 +322,42 @@ class BlockScheduler:
         return expired
 
 
-class Scheduler:
+class Scheduler(BlockScheduler):
     """daisy's in-process scheduler API over :class:`BlockScheduler`.
 
     ``acquire_block`` skips (and counts as skipped) the blocks a task's check function
     reports as done; ``release_block`` applies the post check of a ``(pre, post)`` pair.
+    A released block's ``status`` must be ``SUCCESS`` or ``FAILED``.
     """
 
     def __init__(self, tasks: Task | Iterable[Task]) -> None:
-        self.core = BlockScheduler(tasks)
-        self.tasks = self.core.tasks
-        self.task_states = self.core.task_states
+        super().__init__(tasks)
+        self._pre_checks = {task_id: task.pre_check for task_id, task in self.tasks.items()
+                            if task.pre_check is not None}
+        self._post_checks = {task_id: task.post_check for task_id, task in self.tasks.items()
+                             if task.post_check is not None}
+        # without check functions the daisy names are the core's methods, one call less
+        if not self._pre_checks:
+            self.acquire_block = self.acquire
+        if not self._post_checks:
+            self.release_block = self.release
 
     def acquire_block(self, task_id: str) -> Block | None:
         """A block of ``task_id`` to process, or None if none is ready now."""
-        pre_check = self.tasks[task_id].pre_check if task_id in self.tasks else None
-        while True:
-            block = self.core.acquire(task_id)
-            if block is None or pre_check is None or not pre_check(block):
-                return block
+        block = self.acquire(task_id)
+        pre_check = self._pre_checks.get(task_id)
+        while block is not None and pre_check is not None and pre_check(block):
             block.status = BlockStatus.SUCCESS
-            self.core.release(block, BlockStatus.SUCCESS, skipped=True)
+            self.release(block, BlockStatus.SUCCESS, skipped=True)
+            block = self.acquire(task_id)
+        return block
 
     def release_block(self, block: Block) -> ReleaseOutcome:
         """Return a processed block; its ``status`` says whether it succeeded."""
         status = block.status
-        if status == BlockStatus.PROCESSING:
-            status = block.status = BlockStatus.SUCCESS
-        post_check = self.tasks[block.task_id].post_check if block.task_id in self.tasks \
-            else None
-        if status == BlockStatus.SUCCESS and post_check is not None and not post_check(block):
-            status = block.status = BlockStatus.FAILED
-            block.error = block.error or "post check returned False"
-        return self.core.release(block, status)
+        if status is BlockStatus.SUCCESS:
+            post_check = self._post_checks.get(block.task_id)
+            if post_check is not None and not post_check(block):
+                status = block.status = BlockStatus.FAILED
+                block.error = block.error or "post check returned False"
+        return self.release(block, status)
