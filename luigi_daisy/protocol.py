@@ -34,7 +34,7 @@ import json
 import re
 import secrets
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NoReturn
 
@@ -279,26 +279,103 @@ def _block_json(block: WireBlock) -> list[Any]:
     ]
 
 
+def _set_slot(cls: type, name: str) -> Callable[[Any, Any], None]:
+    """Return the slot setter of ``cls.name`` (bypasses a frozen ``__setattr__``)."""
+    return getattr(cls, name).__set__
+
+
+_set_task_id = _set_slot(WireBlock, "task_id")
+_set_index = _set_slot(WireBlock, "index")
+_set_read_offset = _set_slot(WireBlock, "read_offset")
+_set_read_shape = _set_slot(WireBlock, "read_shape")
+_set_write_offset = _set_slot(WireBlock, "write_offset")
+_set_write_shape = _set_slot(WireBlock, "write_shape")
+_set_status = _set_slot(WireBlock, "status")
+_INT_ONLY = {int}
+
+
+def _new_wire_block(
+    task_id: str,
+    index: int,
+    read_offset: tuple[int, ...],
+    read_shape: tuple[int, ...],
+    write_offset: tuple[int, ...],
+    write_shape: tuple[int, ...],
+    status: int,
+) -> WireBlock:
+    """Build a validated :class:`WireBlock` without the cost of the frozen ``__init__``."""
+    block = object.__new__(WireBlock)
+    _set_task_id(block, task_id)
+    _set_index(block, index)
+    _set_read_offset(block, read_offset)
+    _set_read_shape(block, read_shape)
+    _set_write_offset(block, write_offset)
+    _set_write_shape(block, write_shape)
+    _set_status(block, status)
+    return block
+
+
 def _block_from_json(value: object, where: str) -> WireBlock:
-    """Validate the compact list form of a block and build the :class:`WireBlock`."""
+    """Validate the compact list form of a block and build the :class:`WireBlock`.
+
+    The checks run once on the fast path; only a rejected block is examined again,
+    field by field, by :func:`_explain_bad_block` to name what is wrong.
+    """
+    if type(value) is list and len(value) == 7:
+        task_id, index, read_offset, read_shape, write_offset, write_shape, status = value
+        if (
+            type(task_id) is str
+            and (task_id.isascii() or _is_text(task_id))
+            and type(index) is int
+            and 0 <= index <= _INT64_MAX
+            and type(status) is int
+            and 0 <= status <= _STATUS_MAX
+            and type(read_offset) is list
+            and type(read_shape) is list
+            and type(write_offset) is list
+            and type(write_shape) is list
+            and 1 <= len(read_offset) <= MAX_DIMS
+            and len(read_offset) == len(read_shape) == len(write_offset) == len(write_shape)
+        ):
+            coordinates = read_offset + read_shape + write_offset + write_shape
+            if (
+                set(map(type, coordinates)) == _INT_ONLY
+                and _INT64_MIN <= min(coordinates)
+                and max(coordinates) <= _INT64_MAX
+                and min(read_shape) >= 0
+                and min(write_shape) >= 0
+            ):
+                return _new_wire_block(
+                    task_id,
+                    index,
+                    tuple(read_offset),
+                    tuple(read_shape),
+                    tuple(write_offset),
+                    tuple(write_shape),
+                    status,
+                )
+    _explain_bad_block(value, where)
+
+
+def _explain_bad_block(value: object, where: str) -> NoReturn:
+    """Raise a :class:`ProtocolError` naming the first invalid field of a block."""
     if type(value) is not list or len(value) != 7:
         _fail(where, "a list [task_id, index, read_offset, read_shape, write_offset, "
                      "write_shape, status]", value)
     task_id, index, read_offset, read_shape, write_offset, write_shape, status = value
-    block = WireBlock(
-        _text(task_id, f"{where}.task_id"),
-        _integer(index, f"{where}.index", 0, _INT64_MAX),
-        _int_tuple(read_offset, f"{where}.read_offset", _INT64_MIN),
-        _int_tuple(read_shape, f"{where}.read_shape", 0),
-        _int_tuple(write_offset, f"{where}.write_offset", _INT64_MIN),
-        _int_tuple(write_shape, f"{where}.write_shape", 0),
-        _integer(status, f"{where}.status", 0, _STATUS_MAX),
-    )
-    dims = len(block.read_offset)
-    if not dims == len(block.read_shape) == len(block.write_offset) == len(block.write_shape):
-        _fail(f"{where}", "read_offset, read_shape, write_offset and write_shape of "
-                          "the same length", value)
-    return block
+    _text(task_id, f"{where}.task_id")
+    _integer(index, f"{where}.index", 0, _INT64_MAX)
+    dims = {
+        len(_int_tuple(read_offset, f"{where}.read_offset", _INT64_MIN)),
+        len(_int_tuple(read_shape, f"{where}.read_shape", 0)),
+        len(_int_tuple(write_offset, f"{where}.write_offset", _INT64_MIN)),
+        len(_int_tuple(write_shape, f"{where}.write_shape", 0)),
+    }
+    _integer(status, f"{where}.status", 0, _STATUS_MAX)
+    if len(dims) != 1:
+        _fail(where, "read_offset, read_shape, write_offset and write_shape of the same "
+                     "length", value)
+    _fail(where, "a valid block", value)  # unreachable while both paths agree
 
 
 class Message:
@@ -565,9 +642,36 @@ _BODY_KEYS: dict[type[Message], frozenset[str]] = {
 
 # ----------------------------------------------------------------------------- encode
 
-_JSON_ENCODER = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
-)
+def _not_json(value: object) -> NoReturn:
+    """JSON hook: refuse values JSON has no form for (numpy ints, sets, objects...)."""
+    raise TypeError(f"{type(value).__name__} {_short_repr(value)} is not JSON serializable")
+
+
+def _make_json_encoder() -> Callable[[object], str]:
+    """Return a function encoding a JSON-ready value as compact, non-ASCII-escaping JSON.
+
+    ``json.JSONEncoder.encode`` builds a new C encoder on every call, which costs more
+    than encoding a block; the C encoder is built once here when the interpreter has
+    it, and the pure-Python encoder is the fallback.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is not None:
+        c_encoder = c_make_encoder(
+            None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False,
+            False,
+        )
+
+        def encode_json(value: object) -> str:
+            return "".join(c_encoder(value, 0))
+
+        return encode_json
+    return json.JSONEncoder(  # pragma: no cover - interpreters without _json
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False,
+        default=_not_json,
+    ).encode
+
+
+_encode_json = _make_json_encoder()
 
 
 def _frame(type_code: int, body: bytes) -> bytes:
@@ -614,8 +718,8 @@ def encode(message: Message, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     if cls not in _BODY_KEYS:
         raise TypeError(f"not a protocol message: {_short_repr(message)}")
     try:
-        body = _JSON_ENCODER.encode(message._json()).encode("utf-8")
-    except (TypeError, ValueError, AttributeError) as error:
+        body = _encode_json(message._json()).encode("utf-8")
+    except (TypeError, ValueError, AttributeError, RecursionError) as error:
         raise ProtocolError(f"{cls.__name__}: cannot encode: {error}") from error
     if len(body) + 1 > max_frame_bytes:
         raise ProtocolError(
@@ -679,16 +783,15 @@ def _check_keys(cls: type[Message], body: dict[str, Any]) -> None:
 
 
 def _decode_payload(
-    payload: bytes | bytearray, accepted: frozenset[type[Message]] | None
+    type_code: int, raw_body: bytes | bytearray, accepted: frozenset[type[Message]] | None
 ) -> Message:
     """Decode one frame payload (type code and body) into a validated message."""
-    type_code = payload[0]
     cls = MESSAGE_TYPES.get(type_code)
     if cls is None:
         raise ProtocolError(f"unknown message type code {type_code}")
     if accepted is not None and cls not in accepted:
         raise ProtocolError(f"{cls.__name__}: message not allowed in this direction")
-    body = _parse_body(cls.__name__, payload[1:])
+    body = _parse_body(cls.__name__, raw_body)
     _check_keys(cls, body)
     return cls._from_json(body)
 
@@ -767,18 +870,24 @@ class Decoder:
         if self._error is not None:
             raise ProtocolError(f"decoder is unusable after an earlier error: {self._error}")
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+            stream: bytes | bytearray = buffer
+        else:  # nothing pending: decode straight from ``data``, keep only its tail
+            stream = data if type(data) is bytes or type(data) is bytearray else bytes(data)
         try:
-            messages, consumed = self._frames(buffer)
+            messages, consumed = self._frames(stream)
         except ProtocolError as error:
             self._error = error
             buffer.clear()
             raise
-        if consumed:
+        if stream is buffer:
             del buffer[:consumed]
+        elif consumed < len(stream):
+            buffer += stream[consumed:]
         return messages
 
-    def _frames(self, buffer: bytearray) -> tuple[list[Message], int]:
+    def _frames(self, buffer: bytes | bytearray) -> tuple[list[Message], int]:
         """Decode the whole frames at the start of ``buffer``; return them and their size."""
         messages: list[Message] = []
         position = 0
@@ -789,8 +898,9 @@ class Decoder:
             end = position + _HEADER_BYTES + length
             if end > available:
                 break
-            payload = buffer[position + _HEADER_BYTES : end]
-            messages.append(_decode_payload(payload, self._accepted))
+            type_code = buffer[position + _HEADER_BYTES]
+            raw_body = buffer[position + _HEADER_BYTES + 1 : end]
+            messages.append(_decode_payload(type_code, raw_body, self._accepted))
             position = end
         return messages, position
 

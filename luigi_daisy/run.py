@@ -2,57 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import traceback
+import os
+import threading
+import time
 from collections.abc import Iterable
 
-from .blocks import Block, BlockStatus
 from .context import Context
 from .errors import TaskDefinitionError
+from .launchers.local import LocalLauncher, WorkerProcess
 from .progress import ProgressBars
-from .scheduler import Scheduler
+from .scheduler import BlockScheduler, Scheduler
+from .server import BlockServer
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
+from .worker import EXIT_RESTART_ME, process_one_block, takes_block
 
 logger = logging.getLogger(__name__)
 
-
-def process_one_block(process_function, block: Block) -> None:
-    """Run a process function on a block and record the outcome in ``block.status``.
-
-    An exception fails the block (its traceback goes to ``block.error`` and the log),
-    never the caller; a function that sets ``block.status = FAILED`` fails it too.
-    """
-    try:
-        process_function(block)
-    except Exception:  # noqa: BLE001 - a user function may raise anything
-        block.status = BlockStatus.FAILED
-        block.error = traceback.format_exc()
-        logger.error("block %s of task %r failed:\n%s", block.index, block.task_id,
-                     block.error)
-        return
-    if block.status != BlockStatus.FAILED:
-        block.status = BlockStatus.SUCCESS
-
-
-def _takes_block(task: Task) -> bool:
-    """Whether the process function is called per block (not a user worker loop)."""
-    import inspect
-    try:
-        signature = inspect.signature(task.process_function)
-    except (TypeError, ValueError):
-        return True
-    required = [
-        parameter for parameter in signature.parameters.values()
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD,
-                              parameter.VAR_POSITIONAL)]
-    return bool(required)
+#: seconds between two looks at workers, timeouts and progress
+MONITOR_INTERVAL = 0.05
+#: seconds a finished run waits for its workers to exit before killing them
+SHUTDOWN_GRACE = 10.0
 
 
 def run_in_process(tasks: list[Task], progress: bool = True) -> RunResult:
     """Run every block of ``tasks`` in the calling process, one at a time."""
     for task in tasks:
-        if task.process_function is None or not _takes_block(task):
+        if task.process_function is None or not takes_block(task.process_function):
             raise TaskDefinitionError(
                 f"task {task.task_id!r}: multiprocessing=False runs process_function(block) "
                 f"in this process, so it must take the block as its argument; a worker "
@@ -79,8 +57,172 @@ def run_in_process(tasks: list[Task], progress: bool = True) -> RunResult:
     return RunResult(scheduler.task_states)
 
 
+class WorkerRun:
+    """One multiprocessing run: a block server, worker processes per task, progress.
+
+    Parameters
+    ----------
+    tasks:
+        Tasks with their upstream tasks, upstream first.
+    launcher:
+        Starts worker processes.
+    host:
+        Interface the block server listens on.
+    progress:
+        Show a progress bar per task.
+    """
+
+    def __init__(self, tasks: list[Task], launcher: LocalLauncher, host: str = "127.0.0.1",
+                 progress: bool = True) -> None:
+        for task in tasks:
+            if task.process_function is None:
+                raise TaskDefinitionError(
+                    f"task {task.task_id!r} has no process_function to run on its workers")
+        self.tasks = {task.task_id: task for task in tasks}
+        self.launcher = launcher
+        self.host = host
+        self.progress = progress
+        self.scheduler = BlockScheduler(tasks)
+        self.server: BlockServer | None = None
+        self.workers: dict[str, list[WorkerProcess]] = {task_id: [] for task_id in self.tasks}
+        self.log_files: dict[int, tuple[str, str]] = {}
+        self._next_worker_id = 0
+
+    # ------------------------------------------------------------------ workers
+    def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
+        context = Context(hostname=self.host, port=str(self.server.port), task_id=task_id,
+                          worker_id=str(worker_id), restartable=str(int(restartable)))
+        if self.server.token is not None:
+            context["token"] = self.server.token
+        return context
+
+    def _start_worker(self, task_id: str, restartable: bool = True) -> None:
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        worker = self.launcher.start(self.tasks[task_id].process_function,
+                                     self._context(task_id, worker_id, restartable))
+        self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
+        self.workers[task_id].append(worker)
+
+    def _kill_worker(self, task_id: str, worker_id: int | None) -> None:
+        for worker in self.workers[task_id]:
+            if worker.worker_id == worker_id:
+                worker.kill()
+
+    def _check_workers(self) -> None:
+        """Replace workers that exited while their task still has blocks to do."""
+        for task_id, workers in self.workers.items():
+            state = self.scheduler.task_states[task_id]
+            task = self.tasks[task_id]
+            for worker in list(workers):
+                exit_code = worker.exit_code()
+                if exit_code is None:
+                    continue
+                workers.remove(worker)
+                if state.is_done():
+                    continue
+                if exit_code != 0:
+                    state.worker_failure_count += 1
+                    logger.warning("worker %s of %r exited with code %s; see %s",
+                                   worker.worker_id, task_id, exit_code, worker.stderr_path)
+                if state.worker_restart_count < task.max_worker_restarts:
+                    state.worker_restart_count += 1
+                    self._start_worker(task_id)
+                elif exit_code == EXIT_RESTART_ME:
+                    # out of restarts: the replacement keeps going however many blocks fail
+                    self._start_worker(task_id, restartable=False)
+
+    def _stalled(self) -> bool:
+        """True when some unfinished task has no worker left to run it."""
+        return any(not self.workers[task_id] and not state.is_done()
+                   for task_id, state in self.scheduler.task_states.items())
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> RunResult:
+        """Serve blocks until every task is done or can no longer progress."""
+        self.server = BlockServer(self.scheduler, host=self.host,
+                                  on_worker_timeout=self._kill_worker)
+        self.server.start_listening(0)
+        bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
+        try:
+            for task_id, task in self.tasks.items():
+                if task.init_callback_fn is not None:
+                    task.init_callback_fn(self._context(task_id, -1))
+                for _ in range(task.num_workers):
+                    self._start_worker(task_id)
+            while not self.scheduler.is_done():
+                await asyncio.sleep(MONITOR_INTERVAL)
+                self.server.reclaim_expired()
+                self._check_workers()
+                bars.update()
+                if self._stalled():
+                    logger.error("stopping the run: %s", ", ".join(
+                        f"task {task_id!r} has no workers left"
+                        for task_id, workers in self.workers.items()
+                        if not workers and not self.scheduler.task_states[task_id].is_done()))
+                    break
+            self.server.notify_done_tasks()
+            await self._stop_workers()
+        finally:
+            self.server.close_all()
+            for workers in self.workers.values():
+                for worker in workers:
+                    worker.kill()
+            bars.close()
+        return RunResult(self.scheduler.task_states)
+
+    async def _stop_workers(self) -> None:
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while time.monotonic() < deadline:
+            self._reap()
+            if not any(self.workers.values()):
+                return
+            if any(not state.is_done() for state in self.scheduler.task_states.values()):
+                break
+            await asyncio.sleep(MONITOR_INTERVAL)
+        for workers in self.workers.values():
+            for worker in workers:
+                worker.kill()
+                worker.join(5.0)
+        self._reap()
+
+    def _reap(self) -> None:
+        for workers in self.workers.values():
+            workers[:] = [worker for worker in workers if worker.exit_code() is None]
+
+    def worker_logs(self) -> dict[str, list[str]]:
+        """The ``.err`` files of the workers that failed blocks, per task."""
+        return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
+                          if worker_id in self.log_files]
+                for task_id, worker_ids in self.server.failed_workers.items()}
+
+
+def _run_coroutine(coroutine_function):
+    """Run a coroutine on a fresh event loop, in a thread if this one already has a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine_function())
+    outcome = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine_function())
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="luigi_daisy-run")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
-                  progress: bool = True, return_states: bool = True) -> RunResult:
+                  progress: bool = True, return_states: bool = True,
+                  log_dir: str | os.PathLike = "daisy_logs",
+                  host: str = "127.0.0.1") -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -88,12 +230,17 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     tasks:
         A task or a list of tasks; upstream tasks are pulled in.
     multiprocessing:
-        Whether to run workers in their own processes (default) or every block in the
+        Run ``num_workers`` worker processes per task (default), or every block in the
         calling process.
     progress:
         Show a progress bar per task.
     return_states:
         Accepted for daisy 2 compatibility; the result is always the mapping.
+    log_dir:
+        Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``.
+    host:
+        Interface the block server listens on; anything but loopback requires every
+        worker to prove the run's secret token.
 
     Returns
     -------
@@ -101,6 +248,11 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ``task_id -> TaskState``; true exactly when every block succeeded.
     """
     ordered = collect_tasks(tasks)
-    result = run_in_process(ordered, progress=progress)
-    print(format_summary(result))
+    if not multiprocessing:
+        result = run_in_process(ordered, progress=progress)
+        print(format_summary(result))
+        return result
+    run = WorkerRun(ordered, LocalLauncher(log_dir), host=host, progress=progress)
+    result = _run_coroutine(run.run)
+    print(format_summary(result, run.worker_logs()))
     return result

@@ -1,0 +1,108 @@
+"""Local launcher: workers are forked processes of the running script.
+
+Forking lets process functions defined in ``__main__``, lambdas and closures reach the
+workers without pickling. Each worker writes ``<log_dir>/<task_id>/worker_<id>.out`` and
+``.err``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerProcess:
+    """One started worker."""
+
+    task_id: str
+    worker_id: int
+    process: multiprocessing.process.BaseProcess
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        """Process id."""
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        """None while running, else the exit code (negative: killed by that signal)."""
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        """Stop the worker at once (SIGKILL to its pid)."""
+        if self.process.exitcode is None and self.process.pid is not None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the worker to exit; True if it did."""
+        self.process.join(timeout)
+        return self.process.exitcode is not None
+
+
+def _redirect_output(stdout_path: Path, stderr_path: Path) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for path, stream in ((stdout_path, sys.stdout), (stderr_path, sys.stderr)):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(descriptor, stream.fileno())
+        os.close(descriptor)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def _worker_main(process_function, context: Context, stdout_path: Path,
+                 stderr_path: Path) -> None:
+    from ..worker import run_worker
+    _redirect_output(stdout_path, stderr_path)
+    encoded = context.to_env()
+    os.environ[ENV_VARIABLE] = encoded
+    os.environ[DAISY_ENV_VARIABLE] = encoded
+    exit_code = run_worker(process_function, context)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+class LocalLauncher:
+    """Starts workers as forked processes on this machine.
+
+    Parameters
+    ----------
+    log_dir:
+        Folder for the workers' ``.out`` and ``.err`` files.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike = "daisy_logs") -> None:
+        self.log_dir = Path(log_dir)
+        self._context = multiprocessing.get_context("fork")
+
+    def log_paths(self, task_id: str, worker_id: int) -> tuple[Path, Path]:
+        """``(stdout, stderr)`` files of a worker."""
+        folder = self.log_dir / task_id
+        return folder / f"worker_{worker_id}.out", folder / f"worker_{worker_id}.err"
+
+    def start(self, process_function, context: Context) -> WorkerProcess:
+        """Start one worker for ``context['task_id']``."""
+        task_id = context["task_id"]
+        worker_id = int(context["worker_id"])
+        stdout_path, stderr_path = self.log_paths(task_id, worker_id)
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        process = self._context.Process(
+            target=_worker_main, args=(process_function, context, stdout_path, stderr_path),
+            name=f"luigi_daisy-{task_id}-worker-{worker_id}", daemon=False)
+        process.start()
+        return WorkerProcess(task_id, worker_id, process, stdout_path, stderr_path)
