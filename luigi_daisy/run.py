@@ -201,7 +201,10 @@ def _run_coroutine(coroutine_function):
     """Run a coroutine on a fresh event loop, in a thread if this one already has a loop."""
     try:
         asyncio.get_running_loop()
+        in_event_loop = True
     except RuntimeError:
+        in_event_loop = False
+    if not in_event_loop:
         return asyncio.run(coroutine_function())
     outcome = {}
 

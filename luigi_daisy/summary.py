@@ -55,7 +55,7 @@ def format_summary(states: Mapping[str, TaskState],
             continue
         if state.failed_blocks:
             lines.append("    failed blocks (index: last error):")
-            for index, error in list(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
+            for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
                 lines.append(f"      {index}: {_first_line(error)}")
             hidden = len(state.failed_blocks) - MAX_LISTED_FAILURES
             if hidden > 0:
