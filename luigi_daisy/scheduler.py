@@ -14,8 +14,11 @@ that none of its dependencies has touched yet is not stored anywhere.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from .blocks import Block, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
@@ -103,7 +106,8 @@ class _TaskProgress:
 
     __slots__ = ("task_id", "grid", "stencil", "max_retries", "timeout", "state",
                  "upstream_links", "downstream_links", "ready", "roots", "waiting",
-                 "processing", "retries", "orphaned", "has_downstream")
+                 "processing", "retries", "orphaned", "has_downstream", "done_before",
+                 "resuming")
 
     def __init__(self, task: Task) -> None:
         self.task_id = task.task_id
@@ -121,13 +125,19 @@ class _TaskProgress:
         self.retries: dict[int, int] = {}
         self.orphaned: set[int] = set()
         self.has_downstream = False
+        #: blocks finished in an earlier run (from a ledger); they are never handed out
+        self.done_before: set[int] = set()
+        #: whether this task or an upstream one has blocks finished in an earlier run
+        self.resuming = False
 
     def plan_roots(self) -> None:
         """Set up the lazy iterator over blocks that depend on nothing."""
         self.has_downstream = self.stencil.has_conflicts or bool(self.downstream_links)
+        self.resuming = bool(self.done_before) or any(
+            upstream.done_before for _, upstream in self.upstream_links)
         if not self.upstream_links:
             self.roots = self.stencil.roots()
-            self.state.ready_count = self.stencil.root_count()
+            self.state.ready_count = self.stencil.root_count() - self._done_root_count()
         elif any(link.covers_grid for link, _ in self.upstream_links):
             self.roots = iter(())
         else:
@@ -136,13 +146,72 @@ class _TaskProgress:
             self.roots = (
                 index for index in self.stencil.roots()
                 if not any(link.dependency_count(position_of(index)) for link in links))
+        if self.done_before:
+            self.roots = itertools.filterfalse(self.done_before.__contains__, self.roots)
+            self.state.completed_count = self.state.skipped_count = len(self.done_before)
+
+    def _done_root_count(self) -> int:
+        """How many level-0 blocks finished in an earlier run (vectorised)."""
+        if not self.done_before:
+            return 0
+        indices = np.fromiter(self.done_before, dtype=np.int64, count=len(self.done_before))
+        positions = np.unravel_index(indices, self.grid.id_grid_shape)
+        is_root = np.ones(len(indices), dtype=bool)
+        for coordinates, period in zip(positions, self.stencil.periods):
+            is_root &= coordinates % period == 0
+        return int(is_root.sum())
 
     def dependency_count(self, position: tuple[int, ...]) -> int:
-        """Unfinished-or-not, how many blocks this block waits for in total."""
+        """How many blocks this block waits for in total, finished or not."""
         count = self.stencil.upstream_count(position)
         for link, _ in self.upstream_links:
             count += link.dependency_count(position)
         return count
+
+    def open_dependency_count(self, position: tuple[int, ...], index: int) -> int:
+        """How many blocks this block waits for that did not finish in an earlier run."""
+        if not self.resuming:
+            return self.dependency_count(position)
+        done = self.done_before
+        count = sum(1 for upstream in self.stencil.upstream(position, index)
+                    if upstream not in done)
+        for link, upstream_progress in self.upstream_links:
+            upstream_done = upstream_progress.done_before
+            count += sum(1 for upstream in link.dependencies(position)
+                         if upstream not in upstream_done)
+        return count
+
+    def resume_frontier(self) -> None:
+        """Queue the unfinished blocks whose dependencies all finished in an earlier run.
+
+        Walks whichever is smaller: the unfinished blocks of this task, or the blocks
+        downstream of the finished ones.
+        """
+        if not self.resuming:
+            return
+        grid = self.grid
+        done = self.done_before
+        finished_upstream = sum(len(upstream.done_before) for _, upstream in self.upstream_links)
+        if grid.num_blocks - len(done) <= len(done) + finished_upstream:
+            every_block = map(sum, itertools.product(*(
+                range(0, n * stride, stride)
+                for n, stride in zip(grid.grid_shape, grid.id_strides))))
+            candidates = itertools.filterfalse(done.__contains__, every_block)
+        else:
+            candidates = set()
+            for index in done:
+                candidates.update(self.stencil.downstream(grid.position_of(index), index))
+            for link, upstream in self.upstream_links:
+                for index in upstream.done_before:
+                    candidates.update(link.dependents(upstream.grid.position_of(index)))
+        for index in candidates:
+            if index in done:
+                continue
+            position = grid.position_of(index)
+            if self.dependency_count(position) and not self.open_dependency_count(
+                    position, index):
+                self.ready.append(index)
+                self.state.ready_count += 1
 
 
 class BlockScheduler:
@@ -152,12 +221,21 @@ class BlockScheduler:
     ----------
     tasks:
         The tasks to run; upstream tasks are pulled in.
+    done_blocks:
+        Per task id, the indices of blocks that finished in an earlier run (from a
+        ledger). They count as completed and skipped and are never handed out.
     """
 
-    def __init__(self, tasks: Task | Iterable[Task]) -> None:
+    def __init__(self, tasks: Task | Iterable[Task],
+                 done_blocks: Mapping[str, Iterable[int]] | None = None) -> None:
         self.tasks: dict[str, Task] = {task.task_id: task for task in collect_tasks(tasks)}
         self._progress: dict[str, _TaskProgress] = {
             task_id: _TaskProgress(task) for task_id, task in self.tasks.items()}
+        for task_id, indices in (done_blocks or {}).items():
+            progress = self._get(task_id)
+            if isinstance(indices, np.ndarray):
+                indices = indices.tolist()
+            progress.done_before = {int(index) for index in indices}
         for task_id, task in self.tasks.items():
             progress = self._progress[task_id]
             for upstream in task.upstream_tasks:
@@ -167,6 +245,8 @@ class BlockScheduler:
                 upstream_progress.downstream_links.append((link, progress))
         for progress in self._progress.values():
             progress.plan_roots()
+        for progress in self._progress.values():
+            progress.resume_frontier()
         self.task_states: dict[str, TaskState] = {
             task_id: progress.state for task_id, progress in self._progress.items()}
 
@@ -276,13 +356,16 @@ class BlockScheduler:
     def _count_down(progress: _TaskProgress, indices: list[int]) -> None:
         waiting = progress.waiting
         orphaned = progress.orphaned
+        done_before = progress.done_before
         for index in indices:
             remaining = waiting.get(index)
             if remaining is None:
-                if orphaned and index in orphaned:
+                if orphaned and index in orphaned or done_before and index in done_before:
                     continue
-                # first finished dependency of this block: none of the others is done
-                remaining = progress.dependency_count(progress.grid.position_of(index))
+                # first finished dependency of this block in this run: none of its other
+                # dependencies finished in this run yet
+                remaining = progress.open_dependency_count(
+                    progress.grid.position_of(index), index)
             remaining -= 1
             if remaining:
                 waiting[index] = remaining
@@ -302,7 +385,7 @@ class BlockScheduler:
                         for link, downstream in source.downstream_links]
             for target, indices in targets:
                 for dependent in indices:
-                    if dependent in target.orphaned:
+                    if dependent in target.orphaned or dependent in target.done_before:
                         continue
                     target.orphaned.add(dependent)
                     target.waiting.pop(dependent, None)
@@ -330,8 +413,9 @@ class Scheduler(BlockScheduler):
     A released block's ``status`` must be ``SUCCESS`` or ``FAILED``.
     """
 
-    def __init__(self, tasks: Task | Iterable[Task]) -> None:
-        super().__init__(tasks)
+    def __init__(self, tasks: Task | Iterable[Task],
+                 done_blocks: Mapping[str, Iterable[int]] | None = None) -> None:
+        super().__init__(tasks, done_blocks)
         self._pre_checks = {task_id: task.pre_check for task_id, task in self.tasks.items()
                             if task.pre_check is not None}
         self._post_checks = {task_id: task.post_check for task_id, task in self.tasks.items()

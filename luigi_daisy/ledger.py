@@ -1,0 +1,203 @@
+"""The ledger: a durable record of the finished blocks of one task (an SQLite file).
+
+Only the block server writes it, in batches of one transaction each. It remembers the
+task's geometry and refuses to resume a task whose geometry changed. ``complete()`` is a
+single query. The file for task ``T`` in folder ``D`` is ``D/T.ledger.sqlite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LuigiDaisyError
+
+FORMAT_VERSION = 1
+SUFFIX = ".ledger.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS done (block INTEGER PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOUT ROWID;
+"""
+
+
+class LedgerError(LuigiDaisyError):
+    """A ledger that cannot be used: corrupted, from another task, or another geometry."""
+
+
+def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
+    """The ledger file of ``task_id`` inside ``folder``."""
+    safe = re.sub(r"[^A-Za-z0-9_.=+-]", "_", task_id)
+    return Path(folder) / f"{safe}{SUFFIX}"
+
+
+class Ledger:
+    """Finished blocks of one task, stored in SQLite.
+
+    Parameters
+    ----------
+    path:
+        The ledger file; created when missing.
+    task_id:
+        The task the ledger belongs to; a file of another task is refused.
+    geometry:
+        Plain-data description of the task's blocks (total, read and write ROI, fit,
+        number of blocks). A ledger written for another geometry is refused.
+    fresh:
+        Forget what the file holds and start afresh.
+    """
+
+    def __init__(self, path: str | os.PathLike, task_id: str, geometry: dict,
+                 fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.task_id = task_id
+        self.geometry = geometry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.exists():
+            self.path.unlink()
+        self._pending_done: list[int] = []
+        self._pending_failed: dict[int, str | None] = {}
+        try:
+            self._connection = sqlite3.connect(self.path, isolation_level=None,
+                                               check_same_thread=False)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.executescript(_SCHEMA)
+            self._check_or_write_meta()
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(
+                f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
+                f"({error}); delete it or start afresh (fresh=True) to run the task again "
+                f"from scratch") from None
+
+    def _check_or_write_meta(self) -> None:
+        meta = dict(self._connection.execute("SELECT key, value FROM meta"))
+        expected = {"format": str(FORMAT_VERSION), "task_id": self.task_id,
+                    "geometry": json.dumps(self.geometry, sort_keys=True)}
+        if not meta:
+            with self._transaction():
+                self._connection.executemany("INSERT INTO meta VALUES (?, ?)",
+                                             expected.items())
+            return
+        if meta.get("task_id") != self.task_id:
+            raise LedgerError(
+                f"ledger {self.path} belongs to task {meta.get('task_id')!r}, not "
+                f"{self.task_id!r}; use another ledger folder or delete the file")
+        if meta.get("format") != expected["format"]:
+            raise LedgerError(
+                f"ledger {self.path} has format {meta.get('format')!r}, this version "
+                f"reads {FORMAT_VERSION}; start afresh (fresh=True)")
+        if meta.get("geometry") != expected["geometry"]:
+            raise LedgerError(
+                f"ledger {self.path} of task {self.task_id!r} was written for geometry "
+                f"{meta.get('geometry')}, but the task now has {expected['geometry']}; "
+                f"its finished blocks do not match the new blocks. Restore the old "
+                f"geometry, or start afresh (fresh=True) to process every block again")
+
+    def _transaction(self):
+        connection = self._connection
+
+        class _Transaction:
+            def __enter__(self_inner):
+                connection.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self_inner, exc_type, exc, traceback):
+                connection.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return _Transaction()
+
+    # ------------------------------------------------------------------ reading
+    def done_count(self) -> int:
+        """How many blocks are recorded as done (one query)."""
+        return self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+
+    def failed_count(self) -> int:
+        """How many blocks failed for good in the last run that recorded them."""
+        return self._connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+
+    def done_indices(self) -> np.ndarray:
+        """Indices of the done blocks, sorted."""
+        rows = self._connection.execute("SELECT block FROM done ORDER BY block").fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def is_complete(self, total_blocks: int) -> bool:
+        """Whether every one of ``total_blocks`` blocks is done (one query)."""
+        return self.done_count() >= total_blocks
+
+    # ------------------------------------------------------------------ writing
+    def record_done(self, index: int) -> None:
+        """Remember a finished block; written at the next :meth:`flush`."""
+        self._pending_done.append(index)
+
+    def record_failed(self, index: int, error: str | None) -> None:
+        """Remember a block that failed for good; written at the next :meth:`flush`."""
+        self._pending_failed[index] = error
+
+    @property
+    def pending(self) -> int:
+        """Records not yet written."""
+        return len(self._pending_done) + len(self._pending_failed)
+
+    def flush(self) -> int:
+        """Write the pending records in one transaction; return how many."""
+        done, failed = self._pending_done, self._pending_failed
+        if not done and not failed:
+            return 0
+        self._pending_done, self._pending_failed = [], {}
+        with self._transaction():
+            self._connection.executemany(
+                "INSERT OR IGNORE INTO done VALUES (?)", ((index,) for index in done))
+            if done:
+                self._connection.executemany(
+                    "DELETE FROM failed WHERE block = ?", ((index,) for index in done))
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO failed VALUES (?, ?)", failed.items())
+        return len(done) + len(failed)
+
+    def forget_failures(self, indices: Iterable[int] | None = None) -> None:
+        """Drop failure records (all of them when ``indices`` is None)."""
+        with self._transaction():
+            if indices is None:
+                self._connection.execute("DELETE FROM failed")
+            else:
+                self._connection.executemany(
+                    "DELETE FROM failed WHERE block = ?", ((index,) for index in indices))
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self.flush()
+        self._connection.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_ledger_summary(path: str | os.PathLike) -> dict:
+    """Task id, geometry and counts of a ledger file, without knowing its task."""
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"no ledger file at {path}")
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(connection.execute("SELECT key, value FROM meta"))
+            done = connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+            failed = connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
+    if "task_id" not in meta or "geometry" not in meta:
+        raise LedgerError(f"ledger {path} has no task id or geometry recorded")
+    geometry = json.loads(meta["geometry"])
+    return {"path": str(path), "task_id": meta["task_id"], "geometry": geometry,
+            "done": done, "failed": failed, "total": geometry.get("num_blocks")}
