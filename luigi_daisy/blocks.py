@@ -191,6 +191,7 @@ class BlockGrid:
             "read_roi": [list(_as_int_tuple(self.read_template.begin)), list(self.read_shape)],
             "write_roi": [list(_as_int_tuple(self.write_template.begin)), list(self.write_shape)],
             "fit": self.fit,
+            "num_blocks": self.num_blocks,
         }
 
     def __reduce__(self):

@@ -201,3 +201,72 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
     geometry = json.loads(meta["geometry"])
     return {"path": str(path), "task_id": meta["task_id"], "geometry": geometry,
             "done": done, "failed": failed, "total": geometry.get("num_blocks")}
+
+
+class LedgerSet:
+    """The ledgers of the tasks of one run, flushed together at least every second.
+
+    Parameters
+    ----------
+    ledgers:
+        ``task_id -> Ledger`` for the tasks that keep one.
+    flush_interval:
+        Longest time, in seconds, a finished block waits before it is written.
+    max_pending:
+        Write as soon as this many records wait, whatever the time.
+    """
+
+    def __init__(self, ledgers: dict[str, Ledger], flush_interval: float = 1.0,
+                 max_pending: int = 50_000) -> None:
+        self.ledgers = ledgers
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self._last_flush: float | None = None
+
+    @classmethod
+    def open(cls, tasks, default_folder: str | os.PathLike | None = None,
+             fresh: bool = False) -> LedgerSet:
+        """Open (or create) the ledger of every task that has a ledger folder."""
+        ledgers = {}
+        for task in tasks:
+            folder = task.ledger if task.ledger is not None else default_folder
+            if folder is None:
+                continue
+            geometry = task.grid.describe()
+            ledgers[task.task_id] = Ledger(ledger_path(folder, task.task_id), task.task_id,
+                                           geometry, fresh=fresh)
+        return cls(ledgers)
+
+    def done_blocks(self) -> dict[str, np.ndarray]:
+        """Per task, the blocks recorded as done."""
+        return {task_id: ledger.done_indices() for task_id, ledger in self.ledgers.items()}
+
+    def record_done(self, task_id: str, index: int) -> None:
+        """Remember a finished block of ``task_id`` (if that task keeps a ledger)."""
+        ledger = self.ledgers.get(task_id)
+        if ledger is not None:
+            ledger.record_done(index)
+            if ledger.pending >= self.max_pending:
+                ledger.flush()
+
+    def record_failed(self, task_id: str, index: int, error: str | None) -> None:
+        """Remember a block of ``task_id`` that failed for good."""
+        ledger = self.ledgers.get(task_id)
+        if ledger is not None:
+            ledger.record_failed(index, error)
+
+    def flush_if_due(self, now: float) -> int:
+        """Write pending records when the flush interval has passed since the last write."""
+        if self._last_flush is not None and now - self._last_flush < self.flush_interval:
+            return 0
+        self._last_flush = now
+        return self.flush()
+
+    def flush(self) -> int:
+        """Write every pending record, one transaction per ledger."""
+        return sum(ledger.flush() for ledger in self.ledgers.values())
+
+    def close(self) -> None:
+        """Flush and close every ledger."""
+        for ledger in self.ledgers.values():
+            ledger.close()

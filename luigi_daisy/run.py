@@ -9,11 +9,13 @@ import threading
 import time
 from collections.abc import Iterable
 
+from .blocks import BlockStatus
 from .context import Context
 from .errors import TaskDefinitionError
 from .launchers.local import LocalLauncher, WorkerProcess
+from .ledger import LedgerSet
 from .progress import ProgressBars
-from .scheduler import BlockScheduler, Scheduler
+from .scheduler import BlockScheduler, ReleaseOutcome
 from .server import BlockServer
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
@@ -27,7 +29,7 @@ MONITOR_INTERVAL = 0.05
 SHUTDOWN_GRACE = 10.0
 
 
-def run_in_process(tasks: list[Task], progress: bool = True) -> RunResult:
+def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
     """Run every block of ``tasks`` in the calling process, one at a time."""
     for task in tasks:
         if task.process_function is None or not takes_block(task.process_function):
@@ -35,7 +37,7 @@ def run_in_process(tasks: list[Task], progress: bool = True) -> RunResult:
                 f"task {task.task_id!r}: multiprocessing=False runs process_function(block) "
                 f"in this process, so it must take the block as its argument; a worker "
                 f"function without arguments needs multiprocessing=True")
-    scheduler = Scheduler(tasks)
+    scheduler = BlockScheduler(tasks, ledgers.done_blocks())
     for task in tasks:
         if task.init_callback_fn is not None:
             task.init_callback_fn(Context(task_id=task.task_id, worker_id="0"))
@@ -45,16 +47,36 @@ def run_in_process(tasks: list[Task], progress: bool = True) -> RunResult:
         while progressed:
             progressed = False
             for task in tasks:
-                block = scheduler.acquire_block(task.task_id)
-                while block is not None:
+                while _process_next_block(scheduler, task, ledgers):
                     progressed = True
-                    process_one_block(task.process_function, block)
-                    scheduler.release_block(block)
                     bars.update()
-                    block = scheduler.acquire_block(task.task_id)
+                    ledgers.flush_if_due(time.monotonic())
     finally:
+        ledgers.flush()
         bars.close()
     return RunResult(scheduler.task_states)
+
+
+def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSet) -> bool:
+    """Acquire, check, process and release one block of ``task``; False if none is ready."""
+    block = scheduler.acquire(task.task_id)
+    if block is None:
+        return False
+    if task.pre_check is not None and task.pre_check(block):
+        scheduler.release(block, BlockStatus.SUCCESS, skipped=True)
+        ledgers.record_done(task.task_id, block.index)
+        return True
+    process_one_block(task.process_function, block)
+    if (block.status == BlockStatus.SUCCESS and task.post_check is not None
+            and not task.post_check(block)):
+        block.status = BlockStatus.FAILED
+        block.error = "post check returned False"
+    outcome = scheduler.release(block, block.status)
+    if outcome is ReleaseOutcome.COMPLETED:
+        ledgers.record_done(task.task_id, block.index)
+    elif outcome is ReleaseOutcome.FAILED:
+        ledgers.record_failed(task.task_id, block.index, block.error)
+    return True
 
 
 class WorkerRun:
@@ -72,8 +94,8 @@ class WorkerRun:
         Show a progress bar per task.
     """
 
-    def __init__(self, tasks: list[Task], launcher: LocalLauncher, host: str = "127.0.0.1",
-                 progress: bool = True) -> None:
+    def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
+                 host: str = "127.0.0.1", progress: bool = True) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -82,7 +104,8 @@ class WorkerRun:
         self.launcher = launcher
         self.host = host
         self.progress = progress
-        self.scheduler = BlockScheduler(tasks)
+        self.ledgers = ledgers
+        self.scheduler = BlockScheduler(tasks, ledgers.done_blocks())
         self.server: BlockServer | None = None
         self.workers: dict[str, list[WorkerProcess]] = {task_id: [] for task_id in self.tasks}
         self.log_files: dict[int, tuple[str, str]] = {}
@@ -141,7 +164,7 @@ class WorkerRun:
     async def run(self) -> RunResult:
         """Serve blocks until every task is done or can no longer progress."""
         self.server = BlockServer(self.scheduler, host=self.host,
-                                  on_worker_timeout=self._kill_worker)
+                                  on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
         self.server.start_listening(0)
         bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
         try:
@@ -153,6 +176,7 @@ class WorkerRun:
             while not self.scheduler.is_done():
                 await asyncio.sleep(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
+                self.ledgers.flush_if_due(time.monotonic())
                 self._check_workers()
                 bars.update()
                 if self._stalled():
@@ -164,6 +188,7 @@ class WorkerRun:
             self.server.notify_done_tasks()
             await self._stop_workers()
         finally:
+            self.ledgers.flush()
             self.server.close_all()
             for workers in self.workers.values():
                 for worker in workers:
@@ -225,7 +250,9 @@ def _run_coroutine(coroutine_function):
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
                   log_dir: str | os.PathLike = "daisy_logs",
-                  host: str = "127.0.0.1") -> RunResult:
+                  host: str = "127.0.0.1",
+                  ledger_dir: str | os.PathLike | None = None,
+                  fresh: bool = False) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -244,6 +271,11 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     host:
         Interface the block server listens on; anything but loopback requires every
         worker to prove the run's secret token.
+    ledger_dir:
+        Ledger folder for the tasks that do not name their own (``Task(ledger=...)``):
+        finished blocks are recorded there and skipped when the run is repeated.
+    fresh:
+        Forget what the tasks' ledgers hold and process every block again.
 
     Returns
     -------
@@ -251,11 +283,15 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ``task_id -> TaskState``; true exactly when every block succeeded.
     """
     ordered = collect_tasks(tasks)
-    if not multiprocessing:
-        result = run_in_process(ordered, progress=progress)
-        print(format_summary(result))
-        return result
-    run = WorkerRun(ordered, LocalLauncher(log_dir), host=host, progress=progress)
-    result = _run_coroutine(run.run)
+    ledgers = LedgerSet.open(ordered, ledger_dir, fresh=fresh)
+    try:
+        if not multiprocessing:
+            result = run_in_process(ordered, ledgers, progress=progress)
+            print(format_summary(result))
+            return result
+        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
+        result = _run_coroutine(run.run)
+    finally:
+        ledgers.close()
     print(format_summary(result, run.worker_logs()))
     return result

@@ -25,7 +25,8 @@ from .protocol import (
     PROTOCOL_VERSION, Acquire, BlockAssigned, Bye, Challenge, Decoder, Heartbeat, Hello,
     Message, NoMoreBlocks, Refused, Release, ReleaseAndAcquire, Welcome, WireBlock, encode,
     new_nonce, new_token, verify_proof)
-from .scheduler import BlockScheduler, TaskState
+from .ledger import LedgerSet
+from .scheduler import BlockScheduler, ReleaseOutcome, TaskState
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,14 @@ class BlockServer(TCPServer):
     on_worker_timeout:
         Called with ``(task_id, worker_id)`` when a worker held a block past its
         task's timeout; the run stops that worker.
+    ledgers:
+        Where finished blocks are recorded; the server is the ledgers' only writer.
     """
 
     def __init__(self, scheduler: BlockScheduler, host: str = "127.0.0.1",
                  token: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_worker_timeout: Callable[[str, int | None], None] | None = None) -> None:
+                 on_worker_timeout: Callable[[str, int | None], None] | None = None,
+                 ledgers: LedgerSet | None = None) -> None:
         super().__init__(max_buffer_size=1 << 22)
         self.scheduler = scheduler
         self.host = host
@@ -108,6 +112,7 @@ class BlockServer(TCPServer):
         self.token = token
         self.clock = clock
         self.on_worker_timeout = on_worker_timeout
+        self.ledgers = ledgers if ledgers is not None else LedgerSet({})
         self.port: int | None = None
         self.connections: set[WorkerConnection] = set()
         self.waiting: dict[str, deque[WorkerConnection]] = {
@@ -224,6 +229,7 @@ class BlockServer(TCPServer):
             if not done:
                 return block
             self.scheduler.release(block, BlockStatus.SUCCESS, self.clock(), skipped=True)
+            self.ledgers.record_done(task_id, block.index)
 
     def _assign(self, connection: WorkerConnection, block: Block) -> None:
         connection.held[block.index] = block
@@ -270,7 +276,11 @@ class BlockServer(TCPServer):
         block.error = error
         if status == BlockStatus.FAILED and worker_id is not None:
             self.failed_workers[block.task_id].add(worker_id)
-        self.scheduler.release(block, status, self.clock())
+        outcome = self.scheduler.release(block, status, self.clock())
+        if outcome is ReleaseOutcome.COMPLETED:
+            self.ledgers.record_done(block.task_id, block.index)
+        elif outcome is ReleaseOutcome.FAILED:
+            self.ledgers.record_failed(block.task_id, block.index, error)
         self._serve_waiting()
 
     def _serve_waiting(self) -> None:

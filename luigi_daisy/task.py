@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -86,6 +87,10 @@ class Task:
     max_worker_restarts:
         How often a worker that keeps failing is restarted before the task stops
         starting workers.
+    ledger:
+        Folder of the ledger that remembers finished blocks across runs (the task's
+        file in it is ``<task_id>.ledger.sqlite``). Without one (and without
+        ``run_blockwise(ledger_dir=...)``) nothing is remembered, as in daisy.
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Task:
         upstream_tasks: Iterable[Task] | None = None,
         max_worker_restarts: int = 10,
         max_workers: int | None = None,
+        ledger: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(task_id, str) or not task_id:
             raise TaskDefinitionError(f"task_id must be a non-empty string, got {task_id!r}")
@@ -134,6 +140,7 @@ class Task:
                 raise TaskDefinitionError(
                     f"task {task_id!r}: upstream_tasks must hold Task objects, got {other!r}")
         self.upstream_tasks = upstream
+        self.ledger = ledger
 
     @property
     def total_roi(self) -> Roi:

@@ -1,0 +1,77 @@
+"""The ``luigi-daisy`` command.
+
+``luigi-daisy status PATH`` prints, for a ledger folder or one ledger file, each task's
+id, geometry and done / failed / total counts; it exits 1 when a task there is
+incomplete and 2 when PATH holds no readable ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .ledger import SUFFIX, LedgerError, read_ledger_summary
+
+EXIT_INCOMPLETE = 1
+EXIT_UNREADABLE = 2
+
+
+def _ledger_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(path.glob(f"*{SUFFIX}"))
+    return [path]
+
+
+def _format_roi(roi: list) -> str:
+    begin, shape = roi
+    return f"offset {tuple(begin)} shape {tuple(shape)}"
+
+
+def status(path: Path) -> int:
+    """Print the state of every ledger under ``path``; return the exit code."""
+    files = _ledger_files(path)
+    if not files:
+        print(f"no ledger files (*{SUFFIX}) in {path}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    exit_code = 0
+    for file in files:
+        try:
+            summary = read_ledger_summary(file)
+        except LedgerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            exit_code = EXIT_UNREADABLE
+            continue
+        geometry = summary["geometry"]
+        total = summary["total"]
+        complete = total is not None and summary["done"] >= total
+        print(f"task {summary['task_id']}: {'complete' if complete else 'INCOMPLETE'}")
+        print(f"  ledger     : {summary['path']}")
+        print(f"  total roi  : {_format_roi(geometry['total_roi'])}")
+        print(f"  read roi   : {_format_roi(geometry['read_roi'])}")
+        print(f"  write roi  : {_format_roi(geometry['write_roi'])}")
+        print(f"  fit        : {geometry['fit']}")
+        print(f"  blocks     : {summary['done']} done, {summary['failed']} failed, "
+              f"{total} total")
+        if not complete and exit_code == 0:
+            exit_code = EXIT_INCOMPLETE
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``luigi-daisy`` command."""
+    parser = argparse.ArgumentParser(prog="luigi-daisy",
+                                     description="Inspect luigi_daisy runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status_parser = commands.add_parser(
+        "status", help="show the finished blocks recorded in ledgers")
+    status_parser.add_argument("path", type=Path, help="a ledger folder or one ledger file")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "status":
+        return status(arguments.path)
+    parser.error(f"unknown command {arguments.command}")
+    return EXIT_UNREADABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
