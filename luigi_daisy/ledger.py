@@ -18,12 +18,12 @@ import numpy as np
 
 from .errors import LuigiDaisyError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".ledger.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS done (block INTEGER PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS done (seq INTEGER PRIMARY KEY, block INTEGER NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOUT ROWID;
 """
 
@@ -126,6 +126,17 @@ class Ledger:
         rows = self._connection.execute("SELECT block FROM done ORDER BY block").fetchall()
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
+    def done_since(self, seq: int) -> tuple[int, list[int]]:
+        """Blocks recorded after record number ``seq``, and the newest record number.
+
+        Lets another run follow this task's progress without re-reading the ledger.
+        """
+        rows = self._connection.execute(
+            "SELECT seq, block FROM done WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        if not rows:
+            return seq, []
+        return rows[-1][0], [block for _, block in rows]
+
     def is_complete(self, total_blocks: int) -> bool:
         """Whether every one of ``total_blocks`` blocks is done (one query)."""
         return self.done_count() >= total_blocks
@@ -152,7 +163,7 @@ class Ledger:
         self._pending_done, self._pending_failed = [], {}
         with self._transaction():
             self._connection.executemany(
-                "INSERT OR IGNORE INTO done VALUES (?)", ((index,) for index in done))
+                "INSERT OR IGNORE INTO done (block) VALUES (?)", ((index,) for index in done))
             if done:
                 self._connection.executemany(
                     "DELETE FROM failed WHERE block = ?", ((index,) for index in done))

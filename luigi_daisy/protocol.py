@@ -45,6 +45,8 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_ERROR_CHARS",
     "MAX_DIMS",
+    "MAX_NONCE_CHARS",
+    "PROOF_CHARS",
     "Message",
     "WireBlock",
     "Challenge",
@@ -654,8 +656,15 @@ def _make_json_encoder() -> Callable[[object], str]:
     than encoding a block; the C encoder is built once here when the interpreter has
     it, and the pure-Python encoder is the fallback.
     """
+    fallback = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False,
+        default=_not_json,
+    ).encode
     c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is not None:
+    if c_make_encoder is None:  # pragma: no cover - interpreters without _json
+        return fallback
+    try:
+        # Same arguments as JSONEncoder.iterencode passes (CPython 3.11 to 3.13).
         c_encoder = c_make_encoder(
             None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False,
             False,
@@ -664,11 +673,12 @@ def _make_json_encoder() -> Callable[[object], str]:
         def encode_json(value: object) -> str:
             return "".join(c_encoder(value, 0))
 
-        return encode_json
-    return json.JSONEncoder(  # pragma: no cover - interpreters without _json
-        separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False,
-        default=_not_json,
-    ).encode
+        sample = {"a": [1, -2, (3,), None, "é\n"], "b": True}
+        if encode_json(sample) != fallback(sample):  # pragma: no cover
+            return fallback
+    except Exception:  # pragma: no cover - a private signature changed: stay correct
+        return fallback
+    return encode_json
 
 
 _encode_json = _make_json_encoder()
