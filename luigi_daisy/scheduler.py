@@ -279,15 +279,20 @@ class BlockScheduler:
         if progress is None:
             progress = self._get(task_id)
         state = progress.state
-        if progress.ready:
-            index = progress.ready.popleft()
-        else:
-            index = next(progress.roots, None)
-            if index is None:
-                return None
-            if progress.upstream_links:
-                state.ready_count += 1
-        state.ready_count -= 1
+        done_before = progress.done_before
+        while True:
+            if progress.ready:
+                index = progress.ready.popleft()
+            else:
+                index = next(progress.roots, None)
+                if index is None:
+                    return None
+                if progress.upstream_links:
+                    state.ready_count += 1
+            state.ready_count -= 1
+            # blocks another run finished while this one followed the task are passed over
+            if not done_before or index not in done_before:
+                break
         state.processing_count += 1
         state.started = True
         progress.processing[index] = now
@@ -391,6 +396,24 @@ class BlockScheduler:
                     target.waiting.pop(dependent, None)
                     target.state.orphaned_count += 1
                     stack.append((target, dependent))
+
+    def complete_external(self, task_id: str, index: int) -> bool:
+        """Record a block of ``task_id`` that another run finished (read from its ledger).
+
+        The block counts as completed and skipped, is never handed out here, and
+        releases the blocks that wait for it. Returns False if it was known already.
+        """
+        progress = self._get(task_id)
+        if index in progress.done_before or index in progress.processing:
+            return False
+        progress.waiting.pop(index, None)
+        progress.state.completed_count += 1
+        progress.state.skipped_count += 1
+        if progress.has_downstream:
+            self._finished(progress, index)
+        # only now: the countdowns above must still count this block as unfinished
+        progress.done_before.add(index)
+        return True
 
     # ------------------------------------------------------------------ time
     def expired(self, now: float) -> list[Block]:
