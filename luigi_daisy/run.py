@@ -7,18 +7,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from .blocks import BlockStatus
 from .context import Context
 from .errors import TaskDefinitionError
 from .launchers.local import LocalLauncher, WorkerProcess
-from .ledger import LedgerSet
+from .ledger import Ledger, LedgerSet
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
 from .server import BlockServer
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
+from .tracking import TrackingPage
 from .worker import EXIT_RESTART_ME, process_one_block, takes_block
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 MONITOR_INTERVAL = 0.05
 #: seconds a finished run waits for its workers to exit before killing them
 SHUTDOWN_GRACE = 10.0
+#: seconds between two progress reports to observers
+PROGRESS_INTERVAL = 1.0
 
 
 def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
@@ -79,6 +83,21 @@ def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSe
     return True
 
 
+class FollowedTask(Protocol):
+    """A task of the run whose blocks another run processes (see ``luigi_daisy.luigi``)."""
+
+    task_id: str
+
+    def initial_done(self) -> list[int]:
+        """Blocks the other run has finished so far."""
+
+    def new_done(self) -> list[int]:
+        """Blocks the other run finished since the last call."""
+
+    def try_claim(self) -> Ledger | None:
+        """Take the task over if the other run is gone; return its ledger then."""
+
+
 class WorkerRun:
     """One multiprocessing run: a block server, worker processes per task, progress.
 
@@ -88,14 +107,28 @@ class WorkerRun:
         Tasks with their upstream tasks, upstream first.
     launcher:
         Starts worker processes.
+    ledgers:
+        Ledgers of the tasks this run processes (the server writes them).
     host:
         Interface the block server listens on.
     progress:
         Show a progress bar per task.
+    followed:
+        Tasks whose blocks another run processes: their finished blocks are read from
+        that run's ledger and release the blocks here that wait for them; when that
+        run is gone, this one takes the task over.
+    observers:
+        Called with this run about once a second and once at the end (progress
+        reports).
+    tracking:
+        Serve the run's live state over HTTP (``tracking_url``).
     """
 
     def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
-                 host: str = "127.0.0.1", progress: bool = True) -> None:
+                 host: str = "127.0.0.1", progress: bool = True,
+                 followed: Mapping[str, FollowedTask] | None = None,
+                 observers: list[Callable[[WorkerRun], None]] | None = None,
+                 tracking: bool = False) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -105,8 +138,15 @@ class WorkerRun:
         self.host = host
         self.progress = progress
         self.ledgers = ledgers
-        self.scheduler = BlockScheduler(tasks, ledgers.done_blocks())
+        self.followed = dict(followed or {})
+        self.observers = list(observers or [])
+        done_blocks = ledgers.done_blocks()
+        for task_id, follower in self.followed.items():
+            done_blocks[task_id] = follower.initial_done()
+        self.scheduler = BlockScheduler(tasks, done_blocks)
         self.server: BlockServer | None = None
+        self.tracking = TrackingPage(self) if tracking else None
+        self.started_at = time.monotonic()
         self.workers: dict[str, list[WorkerProcess]] = {task_id: [] for task_id in self.tasks}
         self.log_files: dict[int, tuple[str, str]] = {}
         self._next_worker_id = 0
@@ -158,7 +198,39 @@ class WorkerRun:
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""
         return any(not self.workers[task_id] and not state.is_done()
+                   and task_id not in self.followed
                    for task_id, state in self.scheduler.task_states.items())
+
+    def _start_task(self, task_id: str) -> None:
+        task = self.tasks[task_id]
+        if task.init_callback_fn is not None:
+            task.init_callback_fn(self._context(task_id, -1))
+        for _ in range(task.num_workers):
+            self._start_worker(task_id)
+
+    def _follow(self) -> None:
+        """Take in blocks finished by the runs this one follows; take over orphaned tasks."""
+        for task_id, follower in list(self.followed.items()):
+            for index in follower.new_done():
+                self.scheduler.complete_external(task_id, index)
+            if self.scheduler.task_states[task_id].is_done():
+                continue
+            ledger = follower.try_claim()
+            if ledger is None:
+                continue
+            logger.warning("the run processing task %r is gone; taking it over", task_id)
+            for index in follower.new_done():
+                self.scheduler.complete_external(task_id, index)
+            del self.followed[task_id]
+            self.ledgers.ledgers[task_id] = ledger
+            self._start_task(task_id)
+
+    def _observe(self) -> None:
+        for observer in self.observers:
+            try:
+                observer(self)
+            except Exception:  # noqa: BLE001 - a progress report must not stop the run
+                logger.exception("progress observer failed")
 
     # ------------------------------------------------------------------ run
     async def run(self) -> RunResult:
@@ -166,19 +238,25 @@ class WorkerRun:
         self.server = BlockServer(self.scheduler, host=self.host,
                                   on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
         self.server.start_listening(0)
+        if self.tracking is not None:
+            self.tracking.start(self.host)
         bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
+        last_report = 0.0
         try:
-            for task_id, task in self.tasks.items():
-                if task.init_callback_fn is not None:
-                    task.init_callback_fn(self._context(task_id, -1))
-                for _ in range(task.num_workers):
-                    self._start_worker(task_id)
+            for task_id in self.tasks:
+                if task_id not in self.followed:
+                    self._start_task(task_id)
             while not self.scheduler.is_done():
                 await asyncio.sleep(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
-                self.ledgers.flush_if_due(time.monotonic())
+                now = time.monotonic()
+                self.ledgers.flush_if_due(now)
+                self._follow()
                 self._check_workers()
                 bars.update()
+                if now - last_report >= PROGRESS_INTERVAL:
+                    last_report = now
+                    self._observe()
                 if self._stalled():
                     logger.error("stopping the run: %s", ", ".join(
                         f"task {task_id!r} has no workers left"
@@ -194,6 +272,9 @@ class WorkerRun:
                 for worker in workers:
                     worker.kill()
             bars.close()
+            self._observe()
+            if self.tracking is not None:
+                self.tracking.stop()
         return RunResult(self.scheduler.task_states)
 
     async def _stop_workers(self) -> None:
