@@ -8,6 +8,7 @@ from funlib.geometry import Coordinate, Roi
 from .blocks import Block, BlockStatus
 from .context import Context
 from .errors import GeometryError, LuigiDaisyError, SchedulerError, TaskDefinitionError
+from .luigi import BlockwiseRunError, BlockwiseTask, LedgerTarget
 from .run import run_blockwise
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
@@ -16,7 +17,7 @@ from .task import Task
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "BlockScheduler", "BlockStatus", "Context", "Coordinate", "GeometryError",
+    "Block", "BlockwiseRunError", "BlockwiseTask", "LedgerTarget", "BlockScheduler", "BlockStatus", "Context", "Coordinate", "GeometryError",
     "LuigiDaisyError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError",
     "Task", "TaskDefinitionError", "TaskState", "run_blockwise",
 ]

@@ -19,3 +19,7 @@ class SchedulerError(LuigiDaisyError, RuntimeError):
 
 class ProtocolError(LuigiDaisyError):
     """A frame or message on the wire is malformed, oversized or not allowed here."""
+
+
+class DatasetError(LuigiDaisyError, ValueError):
+    """A zarr dataset that is missing, incompatible, misaligned or indexed out of bounds."""

@@ -78,14 +78,13 @@ class Ledger:
                 f"from scratch") from None
 
     def _check_or_write_meta(self) -> None:
-        meta = dict(self._connection.execute("SELECT key, value FROM meta"))
         expected = {"format": str(FORMAT_VERSION), "task_id": self.task_id,
                     "geometry": json.dumps(self.geometry, sort_keys=True)}
-        if not meta:
-            with self._transaction():
-                self._connection.executemany("INSERT INTO meta VALUES (?, ?)",
-                                             expected.items())
-            return
+        # OR IGNORE: another process may be creating the same ledger right now
+        with self._transaction():
+            self._connection.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                                         expected.items())
+        meta = dict(self._connection.execute("SELECT key, value FROM meta"))
         if meta.get("task_id") != self.task_id:
             raise LedgerError(
                 f"ledger {self.path} belongs to task {meta.get('task_id')!r}, not "

@@ -1,0 +1,237 @@
+"""``BlockwiseTask``: a Luigi task that runs a function over every block of a volume."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import luigi
+from funlib.geometry import Roi
+from luigi.task import flatten
+
+from ..blocks import Block
+from ..errors import LuigiDaisyError
+from ..launchers.local import LocalLauncher
+from ..ledger import LedgerSet, ledger_path
+from ..run import WorkerRun, _run_coroutine
+from ..summary import format_summary
+from ..task import Task
+from .config import SECTION, check_section, settings
+from .pipeline import LedgerFollower, TaskLock
+from .progress import LuigidReporter
+from .targets import LedgerTarget
+
+logger = logging.getLogger(__name__)
+
+
+class BlockwiseRunError(LuigiDaisyError, RuntimeError):
+    """Some blocks of a blockwise task failed; the message holds the execution summary."""
+
+
+def _config(name: str) -> dict:
+    return {"section": SECTION, "name": name}
+
+
+class _BlockFunction:
+    """What a worker process runs per block: ``setup_worker`` once, then ``process_block``."""
+
+    def __init__(self, task: BlockwiseTask) -> None:
+        self.task = task
+        self.worker_ready = False
+
+    def __call__(self, block: Block) -> None:
+        if not self.worker_ready:
+            self.task.setup_worker()
+            self.worker_ready = True
+        self.task.process_block(block)
+
+
+class BlockwiseTask(luigi.Task):
+    """A Luigi task processed block by block by worker processes.
+
+    Subclasses define the geometry (``total_roi``, ``read_roi``, ``write_roi``) and
+    ``process_block(block)``; optionally ``setup_worker()`` (once per worker process,
+    before its first block) and ``check_block(block)`` (True skips a block already done).
+    ``requires()`` is plain Luigi: an edge to another ``BlockwiseTask`` becomes a
+    block-level dependency (with ``pipelining`` on), any other edge stays ordinary.
+
+    Completion is recorded in a ledger of finished blocks, so ``complete()`` is one
+    query and a rerun resumes where the last one stopped.
+    """
+
+    num_workers = luigi.IntParameter(
+        default=1, significant=False, config_path=_config("num_workers"),
+        description="worker processes for this task")
+    max_retries = luigi.IntParameter(
+        default=2, significant=False, config_path=_config("max_retries"),
+        description="how often a failed block is retried")
+    timeout = luigi.OptionalFloatParameter(
+        default=None, significant=False, config_path=_config("timeout"),
+        description="seconds a block may take before its worker is stopped and it is retried")
+    fit = luigi.ChoiceParameter(
+        choices=["valid", "overhang", "shrink"], default="valid", significant=False,
+        config_path=_config("fit"), description="how blocks at the border are handled")
+    read_write_conflict = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        config_path=_config("read_write_conflict"),
+        description="whether blocks that read each other's output may not run together")
+
+    # ------------------------------------------------------------------ to override
+    def total_roi(self) -> Roi:
+        """The region the task reads; blocks tile it."""
+        raise NotImplementedError(f"{type(self).__name__} must define total_roi()")
+
+    def read_roi(self) -> Roi:
+        """Read ROI of one block (its shape and its offset relative to the write ROI)."""
+        raise NotImplementedError(f"{type(self).__name__} must define read_roi()")
+
+    def write_roi(self) -> Roi:
+        """Write ROI of one block."""
+        raise NotImplementedError(f"{type(self).__name__} must define write_roi()")
+
+    def process_block(self, block: Block) -> None:
+        """Process one block (runs in a worker process)."""
+        raise NotImplementedError(f"{type(self).__name__} must define process_block(block)")
+
+    def setup_worker(self) -> None:
+        """Called once in each worker process before its first block."""
+
+    check_block = None
+    """Optional ``check_block(self, block) -> bool``: True skips a block already done."""
+
+    # ------------------------------------------------------------------ description
+    def daisy_task(self, upstream_tasks: list[Task] | None = None) -> Task:
+        """The core ``Task`` this Luigi task runs."""
+        check = self.check_block
+        return Task(
+            self.task_id, total_roi=self.total_roi(), read_roi=self.read_roi(),
+            write_roi=self.write_roi(), process_function=_BlockFunction(self),
+            check_function=check, read_write_conflict=self.read_write_conflict,
+            num_workers=self.num_workers, max_retries=self.max_retries, fit=self.fit,
+            timeout=self.timeout, upstream_tasks=upstream_tasks or [],
+            ledger=settings().ledger_dir)
+
+    def geometry(self) -> dict:
+        """Plain-data geometry, as recorded in the ledger."""
+        from ..blocks import BlockGrid
+        return BlockGrid(self.total_roi(), self.read_roi(), self.write_roi(), self.fit,
+                         name=self.task_id).describe()
+
+    def ledger_file(self):
+        """Path of this task's ledger."""
+        return ledger_path(settings().ledger_dir, self.task_id)
+
+    def output(self):
+        """The ledger target: exists when every block is recorded as done."""
+        return self.ledger_target()
+
+    def ledger_target(self) -> LedgerTarget:
+        """The target that records this task's finished blocks."""
+        return LedgerTarget(settings().ledger_dir, self.task_id, self.geometry())
+
+    def complete(self) -> bool:
+        """One ledger query (plus the other outputs a subclass may declare)."""
+        if not self.ledger_target().exists():
+            return False
+        return all(target.exists() for target in flatten(self.output())
+                   if not isinstance(target, LedgerTarget))
+
+    # ------------------------------------------------------------------ the DAG
+    def blockwise_requires(self) -> list[BlockwiseTask]:
+        """The ``BlockwiseTask``s among this task's requirements."""
+        return [task for task in flatten(self.requires()) if isinstance(task, BlockwiseTask)]
+
+    @property
+    def priority(self) -> int:
+        """Deeper in a blockwise chain means higher, so Luigi starts downstream runs
+        first and they pull their upstream tasks into one pipelined run."""
+        return 1 + max((task.priority for task in self.blockwise_requires()), default=0)
+
+    def deps(self) -> list[luigi.Task]:
+        """With pipelining, an incomplete blockwise upstream task is replaced by its own
+        dependencies, so Luigi may start this task while it runs; ``requires()`` is
+        unchanged."""
+        if not settings().pipelining:
+            return super().deps()
+        return list(self._visible_deps())
+
+    def _visible_deps(self) -> Iterator[luigi.Task]:
+        for task in flatten(self.requires()):
+            if isinstance(task, BlockwiseTask) and not task.complete():
+                yield from task._visible_deps()
+            else:
+                yield task
+
+    def pipelined_closure(self) -> list[BlockwiseTask]:
+        """This task and every incomplete blockwise task upstream of it, upstream first."""
+        if not settings().pipelining:
+            return [self]
+        ordered: list[BlockwiseTask] = []
+        seen: set[str] = set()
+
+        def visit(task: BlockwiseTask) -> None:
+            if task.task_id in seen:
+                return
+            seen.add(task.task_id)
+            for upstream in task.blockwise_requires():
+                if not upstream.complete():
+                    visit(upstream)
+            ordered.append(task)
+
+        visit(self)
+        return ordered
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> None:
+        """Run the pipelined closure; raise with the execution summary if blocks failed."""
+        check_section()
+        config = settings()
+        closure = self.pipelined_closure()
+        core_tasks: dict[str, Task] = {}
+        for task in closure:
+            upstream = [core_tasks[other.task_id] for other in task.blockwise_requires()
+                        if other.task_id in core_tasks]
+            core_tasks[task.task_id] = task.daisy_task(upstream)
+        locks = {task.task_id: TaskLock(f"{task.ledger_file()}.lock") for task in closure}
+        followed = {}
+        claimed = []
+        for task in closure:
+            if locks[task.task_id].try_acquire():
+                claimed.append(core_tasks[task.task_id])
+            else:
+                logger.info("task %s is being run by another process; following it",
+                            task.task_id)
+                followed[task.task_id] = LedgerFollower(
+                    task.task_id, task.ledger_file(), task.geometry(), locks[task.task_id])
+        reporter = LuigidReporter(self, closure)
+        try:
+            ledgers = LedgerSet.open(claimed)
+            try:
+                for task in closure:
+                    if task.task_id not in followed:
+                        task.check_outputs()
+                run = WorkerRun(list(core_tasks.values()), LocalLauncher(config.log_dir),
+                                ledgers, progress=False, followed=followed,
+                                observers=[reporter.report], tracking=True)
+                result = _run_coroutine(run.run)
+            finally:
+                ledgers.close()
+        finally:
+            for lock in locks.values():
+                lock.release()
+        summary = format_summary(result, run.worker_logs())
+        logger.info("%s", summary)
+        reporter.finish(result)
+        if not result[self.task_id].succeeded:
+            raise BlockwiseRunError(
+                f"{self.task_id}: {result[self.task_id].failed_count} blocks failed and "
+                f"{result[self.task_id].orphaned_count} were orphaned; rerun to retry "
+                f"them (finished blocks are skipped).\n{summary}")
+
+    def check_outputs(self) -> None:
+        """Refuse outputs whose chunks the blocks' write ROIs do not align with."""
+        from ..datasets import ZarrTarget, check_write_alignment
+        for target in flatten(self.output()):
+            if isinstance(target, ZarrTarget) and target.exists():
+                check_write_alignment(target.open("r"), self.write_roi(),
+                                      self.daisy_task().grid.total_write_roi, self.task_id)
