@@ -6,6 +6,7 @@ Scripts written for daisy run with ``import luigi_daisy as daisy``.
 from funlib.geometry import Coordinate, Roi
 
 from .blocks import Block, BlockStatus
+from .client import Client
 from .context import Context
 from .errors import GeometryError, LuigiDaisyError, SchedulerError, TaskDefinitionError
 from .luigi import BlockwiseRunError, BlockwiseTask, LedgerTarget
@@ -17,7 +18,8 @@ from .task import Task
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "BlockwiseRunError", "BlockwiseTask", "LedgerTarget", "BlockScheduler", "BlockStatus", "Context", "Coordinate", "GeometryError",
-    "LuigiDaisyError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError",
-    "Task", "TaskDefinitionError", "TaskState", "run_blockwise",
+    "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask", "Client",
+    "Context", "Coordinate", "GeometryError", "LedgerTarget", "LuigiDaisyError",
+    "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError", "Task",
+    "TaskDefinitionError", "TaskState", "run_blockwise",
 ]

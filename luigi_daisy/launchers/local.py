@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,27 +55,42 @@ class WorkerProcess:
 
 
 def _redirect_output(stdout_path: Path, stderr_path: Path) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for path, stream in ((stdout_path, sys.stdout), (stderr_path, sys.stderr)):
+    """Point file descriptors 1 and 2, and ``sys.stdout`` / ``sys.stderr``, at the logs.
+
+    Works whatever the parent had made of ``sys.stdout`` (a ``StringIO`` under pytest's
+    capture or ``contextlib.redirect_stdout`` has no file descriptor).
+    """
+    for path, descriptor_number in ((stdout_path, 1), (stderr_path, 2)):
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(descriptor, stream.fileno())
+        os.dup2(descriptor, descriptor_number)
         os.close(descriptor)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
 def _worker_main(process_function, context: Context, stdout_path: Path,
                  stderr_path: Path) -> None:
-    from ..worker import run_worker
-    _redirect_output(stdout_path, stderr_path)
-    encoded = context.to_env()
-    os.environ[ENV_VARIABLE] = encoded
-    os.environ[DAISY_ENV_VARIABLE] = encoded
-    exit_code = run_worker(process_function, context)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_code = 1
+    try:
+        from ..worker import run_worker
+        _redirect_output(stdout_path, stderr_path)
+        encoded = context.to_env()
+        os.environ[ENV_VARIABLE] = encoded
+        os.environ[DAISY_ENV_VARIABLE] = encoded
+        exit_code = run_worker(process_function, context)
+    except BaseException:  # noqa: BLE001 - whatever ends the worker goes to its log
+        with open(stderr_path, "a") as log:
+            log.write(f"worker {context.get('worker_id')} of task {context.get('task_id')!r} "
+                      f"stopped:\n{traceback.format_exc()}")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(exit_code)
 
 
 class LocalLauncher:
