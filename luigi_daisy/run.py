@@ -211,8 +211,11 @@ class WorkerRun:
     def _follow(self) -> None:
         """Take in blocks finished by the runs this one follows; take over orphaned tasks."""
         for task_id, follower in list(self.followed.items()):
-            for index in follower.new_done():
+            finished_elsewhere = follower.new_done()
+            for index in finished_elsewhere:
                 self.scheduler.complete_external(task_id, index)
+            if finished_elsewhere:
+                self.server.serve_waiting()
             if self.scheduler.task_states[task_id].is_done():
                 continue
             ledger = follower.try_claim()
@@ -263,7 +266,7 @@ class WorkerRun:
                         for task_id, workers in self.workers.items()
                         if not workers and not self.scheduler.task_states[task_id].is_done()))
                     break
-            self.server.notify_done_tasks()
+            self.server.serve_waiting()
             await self._stop_workers()
         finally:
             self.ledgers.flush()

@@ -333,6 +333,7 @@ class BlockServer(TCPServer):
             reclaimed += 1
         return reclaimed
 
-    def notify_done_tasks(self) -> None:
-        """Tell parked workers of finished tasks that nothing more will come."""
+    def serve_waiting(self) -> None:
+        """Hand blocks made ready outside a release (blocks another run finished) to
+        parked workers, and tell those of finished tasks that nothing more will come."""
         self._serve_waiting()
