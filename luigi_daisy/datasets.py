@@ -27,7 +27,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import luigi
 import numpy as np
 import zarr
 import zarr.errors
@@ -803,42 +802,3 @@ def check_write_alignment(array: Array, write_roi: Roi, total_write_roi: Roi | N
 
 
 # --------------------------------------------------------------------------- Luigi target
-class ZarrTarget(luigi.Target):
-    """A Luigi target for a zarr array (a dataset of :func:`prepare_ds`).
-
-    ``exists()`` is true once the array exists; it says nothing about which blocks were
-    written (a blockwise task's ledger says that).
-
-    Parameters
-    ----------
-    path:
-        The array, or the container holding it when ``dataset`` is given.
-    dataset:
-        Path of the array inside ``path`` (daisy's ``filename, ds_name`` pair).
-    """
-
-    def __init__(self, path: str | os.PathLike, dataset: str | None = None) -> None:
-        path = _path_string(path)
-        if dataset:
-            path = f"{path.rstrip('/')}/{dataset.strip('/')}"
-        self.path = path
-
-    def exists(self) -> bool:
-        """Whether a zarr array exists at ``path``."""
-        try:
-            zarr.open_array(store=self.path, mode="r")
-        except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
-            return False
-        return True
-
-    def open(self, mode: str = "r", fill_value: Any = 0) -> Array:
-        """The array (see :func:`open_ds`)."""
-        return open_ds(self.path, mode=mode, fill_value=fill_value)
-
-    def prepare(self, total_roi: Roi, voxel_size: Sequence[int], dtype: Any = np.float32,
-                **kwargs: Any) -> Array:
-        """Create or reuse the array (see :func:`prepare_ds`)."""
-        return prepare_ds(self.path, total_roi, voxel_size, dtype, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"ZarrTarget({self.path!r})"

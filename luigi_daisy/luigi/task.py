@@ -9,7 +9,8 @@ import luigi
 from funlib.geometry import Roi
 from luigi.task import flatten
 
-from ..blocks import Block
+from ..blocks import Block, BlockGrid
+from ..datasets import check_write_alignment
 from ..errors import LuigiDaisyError
 from ..launchers.local import LocalLauncher
 from ..ledger import LedgerSet, ledger_path
@@ -19,7 +20,7 @@ from ..task import Task
 from .config import SECTION, check_section, settings
 from .pipeline import LedgerFollower, TaskLock
 from .progress import LuigidReporter
-from .targets import LedgerTarget
+from .targets import LedgerTarget, ZarrTarget
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class BlockwiseTask(luigi.Task):
 
     def geometry(self) -> dict:
         """Plain-data geometry, as recorded in the ledger."""
-        from ..blocks import BlockGrid
         return BlockGrid(self.total_roi(), self.read_roi(), self.write_roi(), self.fit,
                          name=self.task_id).describe()
 
@@ -230,7 +230,6 @@ class BlockwiseTask(luigi.Task):
 
     def check_outputs(self) -> None:
         """Refuse outputs whose chunks the blocks' write ROIs do not align with."""
-        from ..datasets import ZarrTarget, check_write_alignment
         for target in flatten(self.output()):
             if isinstance(target, ZarrTarget) and target.exists():
                 check_write_alignment(target.open("r"), self.write_roi(),
