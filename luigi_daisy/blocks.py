@@ -161,17 +161,22 @@ class BlockGrid:
             end = self.total_end[dim]
         return begin, end
 
-    def rois_of(self, index: int) -> tuple[Roi, Roi]:
-        """``(read_roi, write_roi)`` of the block with this index."""
-        position = self.position_of(index)
+    def bounds_of(self, index: int) -> tuple[tuple[int, ...], tuple[int, ...],
+                                              tuple[int, ...], tuple[int, ...]]:
+        """``(read_begin, read_shape, write_begin, write_shape)`` of a block, as tuples."""
         read_begin, read_shape, write_begin, write_shape = [], [], [], []
-        for dim, k in enumerate(position):
+        for dim, k in enumerate(self.position_of(index)):
             begin, end = self.read_interval(dim, k)
             read_begin.append(begin)
             read_shape.append(end - begin)
             begin, end = self.write_interval(dim, k)
             write_begin.append(begin)
             write_shape.append(end - begin)
+        return tuple(read_begin), tuple(read_shape), tuple(write_begin), tuple(write_shape)
+
+    def rois_of(self, index: int) -> tuple[Roi, Roi]:
+        """``(read_roi, write_roi)`` of the block with this index."""
+        read_begin, read_shape, write_begin, write_shape = self.bounds_of(index)
         return Roi(read_begin, read_shape), Roi(write_begin, write_shape)
 
     def block(self, task_id: str, index: int) -> Block:

@@ -44,10 +44,10 @@ def is_loopback(host: str) -> bool:
 
 
 def wire_block(block: Block) -> WireBlock:
-    """The wire form of a block."""
-    read_roi, write_roi = block.read_roi, block.write_roi
-    return WireBlock(block.task_id, block.index, tuple(read_roi.begin), tuple(read_roi.shape),
-                     tuple(write_roi.begin), tuple(write_roi.shape), int(block.status))
+    """The wire form of a block handed out by the scheduler (no ``Roi`` is built)."""
+    read_begin, read_shape, write_begin, write_shape = block._grid.bounds_of(block.index)
+    return WireBlock(block.task_id, block.index, read_begin, read_shape, write_begin,
+                     write_shape, int(block.status))
 
 
 class WorkerConnection:
