@@ -7,11 +7,12 @@ single query. The file for task ``T`` in folder ``D`` is ``D/T.ledger.sqlite``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ class Ledger:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.executescript(_SCHEMA)
+            self._check_integrity()
             self._check_or_write_meta()
         except sqlite3.DatabaseError as error:
             raise LedgerError(
@@ -100,29 +102,58 @@ class Ledger:
                 f"its finished blocks do not match the new blocks. Restore the old "
                 f"geometry, or start afresh (fresh=True) to process every block again")
 
-    def _transaction(self):
-        connection = self._connection
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._guarded():
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
 
-        class _Transaction:
-            def __enter__(self_inner):
-                connection.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Turn SQLite's errors into a ``LedgerError`` that names the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(
+                f"ledger {self.path} of task {self.task_id!r} cannot be read or written "
+                f"({error}); if it is damaged, delete it or start afresh (fresh=True)"
+            ) from None
 
-            def __exit__(self_inner, exc_type, exc, traceback):
-                connection.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        return _Transaction()
+    def _check_integrity(self) -> None:
+        """Refuse a damaged file: SQLite keeps no checksums, but a damaged page breaks
+        the consistency between the table and its index, which this check finds."""
+        problems = [row[0] for row in self._connection.execute("PRAGMA integrity_check")]
+        if problems != ["ok"]:
+            raise LedgerError(
+                f"ledger {self.path} of task {self.task_id!r} is damaged "
+                f"({'; '.join(problems[:3])}); delete it or start afresh (fresh=True) to "
+                f"run the task again from scratch")
 
     # ------------------------------------------------------------------ reading
     def done_count(self) -> int:
         """How many blocks are recorded as done (one query)."""
-        return self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+        with self._guarded():
+            return self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
 
     def failed_count(self) -> int:
         """How many blocks failed for good in the last run that recorded them."""
-        return self._connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+        with self._guarded():
+            return self._connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
 
     def done_indices(self) -> np.ndarray:
         """Indices of the done blocks, sorted."""
-        rows = self._connection.execute("SELECT block FROM done ORDER BY block").fetchall()
+        with self._guarded():
+            rows = self._connection.execute("SELECT block FROM done ORDER BY block").fetchall()
+        if any(type(row[0]) is not int or row[0] < 0 for row in rows):
+            raise LedgerError(
+                f"ledger {self.path} of task {self.task_id!r} holds a block index that is "
+                f"not a non-negative integer; it is damaged: delete it or start afresh "
+                f"(fresh=True)")
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
     def done_since(self, seq: int) -> tuple[int, list[int]]:
@@ -130,8 +161,9 @@ class Ledger:
 
         Lets another run follow this task's progress without re-reading the ledger.
         """
-        rows = self._connection.execute(
-            "SELECT seq, block FROM done WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        with self._guarded():
+            rows = self._connection.execute(
+                "SELECT seq, block FROM done WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
         if not rows:
             return seq, []
         return rows[-1][0], [block for _, block in rows]
@@ -181,8 +213,10 @@ class Ledger:
 
     def close(self) -> None:
         """Flush and close the file."""
-        self.flush()
-        self._connection.close()
+        try:
+            self.flush()
+        finally:
+            self._connection.close()
 
     def __enter__(self) -> Ledger:
         return self

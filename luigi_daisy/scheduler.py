@@ -214,6 +214,24 @@ class _TaskProgress:
                 self.state.ready_count += 1
 
 
+def _valid_done_blocks(grid: BlockGrid, task_id: str, indices: Iterable[int]) -> set[int]:
+    """The done blocks as a set, refusing indices that are not blocks of the grid."""
+    array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices),
+                       dtype=np.int64)
+    if array.size:
+        valid = (array >= 0) & (array < int(np.prod(grid.id_grid_shape, dtype=np.int64)))
+        if valid.all():
+            positions = np.unravel_index(array, grid.id_grid_shape)
+            for coordinates, extent in zip(positions, grid.grid_shape):
+                valid &= coordinates < extent
+        if not valid.all():
+            raise SchedulerError(
+                f"block {int(array[~valid][0])} recorded as done is not a block of task "
+                f"{task_id!r} ({grid.num_blocks} blocks); the record of finished blocks "
+                f"belongs to another geometry or is damaged")
+    return set(array.tolist())
+
+
 class BlockScheduler:
     """Pure state machine that hands out the blocks of a set of tasks.
 
@@ -233,9 +251,7 @@ class BlockScheduler:
             task_id: _TaskProgress(task) for task_id, task in self.tasks.items()}
         for task_id, indices in (done_blocks or {}).items():
             progress = self._get(task_id)
-            if isinstance(indices, np.ndarray):
-                indices = indices.tolist()
-            progress.done_before = {int(index) for index in indices}
+            progress.done_before = _valid_done_blocks(progress.grid, task_id, indices)
         for task_id, task in self.tasks.items():
             progress = self._progress[task_id]
             for upstream in task.upstream_tasks:
