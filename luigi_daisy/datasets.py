@@ -35,7 +35,7 @@ from funlib.geometry import Coordinate, Roi
 from .errors import DatasetError
 
 __all__ = [
-    "Array", "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds",
+    "Array", "check_write_alignment", "open_ds", "prepare_ds",
 ]
 
 #: Axis types that a ``Roi`` indexes (funlib.persistence's convention).

@@ -51,6 +51,9 @@ class LuigidReporter:
         self.task = task
         self.hidden = [other for other in closure if other.task_id != task.task_id]
         self.tracking_url_sent = False
+        self.tracking_url: str | None = None
+        #: hidden tasks this run processes (not those it follows): it reports those
+        self.claimed: set[str] = set()
         self.hidden_started: set[str] = set()
 
     def _scheduler(self):
@@ -76,12 +79,15 @@ class LuigidReporter:
         scheduler, worker_id = self._scheduler()
         if scheduler is None:
             return
+        self.tracking_url = run.tracking.url if run.tracking is not None else None
+        self.claimed = {task.task_id for task in self.hidden if task.task_id not in run.followed}
         for hidden in self.hidden:
+            if hidden.task_id not in self.claimed:
+                continue  # the run that claimed it reports it
             task_state = run.scheduler.task_states[hidden.task_id]
             try:
                 if hidden.task_id not in self.hidden_started:
-                    self._announce(scheduler, worker_id, hidden, RUNNING,
-                                   run.tracking.url if run.tracking else None)
+                    self._announce(scheduler, worker_id, hidden, RUNNING, self.tracking_url)
                     self.hidden_started.add(hidden.task_id)
                 scheduler.set_task_progress_percentage(hidden.task_id,
                                                        progress_percentage(task_state))
@@ -96,10 +102,10 @@ class LuigidReporter:
         if scheduler is None:
             return
         for hidden in self.hidden:
-            if not result[hidden.task_id].succeeded:
+            if hidden.task_id not in self.claimed or not result[hidden.task_id].succeeded:
                 continue
             try:
-                self._announce(scheduler, worker_id, hidden, DONE, None)
+                self._announce(scheduler, worker_id, hidden, DONE, self.tracking_url)
                 scheduler.set_task_progress_percentage(hidden.task_id, 100)
             except Exception:  # noqa: BLE001
                 logger.exception("could not report %s to the Luigi scheduler", hidden.task_id)

@@ -147,12 +147,15 @@ class BlockwiseTask(luigi.Task):
         first and they pull their upstream tasks into one pipelined run."""
         return 1 + max((task.priority for task in self.blockwise_requires()), default=0)
 
-    def deps(self) -> list[luigi.Task]:
-        """With pipelining, an incomplete blockwise upstream task is replaced by its own
-        dependencies, so Luigi may start this task while it runs; ``requires()`` is
-        unchanged."""
+    def _requires(self) -> list[luigi.Task]:
+        """What Luigi sees of ``requires()`` (its DAG, ``deps()``, the execution summary).
+
+        With pipelining, an incomplete blockwise upstream task is replaced by its own
+        dependencies, so Luigi may start this task while it runs; ``requires()`` itself
+        is unchanged.
+        """
         if not settings().pipelining:
-            return super().deps()
+            return super()._requires()
         return list(self._visible_deps())
 
     def _visible_deps(self) -> Iterator[luigi.Task]:
