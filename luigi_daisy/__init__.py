@@ -1,26 +1,55 @@
 """luigi_daisy: blockwise processing of huge nD volumes, daisy-compatible, in Luigi.
 
 Scripts written for daisy run with ``import luigi_daisy as daisy``.
+
+The block scheduler core (blocks, tasks, scheduler) is imported eagerly; the run
+machinery (tornado, tqdm), zarr datasets and the Luigi layer are imported on first use,
+so a script that only schedules blocks does not pay for them.
 """
+
+import importlib
 
 from funlib.geometry import Coordinate, Roi
 
 from .blocks import Block, BlockStatus
-from .client import Client
 from .context import Context
-from .datasets import Array, check_write_alignment, open_ds, prepare_ds
 from .errors import GeometryError, LuigiDaisyError, SchedulerError, TaskDefinitionError
-from .luigi import BlockwiseRunError, BlockwiseTask, LedgerTarget, ZarrTarget
-from .run import run_blockwise
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
 from .task import Task
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Client": ".client",
+    "run_blockwise": ".run",
+    "Array": ".datasets",
+    "check_write_alignment": ".datasets",
+    "open_ds": ".datasets",
+    "prepare_ds": ".datasets",
+    "BlockwiseRunError": ".luigi",
+    "BlockwiseTask": ".luigi",
+    "LedgerTarget": ".luigi",
+    "ZarrTarget": ".luigi",
+}
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'luigi_daisy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
-    "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask", "Client",
-    "Context", "Coordinate", "GeometryError", "LedgerTarget", "LuigiDaisyError",
+    "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
+    "Client", "Context", "Coordinate", "GeometryError", "LedgerTarget", "LuigiDaisyError",
     "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError", "Task",
     "TaskDefinitionError", "TaskState", "ZarrTarget", "check_write_alignment", "open_ds",
     "prepare_ds", "run_blockwise",

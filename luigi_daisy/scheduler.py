@@ -18,7 +18,6 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-import numpy as np
 
 from .blocks import Block, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
@@ -154,6 +153,7 @@ class _TaskProgress:
         """How many level-0 blocks finished in an earlier run (vectorised)."""
         if not self.done_before:
             return 0
+        import numpy as np  # only a resumed run needs it
         indices = np.fromiter(self.done_before, dtype=np.int64, count=len(self.done_before))
         positions = np.unravel_index(indices, self.grid.id_grid_shape)
         is_root = np.ones(len(indices), dtype=bool)
@@ -216,6 +216,7 @@ class _TaskProgress:
 
 def _valid_done_blocks(grid: BlockGrid, task_id: str, indices: Iterable[int]) -> set[int]:
     """The done blocks as a set, refusing indices that are not blocks of the grid."""
+    import numpy as np  # only a resumed run needs it
     array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices),
                        dtype=np.int64)
     if array.size:

@@ -29,8 +29,35 @@ class BlockwiseRunError(LuigiDaisyError, RuntimeError):
     """Some blocks of a blockwise task failed; the message holds the execution summary."""
 
 
-def _config(name: str) -> dict:
-    return {"section": SECTION, "name": name}
+class _SectionDefault:
+    """Mixin for a Luigi parameter whose default comes from ``[luigi_daisy]``.
+
+    Lookup order: command line, the task's own section (``[Smooth] num_workers``), the
+    ``[luigi_daisy]`` section, the default. (Luigi's own ``config_path`` does the same
+    but warns that the shared section is deprecated.)
+    """
+
+    def _value_iterator(self, task_name, param_name):
+        values = list(super()._value_iterator(task_name, param_name))
+        yield from values[:-1]
+        yield (self._get_value_from_config(SECTION, param_name), None)
+        yield values[-1]
+
+
+class _IntParameter(_SectionDefault, luigi.IntParameter):
+    pass
+
+
+class _OptionalFloatParameter(_SectionDefault, luigi.OptionalFloatParameter):
+    pass
+
+
+class _ChoiceParameter(_SectionDefault, luigi.ChoiceParameter):
+    pass
+
+
+class _BoolParameter(_SectionDefault, luigi.BoolParameter):
+    pass
 
 
 class _BlockFunction:
@@ -60,21 +87,20 @@ class BlockwiseTask(luigi.Task):
     query and a rerun resumes where the last one stopped.
     """
 
-    num_workers = luigi.IntParameter(
-        default=1, significant=False, config_path=_config("num_workers"),
+    num_workers = _IntParameter(
+        default=1, significant=False,
         description="worker processes for this task")
-    max_retries = luigi.IntParameter(
-        default=2, significant=False, config_path=_config("max_retries"),
+    max_retries = _IntParameter(
+        default=2, significant=False,
         description="how often a failed block is retried")
-    timeout = luigi.OptionalFloatParameter(
-        default=None, significant=False, config_path=_config("timeout"),
+    timeout = _OptionalFloatParameter(
+        default=None, significant=False,
         description="seconds a block may take before its worker is stopped and it is retried")
-    fit = luigi.ChoiceParameter(
+    fit = _ChoiceParameter(
         choices=["valid", "overhang", "shrink"], default="valid", significant=False,
-        config_path=_config("fit"), description="how blocks at the border are handled")
-    read_write_conflict = luigi.BoolParameter(
+        description="how blocks at the border are handled")
+    read_write_conflict = _BoolParameter(
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-        config_path=_config("read_write_conflict"),
         description="whether blocks that read each other's output may not run together")
 
     # ------------------------------------------------------------------ to override
