@@ -70,6 +70,8 @@ class _BlockFunction:
     def __call__(self, block: Block) -> None:
         if not self.worker_ready:
             self.task.setup_worker()
+            # outputs made by setup_worker exist only now: check them before writing
+            self.task.check_outputs()
             self.worker_ready = True
         self.task.process_block(block)
 
