@@ -27,8 +27,23 @@ from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
 from .errors import LuigiDaisyError, ProtocolError
 from .protocol import (
-    PROTOCOL_VERSION, Acquire, BlockAssigned, Bye, Challenge, Decoder, Hello, Message,
-    NoMoreBlocks, Refused, Release, ReleaseAndAcquire, Welcome, WireBlock, encode, proof_for)
+    PROTOCOL_VERSION,
+    Acquire,
+    BlockAssigned,
+    Bye,
+    Challenge,
+    Decoder,
+    Hello,
+    Message,
+    NoMoreBlocks,
+    Refused,
+    Release,
+    ReleaseAndAcquire,
+    Welcome,
+    WireBlock,
+    encode,
+    proof_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +52,7 @@ class ServerUnreachableError(LuigiDaisyError, ConnectionError):
     """The block server could not be reached or closed the connection."""
 
 
-class ConnectionRefusedByServer(LuigiDaisyError, ConnectionError):
+class RefusedByServerError(LuigiDaisyError, ConnectionError):
     """The block server refused this worker (wrong token, unknown task, old protocol)."""
 
 
@@ -140,7 +155,7 @@ class Client:
         self._send(Hello(PROTOCOL_VERSION, self.task_id, self.worker_id, proof))
         answer = self._receive()
         if type(answer) is Refused:
-            raise ConnectionRefusedByServer(
+            raise RefusedByServerError(
                 f"the block server refused worker {self.worker_id} of task "
                 f"{self.task_id!r}: {answer.reason}")
         if type(answer) is not Welcome:

@@ -18,7 +18,6 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-
 from .blocks import Block, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
 from .graph import ConflictStencil, UpstreamLink

@@ -21,11 +21,28 @@ from tornado.tcpserver import TCPServer
 
 from .blocks import Block, BlockStatus
 from .errors import ProtocolError
-from .protocol import (
-    PROTOCOL_VERSION, Acquire, BlockAssigned, Bye, Challenge, Decoder, Heartbeat, Hello,
-    Message, NoMoreBlocks, Refused, Release, ReleaseAndAcquire, Welcome, WireBlock, encode,
-    new_nonce, new_token, verify_proof)
 from .ledger import LedgerSet
+from .protocol import (
+    PROTOCOL_VERSION,
+    Acquire,
+    BlockAssigned,
+    Bye,
+    Challenge,
+    Decoder,
+    Heartbeat,
+    Hello,
+    Message,
+    NoMoreBlocks,
+    Refused,
+    Release,
+    ReleaseAndAcquire,
+    Welcome,
+    WireBlock,
+    encode,
+    new_nonce,
+    new_token,
+    verify_proof,
+)
 from .scheduler import BlockScheduler, ReleaseOutcome, TaskState
 
 logger = logging.getLogger(__name__)

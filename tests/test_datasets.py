@@ -16,8 +16,8 @@ from luigi_daisy.datasets import (
     open_ds,
     prepare_ds,
 )
-from luigi_daisy.luigi import ZarrTarget
 from luigi_daisy.errors import DatasetError, LuigiDaisyError
+from luigi_daisy.luigi import ZarrTarget
 
 VOXEL_SIZE = (4, 2)
 TOTAL_ROI = Roi((-8, 4), (40, 40))  # 10 x 20 voxels, negative offset

@@ -32,8 +32,14 @@ import pytest
 import luigi_daisy as daisy
 from luigi_daisy import Roi
 from luigi_daisy.ledger import (
-    FORMAT_VERSION, SUFFIX, Ledger, LedgerError, LedgerSet, ledger_path,
-    read_ledger_summary)
+    FORMAT_VERSION,
+    SUFFIX,
+    Ledger,
+    LedgerError,
+    LedgerSet,
+    ledger_path,
+    read_ledger_summary,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,6 @@ deadline.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import resource
@@ -31,34 +29,32 @@ from hypothesis import strategies as st
 
 import luigi_daisy as daisy
 from luigi_daisy import BlockScheduler, BlockStatus, Context, Roi
-from luigi_daisy.client import Client, ConnectionRefusedByServer
+from luigi_daisy.client import Client, RefusedByServerError
 from luigi_daisy.protocol import (
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, Acquire, BlockAssigned, Bye, Challenge, Decoder,
-    Heartbeat, Hello, NoMoreBlocks, Refused, Release, Welcome, WireBlock, encode, proof_for)
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Acquire,
+    BlockAssigned,
+    Bye,
+    Challenge,
+    Decoder,
+    Heartbeat,
+    Hello,
+    NoMoreBlocks,
+    Refused,
+    Release,
+    Welcome,
+    WireBlock,
+    encode,
+    proof_for,
+)
 from luigi_daisy.server import BlockServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
 
 HOST = "127.0.0.1"
 #: seconds any single wait of these tests may take before the test fails
 WAIT = 30.0
-
-
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _no_stray_processes(tmp_path, monkeypatch):
-    """Run in tmp_path (no daisy_logs in the repo) and leave no worker process behind."""
-    monkeypatch.chdir(tmp_path)
-    yield
-    deadline = time.monotonic() + 15.0
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        multiprocessing.connection.wait(
-            [child.sentinel for child in multiprocessing.active_children()], timeout=0.5)
-    leftovers = multiprocessing.active_children()
-    for child in leftovers:
-        child.kill()
-        child.join(5.0)
-    assert not leftovers, f"worker processes outlived the run: {leftovers}"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -325,7 +321,7 @@ class RawConnection:
                     return True
         except (ConnectionError, OSError):
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def hello(self, task_id: str, token: str | None, worker_id: int = 99):
@@ -555,9 +551,9 @@ def test_token_is_required_when_the_server_has_one():
         server.start_listening(0)
         try:
             for token in ("wrong", None):
-                with pytest.raises(ConnectionRefusedByServer, match="token"):
+                with pytest.raises(RefusedByServerError, match="token"):
                     await run_in_thread(Client, context_for(server, "guarded", 1, token))
-            with pytest.raises(ConnectionRefusedByServer, match="unknown task"):
+            with pytest.raises(RefusedByServerError, match="unknown task"):
                 await run_in_thread(Client, context_for(server, "no_such_task", 1, "secret"))
             assert server.task_states["guarded"].started is False
             processed: list[int] = []

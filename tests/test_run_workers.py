@@ -12,8 +12,6 @@ from __future__ import annotations
 import inspect
 import io
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import re
@@ -35,27 +33,10 @@ import luigi_daisy as daisy
 from luigi_daisy import Roi
 from luigi_daisy.client import Client
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
 
 FAILURE_RATE = 0.2
 SCRIPT_TIMEOUT = 60.0
-
-
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _no_stray_processes(tmp_path, monkeypatch):
-    """Run in tmp_path (no daisy_logs in the repo) and leave no worker process behind."""
-    monkeypatch.chdir(tmp_path)
-    yield
-    deadline = time.monotonic() + 15.0
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        multiprocessing.connection.wait(
-            [child.sentinel for child in multiprocessing.active_children()], timeout=0.5)
-    leftovers = multiprocessing.active_children()
-    for child in leftovers:
-        child.kill()
-        child.join(5.0)
-    assert not leftovers, f"worker processes outlived the run: {leftovers}"
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -416,8 +416,8 @@ def task_geometries(draw, dims, max_blocks_per_dim=None, total_offset=None):
         total_offset = [draw(st.integers(-20, 20)) for _ in range(dims)]
     # Only the shapes and relative offset of the templates matter: place them anywhere.
     template_offset = [draw(st.integers(-30, 30)) for _ in range(dims)]
-    read_roi = Roi(template_offset, [l + w + h for l, w, h in zip(context_low, write_shape, context_high)])
-    write_roi = Roi([o + l for o, l in zip(template_offset, context_low)], write_shape)
+    read_roi = Roi(template_offset, [low + w + high for low, w, high in zip(context_low, write_shape, context_high)])
+    write_roi = Roi([o + low for o, low in zip(template_offset, context_low)], write_shape)
     total_roi = Roi(total_offset, total_shape)
     return total_roi, read_roi, write_roi
 
