@@ -13,9 +13,9 @@ Two kinds of edges exist, and neither is ever materialised for the whole volume:
   whole level.
 * **Upstream tasks**: a block of a downstream task depends on every block of an upstream
   task whose write ROI intersects its read ROI. Boxes intersect exactly when their
-  intervals intersect in every dimension, so per-dimension tables of index ranges (a few
-  entries per grid row) answer both "what does this block need" and "who needs this
-  block" as products of ranges.
+  intervals intersect in every dimension, so per-dimension index ranges, computed by
+  arithmetic, answer both "what does this block need" and "who needs this block" as
+  products of ranges.
 """
 
 from __future__ import annotations
@@ -156,41 +156,44 @@ class UpstreamLink:
                 f"{downstream.dims} and {upstream.dims} dimensions; give them the same")
         self.upstream = upstream
         self.downstream = downstream
-        self._needs = []      # per dim: for each downstream k, (first, end) upstream range
-        self._needed_by = []  # per dim: for each upstream k, (first, end) downstream range
-        for dim in range(upstream.dims):
-            needs = [self._intersecting(dim, g) for g in range(downstream.grid_shape[dim])]
-            needed_by = [[None, None] for _ in range(upstream.grid_shape[dim])]
-            for g, (first, end) in enumerate(needs):
-                for k in range(first, end):
-                    entry = needed_by[k]
-                    if entry[0] is None:
-                        entry[0] = g
-                    entry[1] = g + 1
-            self._needs.append(needs)
-            self._needed_by.append([(0, 0) if a is None else (a, b) for a, b in needed_by])
+        # The downstream indices with a non-empty range along an axis are contiguous, so
+        # the whole grid depends on the upstream task when both ends of every axis do.
         self.covers_grid = all(
-            all(end > first for first, end in needs) for needs in self._needs)
+            self._needs(dim, 0)[1] > self._needs(dim, 0)[0]
+            and self._needs(dim, extent - 1)[1] > self._needs(dim, extent - 1)[0]
+            for dim, extent in enumerate(downstream.grid_shape))
 
-    def _intersecting(self, dim: int, g: int) -> tuple[int, int]:
+    def _needs(self, dim: int, g: int) -> tuple[int, int]:
         """Range of upstream grid indices whose write interval meets read interval ``g``."""
         read_begin, read_end = self.downstream.read_interval(dim, g)
-        first_write = self.upstream.write_begin[dim]
-        step = self.upstream.write_shape[dim]
-        count = self.upstream.grid_shape[dim]
+        upstream = self.upstream
+        first_write = upstream.write_begin[dim]
+        step = upstream.write_shape[dim]
+        count = upstream.grid_shape[dim]
         first = max(0, (read_begin - first_write) // step)
-        while first < count and self.upstream.write_interval(dim, first)[1] <= read_begin:
-            first += 1
+        while first < count and upstream.write_interval(dim, first)[1] <= read_begin:
+            first += 1  # only a cropped last block can need this
         end = min(count, max(0, -(-(read_end - first_write) // step)))
-        if end <= first:
-            return (0, 0)
-        return (first, end)
+        return (first, end) if end > first else (0, 0)
+
+    def _needed_by(self, dim: int, k: int) -> tuple[int, int]:
+        """Range of downstream grid indices whose read interval meets write interval ``k``."""
+        write_begin, write_end = self.upstream.write_interval(dim, k)
+        downstream = self.downstream
+        first_read = downstream.total_begin[dim]
+        step = downstream.write_shape[dim]
+        count = downstream.grid_shape[dim]
+        first = max(0, (write_begin - first_read - downstream.read_shape[dim]) // step + 1)
+        while first < count and downstream.read_interval(dim, first)[1] <= write_begin:
+            first += 1  # only a cropped last block can need this
+        end = min(count, max(0, -(-(write_end - first_read) // step)))
+        return (first, end) if end > first else (0, 0)
 
     def dependency_count(self, position: tuple[int, ...]) -> int:
         """Number of upstream blocks the downstream block at ``position`` needs."""
         count = 1
-        for needs, k in zip(self._needs, position):
-            first, end = needs[k]
+        for dim, g in enumerate(position):
+            first, end = self._needs(dim, g)
             count *= end - first
         return count
 
@@ -198,12 +201,12 @@ class UpstreamLink:
         """Indices of the upstream blocks the downstream block at ``position`` needs."""
         strides = self.upstream.id_strides
         return _combine([
-            [k * stride for k in range(*needs[g])]
-            for needs, g, stride in zip(self._needs, position, strides)])
+            [k * stride for k in range(*self._needs(dim, g))]
+            for dim, (g, stride) in enumerate(zip(position, strides))])
 
     def dependents(self, position: tuple[int, ...]) -> list[int]:
         """Indices of the downstream blocks that need the upstream block at ``position``."""
         strides = self.downstream.id_strides
         return _combine([
-            [g * stride for g in range(*needed_by[k])]
-            for needed_by, k, stride in zip(self._needed_by, position, strides)])
+            [g * stride for g in range(*self._needed_by(dim, k))]
+            for dim, (k, stride) in enumerate(zip(position, strides))])
