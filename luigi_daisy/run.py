@@ -184,7 +184,11 @@ class WorkerRun:
                 workers.remove(worker)
                 if state.is_done():
                     continue
-                if exit_code != 0:
+                if exit_code == EXIT_RESTART_ME:
+                    logger.warning("worker %s of %r failed several blocks in a row; replacing "
+                                   "it with a fresh process (see %s)", worker.worker_id,
+                                   task_id, worker.stderr_path)
+                elif exit_code != 0:
                     state.worker_failure_count += 1
                     logger.warning("worker %s of %r exited with code %s; see %s",
                                    worker.worker_id, task_id, exit_code, worker.stderr_path)
