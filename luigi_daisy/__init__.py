@@ -13,7 +13,20 @@ from funlib.geometry import Coordinate, Roi
 
 from .blocks import Block, BlockStatus
 from .context import Context
-from .errors import GeometryError, LuigiDaisyError, SchedulerError, TaskDefinitionError
+from .errors import (
+    BlockwiseRunError,
+    ConfigError,
+    ContextError,
+    DatasetError,
+    GeometryError,
+    LedgerError,
+    LuigiDaisyError,
+    ProtocolError,
+    RefusedByServerError,
+    SchedulerError,
+    ServerUnreachableError,
+    TaskDefinitionError,
+)
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
 from .task import Task
@@ -27,7 +40,6 @@ _LAZY = {
     "check_write_alignment": ".datasets",
     "open_ds": ".datasets",
     "prepare_ds": ".datasets",
-    "BlockwiseRunError": ".luigi",
     "BlockwiseTask": ".luigi",
     "LedgerTarget": ".luigi",
     "ZarrTarget": ".luigi",
@@ -49,8 +61,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
-    "Client", "Context", "Coordinate", "GeometryError", "LedgerTarget", "LuigiDaisyError",
-    "ReleaseOutcome", "Roi", "RunResult", "Scheduler", "SchedulerError", "Task",
-    "TaskDefinitionError", "TaskState", "ZarrTarget", "check_write_alignment", "open_ds",
-    "prepare_ds", "run_blockwise",
+    "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
+    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
+    "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
+    "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
 ]

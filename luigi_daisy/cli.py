@@ -23,7 +23,9 @@ def _ledger_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _format_roi(roi: list) -> str:
+def _format_roi(roi: list | None) -> str:
+    if not roi or len(roi) != 2:
+        return "(not recorded)"
     begin, shape = roi
     return f"offset {tuple(begin)} shape {tuple(shape)}"
 
@@ -47,10 +49,10 @@ def status(path: Path) -> int:
         complete = total is not None and summary["done"] >= total
         print(f"task {summary['task_id']}: {'complete' if complete else 'INCOMPLETE'}")
         print(f"  ledger     : {summary['path']}")
-        print(f"  total roi  : {_format_roi(geometry['total_roi'])}")
-        print(f"  read roi   : {_format_roi(geometry['read_roi'])}")
-        print(f"  write roi  : {_format_roi(geometry['write_roi'])}")
-        print(f"  fit        : {geometry['fit']}")
+        print(f"  total roi  : {_format_roi(geometry.get('total_roi'))}")
+        print(f"  read roi   : {_format_roi(geometry.get('read_roi'))}")
+        print(f"  write roi  : {_format_roi(geometry.get('write_roi'))}")
+        print(f"  fit        : {geometry.get('fit', '(not recorded)')}")
         print(f"  blocks     : {summary['done']} done, {summary['failed']} failed, "
               f"{total} total")
         if not complete and exit_code == 0:

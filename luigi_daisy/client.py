@@ -25,7 +25,12 @@ from funlib.geometry import Roi
 
 from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
-from .errors import LuigiDaisyError, ProtocolError
+from .errors import (
+    ContextError,
+    ProtocolError,
+    RefusedByServerError,
+    ServerUnreachableError,
+)
 from .protocol import (
     PROTOCOL_VERSION,
     Acquire,
@@ -48,12 +53,8 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-class ServerUnreachableError(LuigiDaisyError, ConnectionError):
-    """The block server could not be reached or closed the connection."""
 
 
-class RefusedByServerError(LuigiDaisyError, ConnectionError):
-    """The block server refused this worker (wrong token, unknown task, old protocol)."""
 
 
 class _WireGeometry:
@@ -110,7 +111,7 @@ class Client:
             self.task_id = self.context["task_id"]
             self.worker_id = int(self.context.get("worker_id", 0))
         except (KeyError, ValueError) as error:
-            raise ServerUnreachableError(
+            raise ContextError(
                 f"worker context {dict(self.context)!r} lacks a valid {error}; it needs "
                 f"hostname, port, task_id and worker_id") from None
         self._decoder = Decoder()

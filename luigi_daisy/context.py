@@ -8,15 +8,15 @@ working.
 from __future__ import annotations
 
 import os
+import re
+from urllib.parse import quote, unquote
 
-from .errors import LuigiDaisyError
+from .errors import ContextError
 
 ENV_VARIABLE = "LUIGI_DAISY_CONTEXT"
 DAISY_ENV_VARIABLE = "DAISY_CONTEXT"
 
 
-class ContextError(LuigiDaisyError, ValueError):
-    """A worker context that is missing or cannot be parsed."""
 
 
 class Context(dict):
@@ -26,13 +26,13 @@ class Context(dict):
     ENV_VARIABLE = ENV_VARIABLE
 
     def to_env(self) -> str:
-        """Encode as the value of ``LUIGI_DAISY_CONTEXT``."""
-        for key, value in self.items():
-            if any(separator in f"{key}{value}" for separator in ":="):
-                raise ContextError(
-                    f"context entry {key!r}={value!r} contains ':' or '='; "
-                    f"use values without them")
-        return ":".join(f"{key}={value}" for key, value in self.items())
+        """Encode as the value of ``LUIGI_DAISY_CONTEXT``.
+
+        Keys and values are percent-encoded, so hosts like ``::1`` and task ids with
+        ``:`` or ``=`` travel intact; plain values read as in daisy.
+        """
+        return ":".join(f"{quote(str(key), safe='')}={quote(str(value), safe='')}"
+                        for key, value in self.items())
 
     @classmethod
     def from_string(cls, text: str) -> Context:
@@ -45,7 +45,7 @@ class Context(dict):
             if not separator:
                 raise ContextError(
                     f"cannot parse worker context {text!r}: item {item!r} is not key=value")
-            context[key] = value
+            context[unquote(key)] = unquote(value)
         return context
 
     @classmethod
@@ -57,3 +57,9 @@ class Context(dict):
                 f"neither {ENV_VARIABLE} nor {DAISY_ENV_VARIABLE} is set: a Client runs "
                 f"inside a worker started by run_blockwise, which sets it")
         return cls.from_string(text)
+
+
+def safe_file_name(name: str) -> str:
+    """``name`` (a task id) made safe as one file name: no separators, no ``..``."""
+    safe = re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
+    return "_" + safe if safe.startswith(".") else safe

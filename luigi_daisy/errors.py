@@ -23,3 +23,27 @@ class ProtocolError(LuigiDaisyError):
 
 class DatasetError(LuigiDaisyError, ValueError):
     """A zarr dataset that is missing, incompatible, misaligned or indexed out of bounds."""
+
+
+class LedgerError(LuigiDaisyError):
+    """A ledger that cannot be used: damaged, from another task, or another geometry."""
+
+
+class ContextError(LuigiDaisyError, ValueError):
+    """A worker context that is missing or cannot be parsed."""
+
+
+class ServerUnreachableError(LuigiDaisyError, ConnectionError):
+    """The block server could not be reached or closed the connection."""
+
+
+class RefusedByServerError(LuigiDaisyError, ConnectionError):
+    """The block server refused this worker (wrong token, unknown task, old protocol)."""
+
+
+class ConfigError(LuigiDaisyError, ValueError):
+    """The ``[luigi_daisy]`` section holds a key or value this package does not know."""
+
+
+class BlockwiseRunError(LuigiDaisyError, RuntimeError):
+    """Some blocks of a blockwise task failed; the message holds the execution summary."""

@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .errors import LuigiDaisyError
+from .context import safe_file_name
+from .errors import LedgerError
 
 FORMAT_VERSION = 2
 SUFFIX = ".ledger.sqlite"
+#: how to get past a ledger that cannot be used
+AFRESH = ("delete the file, or start afresh (run_blockwise(..., fresh=True)) to process "
+          "every block of the task again")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,14 +32,11 @@ CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOU
 """
 
 
-class LedgerError(LuigiDaisyError):
-    """A ledger that cannot be used: corrupted, from another task, or another geometry."""
 
 
 def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
     """The ledger file of ``task_id`` inside ``folder``."""
-    safe = re.sub(r"[^A-Za-z0-9_.=+-]", "_", task_id)
-    return Path(folder) / f"{safe}{SUFFIX}"
+    return Path(folder) / f"{safe_file_name(task_id)}{SUFFIX}"
 
 
 class Ledger:
@@ -53,10 +53,12 @@ class Ledger:
         number of blocks). A ledger written for another geometry is refused.
     fresh:
         Forget what the file holds and start afresh.
+    read_only:
+        Only read the file, which another process writes (to follow its progress).
     """
 
     def __init__(self, path: str | os.PathLike, task_id: str, geometry: dict,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, read_only: bool = False) -> None:
         self.path = Path(path)
         self.task_id = task_id
         self.geometry = geometry
@@ -65,27 +67,43 @@ class Ledger:
             self.path.unlink()
         self._pending_done: list[int] = []
         self._pending_failed: dict[int, str | None] = {}
+        self._connection = None
+        self.read_only = read_only
         try:
-            self._connection = sqlite3.connect(self.path, isolation_level=None,
-                                               check_same_thread=False)
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.executescript(_SCHEMA)
-            self._check_integrity()
+            if read_only:
+                self._connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                                   isolation_level=None,
+                                                   check_same_thread=False)
+            else:
+                self._connection = sqlite3.connect(self.path, isolation_level=None,
+                                                   check_same_thread=False)
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                self._connection.execute("PRAGMA synchronous=NORMAL")
+                self._connection.executescript(_SCHEMA)
+                self._check_integrity()
             self._check_or_write_meta()
         except sqlite3.DatabaseError as error:
+            self._close_connection()
             raise LedgerError(
                 f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
-                f"({error}); delete it or start afresh (fresh=True) to run the task again "
-                f"from scratch") from None
+                f"({error}); {AFRESH}") from None
+        except LedgerError:
+            self._close_connection()
+            raise
+
+    def _close_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def _check_or_write_meta(self) -> None:
         expected = {"format": str(FORMAT_VERSION), "task_id": self.task_id,
                     "geometry": json.dumps(self.geometry, sort_keys=True)}
-        # OR IGNORE: another process may be creating the same ledger right now
-        with self._transaction():
-            self._connection.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
-                                         expected.items())
+        if not self.read_only:
+            # OR IGNORE: another process may be creating the same ledger right now
+            with self._transaction():
+                self._connection.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                                             expected.items())
         meta = dict(self._connection.execute("SELECT key, value FROM meta"))
         if meta.get("task_id") != self.task_id:
             raise LedgerError(
@@ -94,13 +112,13 @@ class Ledger:
         if meta.get("format") != expected["format"]:
             raise LedgerError(
                 f"ledger {self.path} has format {meta.get('format')!r}, this version "
-                f"reads {FORMAT_VERSION}; start afresh (fresh=True)")
+                f"reads {FORMAT_VERSION}; {AFRESH}")
         if meta.get("geometry") != expected["geometry"]:
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} was written for geometry "
                 f"{meta.get('geometry')}, but the task now has {expected['geometry']}; "
                 f"its finished blocks do not match the new blocks. Restore the old "
-                f"geometry, or start afresh (fresh=True) to process every block again")
+                f"geometry, or {AFRESH}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -121,8 +139,7 @@ class Ledger:
         except sqlite3.DatabaseError as error:
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} cannot be read or written "
-                f"({error}); if it is damaged, delete it or start afresh (fresh=True)"
-            ) from None
+                f"({error}); if it is damaged, {AFRESH}") from None
 
     def _check_integrity(self) -> None:
         """Refuse a damaged file: SQLite keeps no checksums, but a damaged page breaks
@@ -131,8 +148,7 @@ class Ledger:
         if problems != ["ok"]:
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} is damaged "
-                f"({'; '.join(problems[:3])}); delete it or start afresh (fresh=True) to "
-                f"run the task again from scratch")
+                f"({'; '.join(problems[:3])}); {AFRESH}")
 
     # ------------------------------------------------------------------ reading
     def done_count(self) -> int:
@@ -152,8 +168,7 @@ class Ledger:
         if any(type(row[0]) is not int or row[0] < 0 for row in rows):
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} holds a block index that is "
-                f"not a non-negative integer; it is damaged: delete it or start afresh "
-                f"(fresh=True)")
+                f"not a non-negative integer; it is damaged: {AFRESH}")
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
     def done_since(self, seq: int) -> tuple[int, list[int]]:
@@ -191,7 +206,8 @@ class Ledger:
         done, failed = self._pending_done, self._pending_failed
         if not done and not failed:
             return 0
-        self._pending_done, self._pending_failed = [], {}
+        if self.read_only:
+            raise LedgerError(f"ledger {self.path} was opened read-only; it cannot record")
         with self._transaction():
             self._connection.executemany(
                 "INSERT OR IGNORE INTO done (block) VALUES (?)", ((index,) for index in done))
@@ -200,6 +216,8 @@ class Ledger:
                     "DELETE FROM failed WHERE block = ?", ((index,) for index in done))
             self._connection.executemany(
                 "INSERT OR REPLACE INTO failed VALUES (?, ?)", failed.items())
+        # only once committed: a failed transaction keeps them for the next flush
+        self._pending_done, self._pending_failed = [], {}
         return len(done) + len(failed)
 
     def forget_failures(self, indices: Iterable[int] | None = None) -> None:
@@ -213,10 +231,12 @@ class Ledger:
 
     def close(self) -> None:
         """Flush and close the file."""
+        if self._connection is None:
+            return
         try:
             self.flush()
         finally:
-            self._connection.close()
+            self._close_connection()
 
     def __enter__(self) -> Ledger:
         return self
@@ -271,15 +291,18 @@ class LedgerSet:
     def open(cls, tasks, default_folder: str | os.PathLike | None = None,
              fresh: bool = False) -> LedgerSet:
         """Open (or create) the ledger of every task that has a ledger folder."""
-        ledgers = {}
-        for task in tasks:
-            folder = task.ledger if task.ledger is not None else default_folder
-            if folder is None:
-                continue
-            geometry = task.grid.describe()
-            ledgers[task.task_id] = Ledger(ledger_path(folder, task.task_id), task.task_id,
-                                           geometry, fresh=fresh)
-        return cls(ledgers)
+        opened = cls({})
+        try:
+            for task in tasks:
+                folder = task.ledger if task.ledger is not None else default_folder
+                if folder is not None:
+                    opened.ledgers[task.task_id] = Ledger(
+                        ledger_path(folder, task.task_id), task.task_id, task.grid.describe(),
+                        fresh=fresh)
+        except BaseException:
+            opened.close()
+            raise
+        return opened
 
     def done_blocks(self) -> dict[str, np.ndarray]:
         """Per task, the blocks recorded as done."""
@@ -311,6 +334,12 @@ class LedgerSet:
         return sum(ledger.flush() for ledger in self.ledgers.values())
 
     def close(self) -> None:
-        """Flush and close every ledger."""
+        """Flush and close every ledger (all of them, even if one fails)."""
+        errors = []
         for ledger in self.ledgers.values():
-            ledger.close()
+            try:
+                ledger.close()
+            except LedgerError as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]

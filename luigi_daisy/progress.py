@@ -6,6 +6,9 @@ from collections.abc import Mapping
 
 from tqdm import tqdm
 
+# tqdm's monitor thread would be running when worker processes are forked
+tqdm.monitor_interval = 0
+
 from .scheduler import TaskState
 
 

@@ -66,15 +66,16 @@ def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSe
     block = scheduler.acquire(task.task_id)
     if block is None:
         return False
-    if task.pre_check is not None and task.pre_check(block):
+    if task.is_done_already(block):
         scheduler.release(block, BlockStatus.SUCCESS, skipped=True)
         ledgers.record_done(task.task_id, block.index)
         return True
     process_one_block(task.process_function, block)
-    if (block.status == BlockStatus.SUCCESS and task.post_check is not None
-            and not task.post_check(block)):
-        block.status = BlockStatus.FAILED
-        block.error = "post check returned False"
+    if block.status == BlockStatus.SUCCESS:
+        failure = task.post_check_failure(block)
+        if failure is not None:
+            block.status = BlockStatus.FAILED
+            block.error = failure
     outcome = scheduler.release(block, block.status)
     if outcome is ReleaseOutcome.COMPLETED:
         ledgers.record_done(task.task_id, block.index)
@@ -149,6 +150,7 @@ class WorkerRun:
         self.started_at = time.monotonic()
         self.workers: dict[str, list[WorkerProcess]] = {task_id: [] for task_id in self.tasks}
         self.log_files: dict[int, tuple[str, str]] = {}
+        self.worker_tasks: dict[int, str] = {}
         self._next_worker_id = 0
 
     # ------------------------------------------------------------------ workers
@@ -165,6 +167,7 @@ class WorkerRun:
         worker = self.launcher.start(self.tasks[task_id].process_function,
                                      self._context(task_id, worker_id, restartable))
         self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
+        self.worker_tasks[worker_id] = task_id
         self.workers[task_id].append(worker)
 
     def _kill_worker(self, task_id: str, worker_id: int | None) -> None:
@@ -205,6 +208,21 @@ class WorkerRun:
                    and task_id not in self.followed
                    for task_id, state in self.scheduler.task_states.items())
 
+    def _stall_report(self) -> str:
+        """Which tasks have no workers left, and where their workers' errors are."""
+        reports = []
+        for task_id, workers in self.workers.items():
+            state = self.scheduler.task_states[task_id]
+            if workers or state.is_done() or task_id in self.followed:
+                continue
+            logs = [paths[1] for worker_id, paths in self.log_files.items()
+                    if self.worker_tasks.get(worker_id) == task_id]
+            reports.append(
+                f"task {task_id!r} has no workers left ({state.worker_restart_count} "
+                f"restarts used of {self.tasks[task_id].max_worker_restarts}); their errors "
+                f"are in {', '.join(logs[-3:]) or 'no log file'}")
+        return "; ".join(reports)
+
     def _start_task(self, task_id: str) -> None:
         task = self.tasks[task_id]
         if task.init_callback_fn is not None:
@@ -225,12 +243,13 @@ class WorkerRun:
             ledger = follower.try_claim()
             if ledger is None:
                 continue
-            logger.warning("the run processing task %r is gone; taking it over", task_id)
             for index in follower.new_done():
                 self.scheduler.complete_external(task_id, index)
             del self.followed[task_id]
             self.ledgers.ledgers[task_id] = ledger
-            self._start_task(task_id)
+            if not self.scheduler.task_states[task_id].is_done():
+                logger.warning("the run processing task %r is gone; taking it over", task_id)
+                self._start_task(task_id)
 
     def _observe(self) -> None:
         for observer in self.observers:
@@ -250,8 +269,8 @@ class WorkerRun:
         bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
         last_report = 0.0
         try:
-            for task_id in self.tasks:
-                if task_id not in self.followed:
+            for task_id, state in self.scheduler.task_states.items():
+                if task_id not in self.followed and not state.is_done():
                     self._start_task(task_id)
             while not self.scheduler.is_done():
                 await asyncio.sleep(MONITOR_INTERVAL)
@@ -265,10 +284,7 @@ class WorkerRun:
                     last_report = now
                     self._observe()
                 if self._stalled():
-                    logger.error("stopping the run: %s", ", ".join(
-                        f"task {task_id!r} has no workers left"
-                        for task_id, workers in self.workers.items()
-                        if not workers and not self.scheduler.task_states[task_id].is_done()))
+                    logger.error("stopping the run: %s", self._stall_report())
                     break
             self.server.serve_waiting()
             await self._stop_workers()
@@ -310,7 +326,7 @@ class WorkerRun:
                 for task_id, worker_ids in self.server.failed_workers.items()}
 
 
-def _run_coroutine(coroutine_function):
+def run_coroutine(coroutine_function):
     """Run a coroutine on a fresh event loop, in a thread if this one already has a loop."""
     try:
         asyncio.get_running_loop()
@@ -378,7 +394,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             print(format_summary(result))
             return result
         run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
-        result = _run_coroutine(run.run)
+        result = run_coroutine(run.run)
     finally:
         ledgers.close()
     print(format_summary(result, run.worker_logs()))

@@ -455,21 +455,17 @@ class Scheduler(BlockScheduler):
     def __init__(self, tasks: Task | Iterable[Task],
                  done_blocks: Mapping[str, Iterable[int]] | None = None) -> None:
         super().__init__(tasks, done_blocks)
-        self._pre_checks = {task_id: task.pre_check for task_id, task in self.tasks.items()
-                            if task.pre_check is not None}
-        self._post_checks = {task_id: task.post_check for task_id, task in self.tasks.items()
-                             if task.post_check is not None}
         # without check functions the daisy names are the core's methods, one call less
-        if not self._pre_checks:
+        if not any(task.pre_check for task in self.tasks.values()):
             self.acquire_block = self.acquire
-        if not self._post_checks:
+        if not any(task.post_check for task in self.tasks.values()):
             self.release_block = self.release
 
     def acquire_block(self, task_id: str) -> Block | None:
         """A block of ``task_id`` to process, or None if none is ready now."""
+        task = self.tasks.get(task_id)
         block = self.acquire(task_id)
-        pre_check = self._pre_checks.get(task_id)
-        while block is not None and pre_check is not None and pre_check(block):
+        while block is not None and task.is_done_already(block):
             block.status = BlockStatus.SUCCESS
             self.release(block, BlockStatus.SUCCESS, skipped=True)
             block = self.acquire(task_id)
@@ -477,10 +473,9 @@ class Scheduler(BlockScheduler):
 
     def release_block(self, block: Block) -> ReleaseOutcome:
         """Return a processed block; its ``status`` says whether it succeeded."""
-        status = block.status
-        if status is BlockStatus.SUCCESS:
-            post_check = self._post_checks.get(block.task_id)
-            if post_check is not None and not post_check(block):
-                status = block.status = BlockStatus.FAILED
-                block.error = block.error or "post check returned False"
-        return self.release(block, status)
+        if block.status is BlockStatus.SUCCESS:
+            failure = self.tasks[block.task_id].post_check_failure(block)
+            if failure is not None:
+                block.status = BlockStatus.FAILED
+                block.error = block.error or failure
+        return self.release(block, block.status)

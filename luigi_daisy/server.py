@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .blocks import Block, BlockStatus
 from .errors import ProtocolError
 from .ledger import LedgerSet
 from .protocol import (
+    CLIENT_MESSAGES,
     PROTOCOL_VERSION,
     Acquire,
     BlockAssigned,
@@ -65,6 +67,16 @@ def wire_block(block: Block) -> WireBlock:
     read_begin, read_shape, write_begin, write_shape = block._grid.bounds_of(block.index)
     return WireBlock(block.task_id, block.index, read_begin, read_shape, write_begin,
                      write_shape, int(block.status))
+
+
+def _keep_alive(stream: IOStream) -> None:
+    """Let the kernel probe idle connections, so a vanished worker host is noticed
+    (its block goes back to the scheduler) within about a minute."""
+    sock = stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class WorkerConnection:
@@ -137,11 +149,6 @@ class BlockServer(TCPServer):
         self.holder: dict[tuple[str, int], WorkerConnection] = {}
         self.failed_workers: dict[str, set[int]] = {task_id: set() for task_id in scheduler.tasks}
         self.protocol_errors = 0
-        self._pre_checks = {task_id: task.pre_check for task_id, task in scheduler.tasks.items()
-                            if task.pre_check is not None}
-        self._post_checks = {task_id: task.post_check
-                             for task_id, task in scheduler.tasks.items()
-                             if task.post_check is not None}
 
     # ------------------------------------------------------------------ lifecycle
     def start_listening(self, port: int = 0) -> int:
@@ -166,7 +173,8 @@ class BlockServer(TCPServer):
     async def handle_stream(self, stream: IOStream, address) -> None:
         connection = WorkerConnection(stream, address)
         self.connections.add(connection)
-        decoder = Decoder()
+        _keep_alive(stream)
+        decoder = Decoder(accept=CLIENT_MESSAGES)
         try:
             connection.send(Challenge(connection.nonce))
             while not connection.closed:
@@ -202,9 +210,6 @@ class BlockServer(TCPServer):
             pass
         elif kind is Bye:
             connection.close()
-        else:
-            raise ProtocolError(
-                f"a worker sent {kind.__name__}, which only the server sends")
 
     def _authenticate(self, connection: WorkerConnection, message: Message) -> None:
         if type(message) is not Hello:
@@ -232,18 +237,10 @@ class BlockServer(TCPServer):
     # ------------------------------------------------------------------ blocks
     def _next_block(self, task_id: str) -> Block | None:
         """Acquire a block, skipping those the task's check function finds done."""
-        pre_check = self._pre_checks.get(task_id)
+        task = self.scheduler.tasks[task_id]
         while True:
             block = self.scheduler.acquire(task_id, self.clock())
-            if block is None or pre_check is None:
-                return block
-            try:
-                done = pre_check(block)
-            except Exception:  # noqa: BLE001 - a failing check means "not done"
-                logger.exception("check function failed on block %s of %r; processing it",
-                                 block.index, task_id)
-                done = False
-            if not done:
+            if block is None or not task.is_done_already(block):
                 return block
             self.scheduler.release(block, BlockStatus.SUCCESS, self.clock(), skipped=True)
             self.ledgers.record_done(task_id, block.index)
@@ -264,24 +261,19 @@ class BlockServer(TCPServer):
             self.waiting[task_id].append(connection)
 
     def _release(self, connection: WorkerConnection, wire: WireBlock, error: str | None) -> None:
-        block = connection.held.pop(wire.index, None)
-        if block is None or wire.task_id != connection.task_id:
+        block = connection.held.get(wire.index) if wire.task_id == connection.task_id else None
+        if block is None:
             logger.warning("worker %s released block %s of %r that it does not hold; ignored",
                            connection.worker_id, wire.index, wire.task_id)
             return
+        del connection.held[wire.index]
         del self.holder[(block.task_id, block.index)]
         status = BlockStatus(wire.status)
         if status == BlockStatus.SUCCESS:
-            post_check = self._post_checks.get(block.task_id)
-            if post_check is not None:
-                try:
-                    passed = post_check(block)
-                except Exception as check_error:  # noqa: BLE001
-                    passed = False
-                    error = f"post check raised {check_error!r}"
-                if not passed:
-                    status = BlockStatus.FAILED
-                    error = error or "post check returned False"
+            failure = self.scheduler.tasks[block.task_id].post_check_failure(block)
+            if failure is not None:
+                status = BlockStatus.FAILED
+                error = failure
         elif status != BlockStatus.FAILED:
             error = error or f"released with status {status.name}"
             status = BlockStatus.FAILED

@@ -26,7 +26,8 @@ class RunResult(dict):
         return bool(self)
 
 
-def _first_line(text: str | None) -> str:
+def _error_line(text: str | None) -> str:
+    """The line that says what went wrong: the last one of a traceback."""
     if not text:
         return "(no error text)"
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -56,7 +57,7 @@ def format_summary(states: Mapping[str, TaskState],
         if state.failed_blocks:
             lines.append("    failed blocks (index: last error):")
             for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
-                lines.append(f"      {index}: {_first_line(error)}")
+                lines.append(f"      {index}: {_error_line(error)}")
             hidden = len(state.failed_blocks) - MAX_LISTED_FAILURES
             if hidden > 0:
                 lines.append(f"      ... and {hidden} more")

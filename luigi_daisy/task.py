@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -11,6 +13,8 @@ from funlib.geometry import Roi
 
 from .blocks import BlockGrid
 from .errors import TaskDefinitionError
+
+logger = logging.getLogger(__name__)
 
 CheckFunction = Callable[[Any], bool]
 
@@ -141,6 +145,32 @@ class Task:
                     f"task {task_id!r}: upstream_tasks must hold Task objects, got {other!r}")
         self.upstream_tasks = upstream
         self.ledger = ledger
+
+    def is_done_already(self, block) -> bool:
+        """Whether the pre check says ``block`` is done (no check: False).
+
+        A check that raises counts as "not done", so the block is processed; the error
+        is logged.
+        """
+        if self.pre_check is None:
+            return False
+        try:
+            return bool(self.pre_check(block))
+        except Exception:  # noqa: BLE001 - user code may raise anything
+            logger.exception("check function of task %r raised on block %s; processing it",
+                             self.task_id, block.index)
+            return False
+
+    def post_check_failure(self, block) -> str | None:
+        """Run the post check on a processed block: None if it passed (or there is none),
+        else the reason the block failed (with the traceback if the check raised)."""
+        if self.post_check is None:
+            return None
+        try:
+            passed = self.post_check(block)
+        except Exception:  # noqa: BLE001 - user code may raise anything
+            return f"post check raised:\n{traceback.format_exc()}"
+        return None if passed else "post check returned False"
 
     @property
     def total_roi(self) -> Roi:

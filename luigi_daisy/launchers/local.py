@@ -16,9 +16,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
+from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context, safe_file_name
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -41,12 +43,15 @@ class WorkerProcess:
         return self.process.exitcode
 
     def kill(self) -> None:
-        """Stop the worker at once (SIGKILL to its pid)."""
+        """Stop the worker and whatever it started (SIGKILL to its process group)."""
         if self.process.exitcode is None and self.process.pid is not None:
             try:
-                os.kill(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def join(self, timeout: float) -> bool:
         """Wait for the worker to exit; True if it did."""
@@ -70,10 +75,26 @@ def _redirect_output(stdout_path: Path, stderr_path: Path) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker when the run's process dies (Linux), so a crashed
+    run leaves no worker behind holding its blocks, sockets or file locks."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _worker_main(process_function, context: Context, stdout_path: Path,
-                 stderr_path: Path) -> None:
+                 stderr_path: Path, parent_pid: int) -> None:
     exit_code = 1
     try:
+        # its own process group: a timeout kills the worker and any subprocess it started
+        os.setpgid(0, 0)
+        _die_with_parent(parent_pid)
         from ..worker import run_worker
         _redirect_output(stdout_path, stderr_path)
         encoded = context.to_env()
@@ -108,7 +129,7 @@ class LocalLauncher:
 
     def log_paths(self, task_id: str, worker_id: int) -> tuple[Path, Path]:
         """``(stdout, stderr)`` files of a worker."""
-        folder = self.log_dir / task_id
+        folder = self.log_dir / safe_file_name(task_id)
         return folder / f"worker_{worker_id}.out", folder / f"worker_{worker_id}.err"
 
     def start(self, process_function, context: Context) -> WorkerProcess:
@@ -117,8 +138,10 @@ class LocalLauncher:
         worker_id = int(context["worker_id"])
         stdout_path, stderr_path = self.log_paths(task_id, worker_id)
         stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        context.to_env()  # a context that cannot travel fails here, not in the worker
         process = self._context.Process(
-            target=_worker_main, args=(process_function, context, stdout_path, stderr_path),
+            target=_worker_main,
+            args=(process_function, context, stdout_path, stderr_path, os.getpid()),
             name=f"luigi_daisy-{task_id}-worker-{worker_id}", daemon=False)
         process.start()
         return WorkerProcess(task_id, worker_id, process, stdout_path, stderr_path)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import luigi
 
-from ..errors import LuigiDaisyError
+from ..errors import ConfigError
 
 SECTION = "luigi_daisy"
 LAUNCHERS = ("local",)
 
 
-class ConfigError(LuigiDaisyError, ValueError):
-    """The ``[luigi_daisy]`` section holds a key or value this package does not know."""
 
 
 class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class after its section

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import LedgerError
 from ..ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,11 @@ class LedgerFollower:
 
     def _ledger(self) -> Ledger | None:
         if self._reader is None and self.ledger_file.exists():
-            self._reader = Ledger(self.ledger_file, self.task_id, self.geometry)
+            try:
+                self._reader = Ledger(self.ledger_file, self.task_id, self.geometry,
+                                      read_only=True)
+            except LedgerError:
+                return None  # not created completely yet: look again next time
         return self._reader
 
     def initial_done(self) -> list[int]:
@@ -95,9 +100,13 @@ class LedgerFollower:
         """Take the task over when its lock is free; return the ledger to write then."""
         if not self.lock.try_acquire():
             return None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self.close()
         ledger = Ledger(self.ledger_file, self.task_id, self.geometry)
         self._reader = ledger
         return ledger
+
+    def close(self) -> None:
+        """Let go of the read-only view of the other run's ledger."""
+        if self._reader is not None and self._reader.read_only:
+            self._reader.close()
+        self._reader = None

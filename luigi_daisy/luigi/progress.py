@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from luigi.scheduler import DONE, RUNNING
+from luigi.scheduler import DONE, FAILED, RUNNING
 
 from ..run import WorkerRun
 from ..scheduler import TaskState
@@ -97,16 +97,19 @@ class LuigidReporter:
                 logger.exception("could not report %s to the Luigi scheduler", hidden.task_id)
 
     def finish(self, result: Mapping[str, TaskState]) -> None:
-        """Mark the hidden tasks whose blocks all succeeded as done in luigid."""
+        """Mark the hidden tasks this run processed as done (or failed) in luigid."""
         scheduler, worker_id = self._scheduler()
         if scheduler is None:
             return
         for hidden in self.hidden:
-            if hidden.task_id not in self.claimed or not result[hidden.task_id].succeeded:
+            if hidden.task_id not in self.claimed:
                 continue
+            state = result[hidden.task_id]
             try:
-                self._announce(scheduler, worker_id, hidden, DONE, self.tracking_url)
-                scheduler.set_task_progress_percentage(hidden.task_id, 100)
+                self._announce(scheduler, worker_id, hidden,
+                               DONE if state.succeeded else FAILED, self.tracking_url)
+                scheduler.set_task_progress_percentage(hidden.task_id,
+                                                       progress_percentage(state))
             except Exception:  # noqa: BLE001
                 logger.exception("could not report %s to the Luigi scheduler", hidden.task_id)
 

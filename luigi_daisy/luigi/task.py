@@ -11,10 +11,10 @@ from luigi.task import flatten
 
 from ..blocks import Block, BlockGrid
 from ..datasets import check_write_alignment
-from ..errors import LuigiDaisyError
+from ..errors import BlockwiseRunError
 from ..launchers.local import LocalLauncher
 from ..ledger import LedgerSet, ledger_path
-from ..run import WorkerRun, _run_coroutine
+from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
 from .config import SECTION, check_section, settings
@@ -25,8 +25,6 @@ from .targets import LedgerTarget, ZarrTarget
 logger = logging.getLogger(__name__)
 
 
-class BlockwiseRunError(LuigiDaisyError, RuntimeError):
-    """Some blocks of a blockwise task failed; the message holds the execution summary."""
 
 
 class _SectionDefault:
@@ -173,7 +171,12 @@ class BlockwiseTask(luigi.Task):
     def priority(self) -> int:
         """Deeper in a blockwise chain means higher, so Luigi starts downstream runs
         first and they pull their upstream tasks into one pipelined run."""
-        return 1 + max((task.priority for task in self.blockwise_requires()), default=0)
+        cached = self.__dict__.get("_blockwise_depth")
+        if cached is None:
+            # Luigi caches task instances, so a diamond computes each depth once
+            cached = 1 + max((task.priority for task in self.blockwise_requires()), default=0)
+            self.__dict__["_blockwise_depth"] = cached
+        return cached
 
     def _requires(self) -> list[luigi.Task]:
         """What Luigi sees of ``requires()`` (its DAG, ``deps()``, the execution summary).
@@ -244,10 +247,12 @@ class BlockwiseTask(luigi.Task):
                 run = WorkerRun(list(core_tasks.values()), LocalLauncher(config.log_dir),
                                 ledgers, progress=False, followed=followed,
                                 observers=[reporter.report], tracking=True)
-                result = _run_coroutine(run.run)
+                result = run_coroutine(run.run)
             finally:
                 ledgers.close()
         finally:
+            for follower in followed.values():
+                follower.close()
             for lock in locks.values():
                 lock.release()
         summary = format_summary(result, run.worker_logs())
@@ -263,5 +268,7 @@ class BlockwiseTask(luigi.Task):
         """Refuse outputs whose chunks the blocks' write ROIs do not align with."""
         for target in flatten(self.output()):
             if isinstance(target, ZarrTarget) and target.exists():
-                check_write_alignment(target.open("r"), self.write_roi(),
-                                      self.daisy_task().grid.total_write_roi, self.task_id)
+                grid = BlockGrid(self.total_roi(), self.read_roi(), self.write_roi(), self.fit,
+                                 name=self.task_id)
+                check_write_alignment(target.open("r"), self.write_roi(), grid.total_write_roi,
+                                      self.task_id)
