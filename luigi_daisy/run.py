@@ -145,6 +145,8 @@ class WorkerRun:
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
         self.scheduler = BlockScheduler(tasks, done_blocks)
+        for task_id in self.followed:
+            self.scheduler.follow(task_id)
         self.server: BlockServer | None = None
         self.tracking = TrackingPage(self) if tracking else None
         self.started_at = time.monotonic()
@@ -246,6 +248,7 @@ class WorkerRun:
             for index in follower.new_done():
                 self.scheduler.complete_external(task_id, index)
             del self.followed[task_id]
+            self.scheduler.take_over(task_id)
             self.ledgers.ledgers[task_id] = ledger
             if not self.scheduler.task_states[task_id].is_done():
                 logger.warning("the run processing task %r is gone; taking it over", task_id)

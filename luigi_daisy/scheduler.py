@@ -105,7 +105,7 @@ class _TaskProgress:
     __slots__ = ("task_id", "grid", "stencil", "max_retries", "timeout", "state",
                  "upstream_links", "downstream_links", "ready", "roots", "waiting",
                  "processing", "retries", "orphaned", "has_downstream", "done_before",
-                 "resuming")
+                 "resuming", "followed", "held_ready")
 
     def __init__(self, task: Task) -> None:
         self.task_id = task.task_id
@@ -127,6 +127,9 @@ class _TaskProgress:
         self.done_before: set[int] = set()
         #: whether this task or an upstream one has blocks finished in an earlier run
         self.resuming = False
+        #: another run processes this task; its ready blocks wait in held_ready
+        self.followed = False
+        self.held_ready: set[int] = set()
 
     def plan_roots(self) -> None:
         """Set up the lazy iterator over blocks that depend on nothing."""
@@ -299,16 +302,19 @@ class BlockScheduler:
         while True:
             if progress.ready:
                 index = progress.ready.popleft()
+                if not done_before or index not in done_before:
+                    break
             else:
                 index = next(progress.roots, None)
                 if index is None:
                     return None
-                if progress.upstream_links:
-                    state.ready_count += 1
-            state.ready_count -= 1
-            # blocks another run finished while this one followed the task are passed over
-            if not done_before or index not in done_before:
-                break
+                if not done_before or index not in done_before:
+                    if progress.upstream_links:
+                        state.ready_count += 1  # roots found on the way are not counted
+                    break
+            # finished by another run while this one followed the task: passed over
+            # (complete_external took it out of ready_count already)
+        state.ready_count -= 1
         state.processing_count += 1
         state.started = True
         progress.processing[index] = now
@@ -392,7 +398,10 @@ class BlockScheduler:
                 waiting[index] = remaining
             else:
                 waiting.pop(index, None)
-                progress.ready.append(index)
+                if progress.followed:
+                    progress.held_ready.add(index)
+                else:
+                    progress.ready.append(index)
                 progress.state.ready_count += 1
 
     def _orphan_dependents(self, progress: _TaskProgress, index: int) -> None:
@@ -423,6 +432,12 @@ class BlockScheduler:
         if index in progress.done_before or index in progress.processing:
             return False
         progress.waiting.pop(index, None)
+        if index in progress.held_ready:
+            progress.held_ready.discard(index)
+            progress.state.ready_count -= 1
+        elif not progress.upstream_links and progress.stencil.level(
+                progress.grid.position_of(index)) == 0:
+            progress.state.ready_count -= 1  # a root, counted ready from the start
         progress.state.completed_count += 1
         progress.state.skipped_count += 1
         if progress.has_downstream:
@@ -430,6 +445,18 @@ class BlockScheduler:
         # only now: the countdowns above must still count this block as unfinished
         progress.done_before.add(index)
         return True
+
+    def follow(self, task_id: str) -> None:
+        """Mark a task whose blocks another run processes: nothing of it is handed out
+        here; :meth:`complete_external` records its finished blocks."""
+        self._get(task_id).followed = True
+
+    def take_over(self, task_id: str) -> None:
+        """Process a followed task here from now on (the other run is gone)."""
+        progress = self._get(task_id)
+        progress.followed = False
+        progress.ready.extend(sorted(progress.held_ready))
+        progress.held_ready.clear()
 
     # ------------------------------------------------------------------ time
     def expired(self, now: float) -> list[Block]:
