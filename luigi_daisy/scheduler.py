@@ -322,7 +322,8 @@ class BlockScheduler:
 
     # ------------------------------------------------------------------ release
     def release(self, block: Block, status: BlockStatus | None = None,
-                now: float = 0.0, skipped: bool = False) -> ReleaseOutcome:
+                now: float = 0.0, skipped: bool = False,
+                worker_lost: bool = False) -> ReleaseOutcome:
         """Take a block back.
 
         Parameters
@@ -335,6 +336,9 @@ class BlockScheduler:
             The current time (unused today; kept so callers pass time explicitly).
         skipped:
             The block was found done without being processed.
+        worker_lost:
+            The block failed because its worker died or timed out: it is retried at
+            least once, whatever ``max_retries`` says.
         """
         progress = self._progress.get(block.task_id)
         if progress is None:
@@ -360,7 +364,8 @@ class BlockScheduler:
                 f"block {index} of task {block.task_id!r} released with status "
                 f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
         attempts = progress.retries.get(index, 0)
-        if attempts < progress.max_retries:
+        allowed = max(progress.max_retries, 1) if worker_lost else progress.max_retries
+        if attempts < allowed:
             progress.retries[index] = attempts + 1
             progress.ready.append(index)
             state.ready_count += 1

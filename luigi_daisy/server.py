@@ -280,12 +280,12 @@ class BlockServer(TCPServer):
         self._give_back(block, status, error, connection.worker_id)
 
     def _give_back(self, block: Block, status: BlockStatus, error: str | None,
-                   worker_id: int | None) -> None:
+                   worker_id: int | None, worker_lost: bool = False) -> None:
         block.status = status
         block.error = error
         if status == BlockStatus.FAILED and worker_id is not None:
             self.failed_workers[block.task_id].add(worker_id)
-        outcome = self.scheduler.release(block, status, self.clock())
+        outcome = self.scheduler.release(block, status, self.clock(), worker_lost=worker_lost)
         if outcome is ReleaseOutcome.COMPLETED:
             self.ledgers.record_done(block.task_id, block.index)
         elif outcome is ReleaseOutcome.FAILED:
@@ -316,7 +316,7 @@ class BlockServer(TCPServer):
                            connection.worker_id, block.task_id, block.index)
             self._give_back(block, BlockStatus.FAILED,
                             f"worker {connection.worker_id} was lost while processing the block",
-                            connection.worker_id)
+                            connection.worker_id, worker_lost=True)
         connection.held.clear()
 
     # ------------------------------------------------------------------ time
@@ -335,7 +335,7 @@ class BlockServer(TCPServer):
             self.scheduler.task_states[expired.task_id].timeout_reclaim_count += 1
             self._give_back(block, BlockStatus.FAILED,
                             f"timeout: the block took longer than {timeout} s",
-                            connection.worker_id)
+                            connection.worker_id, worker_lost=True)
             if self.on_worker_timeout is not None:
                 self.on_worker_timeout(expired.task_id, connection.worker_id)
             connection.close()

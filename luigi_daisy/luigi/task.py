@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Iterator
 
 import luigi
@@ -59,17 +60,30 @@ class _BoolParameter(_SectionDefault, luigi.BoolParameter):
 
 
 class _BlockFunction:
-    """What a worker process runs per block: ``setup_worker`` once, then ``process_block``."""
+    """What a worker process runs per block: ``setup_worker`` once, then ``process_block``.
+
+    A worker whose setup failed does not try again for every block (reloading a model a
+    million times): its blocks fail at once with the setup's traceback, and after a few
+    in a row the run replaces the worker with a fresh process.
+    """
 
     def __init__(self, task: BlockwiseTask) -> None:
         self.task = task
         self.worker_ready = False
+        self.setup_failure: str | None = None
 
     def __call__(self, block: Block) -> None:
+        if self.setup_failure is not None:
+            raise RuntimeError(f"setup_worker of {self.task.task_id} failed in this worker:\n"
+                               f"{self.setup_failure}")
         if not self.worker_ready:
-            self.task.setup_worker()
-            # outputs made by setup_worker exist only now: check them before writing
-            self.task.check_outputs()
+            try:
+                self.task.setup_worker()
+                # outputs made by setup_worker exist only now: check them before writing
+                self.task.check_outputs()
+            except Exception:
+                self.setup_failure = traceback.format_exc()
+                raise
             self.worker_ready = True
         self.task.process_block(block)
 
