@@ -162,14 +162,18 @@ class Ledger:
             return self._connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
 
     def done_indices(self) -> np.ndarray:
-        """Indices of the done blocks, sorted."""
+        """Indices of the done blocks, sorted (streamed: no Python object per row)."""
         with self._guarded():
-            rows = self._connection.execute("SELECT block FROM done ORDER BY block").fetchall()
-        if any(type(row[0]) is not int or row[0] < 0 for row in rows):
+            cursor = self._connection.execute("SELECT block FROM done ORDER BY block")
+            try:
+                indices = np.fromiter((row[0] for row in cursor), dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                indices = None
+        if indices is None or (indices.size and indices[0] < 0):
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} holds a block index that is "
                 f"not a non-negative integer; it is damaged: {AFRESH}")
-        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        return indices
 
     def done_since(self, seq: int) -> tuple[int, list[int]]:
         """Blocks recorded after record number ``seq``, and the newest record number.

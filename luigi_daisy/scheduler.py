@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from .blocks import Block, BlockGrid, BlockStatus, new_block
+from .blocks import Block, BlockBitmap, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
 from .graph import ConflictStencil, UpstreamLink
 from .task import Task, collect_tasks
@@ -89,6 +90,10 @@ class TaskState:
 
 _NOT_PROCESSING = object()
 
+#: ``done_before`` of a task none of whose blocks finished outside this run (an empty
+#: frozenset answers ``in`` and truth tests at C speed on the hot path)
+NOTHING_DONE: frozenset = frozenset()
+
 
 class ReleaseOutcome(enum.Enum):
     """What a release changed."""
@@ -124,7 +129,7 @@ class _TaskProgress:
         self.orphaned: set[int] = set()
         self.has_downstream = False
         #: blocks finished in an earlier run (from a ledger); they are never handed out
-        self.done_before: set[int] = set()
+        self.done_before: BlockBitmap | frozenset = NOTHING_DONE
         #: whether this task or an upstream one has blocks finished in an earlier run
         self.resuming = False
         #: another run processes this task; its ready blocks wait in held_ready
@@ -156,7 +161,7 @@ class _TaskProgress:
         if not self.done_before:
             return 0
         import numpy as np  # only a resumed run needs it
-        indices = np.fromiter(self.done_before, dtype=np.int64, count=len(self.done_before))
+        indices = self.done_before.indices()
         positions = np.unravel_index(indices, self.grid.id_grid_shape)
         is_root = np.ones(len(indices), dtype=bool)
         for coordinates, period in zip(positions, self.stencil.periods):
@@ -216,23 +221,26 @@ class _TaskProgress:
                 self.state.ready_count += 1
 
 
-def _valid_done_blocks(grid: BlockGrid, task_id: str, indices: Iterable[int]) -> set[int]:
-    """The done blocks as a set, refusing indices that are not blocks of the grid."""
+def _valid_done_blocks(grid: BlockGrid, task_id: str,
+                       indices: Iterable[int]) -> BlockBitmap | frozenset:
+    """The done blocks as a bitmap, refusing indices that are not blocks of the grid."""
     import numpy as np  # only a resumed run needs it
     array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices),
                        dtype=np.int64)
-    if array.size:
-        valid = (array >= 0) & (array < int(np.prod(grid.id_grid_shape, dtype=np.int64)))
-        if valid.all():
-            positions = np.unravel_index(array, grid.id_grid_shape)
-            for coordinates, extent in zip(positions, grid.grid_shape):
-                valid &= coordinates < extent
-        if not valid.all():
-            raise SchedulerError(
-                f"block {int(array[~valid][0])} recorded as done is not a block of task "
-                f"{task_id!r} ({grid.num_blocks} blocks); the record of finished blocks "
-                f"belongs to another geometry or is damaged")
-    return set(array.tolist())
+    if not array.size:
+        return NOTHING_DONE
+    size = math.prod(grid.id_grid_shape)
+    valid = (array >= 0) & (array < size)
+    if valid.all():
+        positions = np.unravel_index(array, grid.id_grid_shape)
+        for coordinates, extent in zip(positions, grid.grid_shape):
+            valid &= coordinates < extent
+    if not valid.all():
+        raise SchedulerError(
+            f"block {int(array[~valid][0])} recorded as done is not a block of task "
+            f"{task_id!r} ({grid.num_blocks} blocks); the record of finished blocks "
+            f"belongs to another geometry or is damaged")
+    return BlockBitmap.from_indices(size, array)
 
 
 class BlockScheduler:
@@ -436,6 +444,8 @@ class BlockScheduler:
         progress = self._get(task_id)
         if index in progress.done_before or index in progress.processing:
             return False
+        if progress.done_before is NOTHING_DONE:
+            progress.done_before = BlockBitmap(math.prod(progress.grid.id_grid_shape))
         progress.waiting.pop(index, None)
         if index in progress.held_ready:
             progress.held_ready.discard(index)
