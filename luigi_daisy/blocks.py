@@ -179,10 +179,6 @@ class BlockGrid:
         read_begin, read_shape, write_begin, write_shape = self.bounds_of(index)
         return Roi(read_begin, read_shape), Roi(write_begin, write_shape)
 
-    def block(self, task_id: str, index: int) -> Block:
-        """A fresh ``Block`` for this index."""
-        return new_block(task_id, index, self)
-
     @property
     def total_write_roi(self) -> Roi:
         """The region written by the blocks of the overhang grid."""

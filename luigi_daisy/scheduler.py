@@ -290,15 +290,6 @@ class BlockScheduler:
         """True when every task is done."""
         return all(state.is_done() for state in self.task_states.values())
 
-    def processing(self, task_id: str) -> dict[int, float]:
-        """Indices of the blocks of a task being processed, with their start times."""
-        return dict(self._get(task_id).processing)
-
-    def block(self, task_id: str, index: int) -> Block:
-        """A fresh ``Block`` object for a block of a task (for reports and retries)."""
-        progress = self._get(task_id)
-        return new_block(task_id, index, progress.grid)
-
     # ------------------------------------------------------------------ acquire
     def acquire(self, task_id: str, now: float = 0.0) -> Block | None:
         """Hand out a ready block of ``task_id``, or None if none is ready now."""
