@@ -250,24 +250,28 @@ class Ledger:
 
 
 def read_ledger_summary(path: str | os.PathLike) -> dict:
-    """Task id, geometry and counts of a ledger file, without knowing its task."""
+    """Task id, geometry and counts of a ledger file, without knowing its task.
+
+    One read-only query, so ``BlockwiseTask.complete()`` can afford it.
+    """
     path = Path(path)
     if not path.is_file():
         raise LedgerError(f"no ledger file at {path}")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
-            meta = dict(connection.execute("SELECT key, value FROM meta"))
-            done = connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
-            failed = connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+            done, failed, task_id, geometry = connection.execute(
+                "SELECT (SELECT COUNT(*) FROM done), (SELECT COUNT(*) FROM failed), "
+                "(SELECT value FROM meta WHERE key = 'task_id'), "
+                "(SELECT value FROM meta WHERE key = 'geometry')").fetchone()
         finally:
             connection.close()
     except sqlite3.DatabaseError as error:
         raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
-    if "task_id" not in meta or "geometry" not in meta:
+    if task_id is None or geometry is None:
         raise LedgerError(f"ledger {path} has no task id or geometry recorded")
-    geometry = json.loads(meta["geometry"])
-    return {"path": str(path), "task_id": meta["task_id"], "geometry": geometry,
+    geometry = json.loads(geometry)
+    return {"path": str(path), "task_id": task_id, "geometry": geometry,
             "done": done, "failed": failed, "total": geometry.get("num_blocks")}
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import luigi
@@ -16,7 +13,8 @@ import zarr.errors
 from funlib.geometry import Roi
 
 from ..datasets import Array, open_ds, prepare_ds
-from ..ledger import ledger_path
+from ..errors import LedgerError
+from ..ledger import ledger_path, read_ledger_summary
 
 
 def ledger_progress(path: str | os.PathLike) -> tuple[int, dict | None]:
@@ -24,20 +22,11 @@ def ledger_progress(path: str | os.PathLike) -> tuple[int, dict | None]:
 
     A missing or unreadable file reads as ``(0, None)``.
     """
-    path = Path(path)
-    if not path.is_file():
-        return 0, None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            done, geometry = connection.execute(
-                "SELECT (SELECT COUNT(*) FROM done), "
-                "(SELECT value FROM meta WHERE key = 'geometry')").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError:
+        summary = read_ledger_summary(path)
+    except LedgerError:
         return 0, None
-    return done, (json.loads(geometry) if geometry else None)
+    return summary["done"], summary["geometry"]
 
 
 class LedgerTarget(luigi.Target):
