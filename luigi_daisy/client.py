@@ -111,9 +111,16 @@ class Client:
             self.task_id = self.context["task_id"]
             self.worker_id = int(self.context.get("worker_id", 0))
         except (KeyError, ValueError) as error:
+            shown = {key: value for key, value in self.context.items() if key != "token"}
             raise ContextError(
-                f"worker context {dict(self.context)!r} lacks a valid {error}; it needs "
-                f"hostname, port, task_id and worker_id") from None
+                f"worker context {shown!r} lacks a valid {error}; it needs "
+                f"hostname, port, task_id, worker_id and token") from None
+        token = self.context.get("token")
+        if not token:
+            raise ContextError(
+                f"the worker context for task {self.task_id!r} has no token: every block "
+                f"server requires its run's token; a Client runs inside a worker started "
+                f"by the run, whose context carries it")
         self._decoder = Decoder()
         self._inbox: list[Message] = []
         try:
@@ -125,7 +132,7 @@ class Client:
                 f"{self.task_id!r}: {error}; is the run still going?") from None
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket.settimeout(None)
-        self._handshake(self.context.get("token"))
+        self._handshake(token)
 
     # ------------------------------------------------------------------ wire
     def _send(self, message: Message) -> None:
@@ -148,11 +155,11 @@ class Client:
             self._inbox.extend(self._decoder.feed(data))
         return self._inbox.pop(0)
 
-    def _handshake(self, token: str | None) -> None:
+    def _handshake(self, token: str) -> None:
         challenge = self._receive()
         if type(challenge) is not Challenge:
             raise ProtocolError(f"expected Challenge from the server, got {challenge!r}")
-        proof = proof_for(token, challenge.nonce) if token else ""
+        proof = proof_for(token, challenge.nonce)
         self._send(Hello(PROTOCOL_VERSION, self.task_id, self.worker_id, proof))
         answer = self._receive()
         if type(answer) is Refused:

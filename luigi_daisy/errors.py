@@ -47,3 +47,7 @@ class ConfigError(LuigiDaisyError, ValueError):
 
 class BlockwiseRunError(LuigiDaisyError, RuntimeError):
     """Some blocks of a blockwise task failed; the message holds the execution summary."""
+
+
+class ServerConfigError(LuigiDaisyError, ValueError):
+    """A block server setting (``ServerLimits``) that is out of range."""

@@ -17,7 +17,7 @@ from .launchers.local import LocalLauncher, WorkerProcess
 from .ledger import Ledger, LedgerSet
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
-from .server import BlockServer
+from .server import BlockServer, ServerLimits
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
 from .tracking import TrackingPage
@@ -123,13 +123,16 @@ class WorkerRun:
         reports).
     tracking:
         Serve the run's live state over HTTP (``tracking_url``).
+    server_limits:
+        Bounds on the block server's connections, handshakes and buffered bytes
+        (:class:`~luigi_daisy.server.ServerLimits`; its defaults when None).
     """
 
     def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
                  host: str = "127.0.0.1", progress: bool = True,
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
-                 tracking: bool = False) -> None:
+                 tracking: bool = False, server_limits: ServerLimits | None = None) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -141,6 +144,7 @@ class WorkerRun:
         self.ledgers = ledgers
         self.followed = dict(followed or {})
         self.observers = list(observers or [])
+        self.server_limits = server_limits
         done_blocks = ledgers.done_blocks()
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
@@ -157,15 +161,14 @@ class WorkerRun:
 
     # ------------------------------------------------------------------ workers
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
-        context = Context(hostname=self.host, port=str(self.server.port), task_id=task_id,
-                          worker_id=str(worker_id), restartable=str(int(restartable)))
-        if self.server.token is not None:
-            context["token"] = self.server.token
-        return context
+        return Context(hostname=self.host, port=str(self.server.port), task_id=task_id,
+                       worker_id=str(worker_id), restartable=str(int(restartable)),
+                       token=self.server.token)
 
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
         worker_id = self._next_worker_id
         self._next_worker_id += 1
+        self.server.expect_worker(task_id, worker_id)
         worker = self.launcher.start(self.tasks[task_id].process_function,
                                      self._context(task_id, worker_id, restartable))
         self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
@@ -187,6 +190,7 @@ class WorkerRun:
                 if exit_code is None:
                     continue
                 workers.remove(worker)
+                self.server.forget_worker(task_id, worker.worker_id)
                 if state.is_done():
                     continue
                 if exit_code == EXIT_RESTART_ME:
@@ -265,7 +269,8 @@ class WorkerRun:
     async def run(self) -> RunResult:
         """Serve blocks until every task is done or can no longer progress."""
         self.server = BlockServer(self.scheduler, host=self.host,
-                                  on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
+                                  on_worker_timeout=self._kill_worker, ledgers=self.ledgers,
+                                  limits=self.server_limits)
         self.server.start_listening(0)
         if self.tracking is not None:
             self.tracking.start(self.host)
@@ -359,7 +364,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   log_dir: str | os.PathLike = "daisy_logs",
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
-                  fresh: bool = False) -> RunResult:
+                  fresh: bool = False,
+                  server_limits: ServerLimits | None = None) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -376,13 +382,17 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     log_dir:
         Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``.
     host:
-        Interface the block server listens on; anything but loopback requires every
-        worker to prove the run's secret token.
+        Interface the block server listens on. On every interface, loopback included,
+        each worker proves the run's secret token, which it gets in its environment.
     ledger_dir:
         Ledger folder for the tasks that do not name their own (``Task(ledger=...)``):
         finished blocks are recorded there and skipped when the run is repeated.
     fresh:
         Forget what the tasks' ledgers hold and process every block again.
+    server_limits:
+        Bounds on the block server: connections open at once (default 4096), seconds
+        to authenticate (10) and bytes of partial frames buffered across connections
+        (64 MiB); see :class:`~luigi_daisy.server.ServerLimits`.
 
     Returns
     -------
@@ -396,7 +406,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             result = run_in_process(ordered, ledgers, progress=progress)
             print(format_summary(result))
             return result
-        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
+        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress,
+                        server_limits=server_limits)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

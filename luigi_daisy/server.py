@@ -4,7 +4,14 @@ A thin loop: read bytes, decode frames, call the scheduler, write the answer. It
 which connection holds which block, gives the blocks of a lost connection back to the
 scheduler as failed (so they are retried), reclaims blocks held past their task's
 timeout, and parks ``Acquire`` requests until a block is ready or the task is done.
-A malformed, oversized or unknown frame closes that one connection and nothing else.
+
+It trusts no one. Every connection, loopback included, proves the run's secret token
+before anything else; its ``Hello`` names a worker id the run started and that is not
+connected already; a block is released only by the connection that holds it. A
+malformed, oversized or unknown frame closes that one connection and nothing else.
+Connections, handshakes and buffered bytes are bounded (:class:`ServerLimits`), text
+from the network is clipped before it is logged, and repeated warnings are counted
+rather than repeated.
 """
 
 from __future__ import annotations
@@ -13,16 +20,18 @@ import ipaddress
 import logging
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from .blocks import Block, BlockStatus
-from .errors import ProtocolError
+from .errors import ProtocolError, ServerConfigError
 from .ledger import LedgerSet
+from .log_limits import WarningTally, clip
 from .protocol import (
     CLIENT_MESSAGES,
     PROTOCOL_VERSION,
@@ -50,6 +59,48 @@ from .scheduler import BlockScheduler, ReleaseOutcome, TaskState
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 16
+
+#: bytes a connection may send before its ``Hello`` is complete (a real one is < 1 KiB)
+MAX_HELLO_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on what peers of a block server may cost it.
+
+    Attributes
+    ----------
+    max_connections:
+        Connections open at once, authenticated or not; past it a new connection is
+        closed at once. The default leaves room for thousands of workers; the process's
+        open-file limit (``ulimit -n``) must allow as many.
+    handshake_timeout:
+        Seconds a connection may take to authenticate (answer the challenge with a
+        valid ``Hello``) before it is closed.
+    max_buffered_bytes:
+        Bytes of partial frames held across all connections. Past it, the connections
+        buffering most are closed, those not yet authenticated first; workers, whose
+        frames are a few hundred bytes, are not touched while others buffer.
+    """
+
+    max_connections: int = 4096
+    handshake_timeout: float = 10.0
+    max_buffered_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if type(self.max_connections) is not int or self.max_connections < 1:
+            raise ServerConfigError(
+                f"ServerLimits.max_connections must be a positive integer, got "
+                f"{self.max_connections!r}")
+        if (not isinstance(self.handshake_timeout, (int, float))
+                or isinstance(self.handshake_timeout, bool) or not self.handshake_timeout > 0):
+            raise ServerConfigError(
+                f"ServerLimits.handshake_timeout must be a positive number of seconds, got "
+                f"{self.handshake_timeout!r}")
+        if type(self.max_buffered_bytes) is not int or self.max_buffered_bytes < MAX_HELLO_BYTES:
+            raise ServerConfigError(
+                f"ServerLimits.max_buffered_bytes must be an integer of at least "
+                f"{MAX_HELLO_BYTES} (one handshake), got {self.max_buffered_bytes!r}")
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +133,8 @@ def _keep_alive(stream: IOStream) -> None:
 class WorkerConnection:
     """Server-side record of one worker connection."""
 
-    __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "held", "closed")
+    __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "held", "closed",
+                 "buffered", "handshake_timer")
 
     def __init__(self, stream: IOStream, address) -> None:
         self.stream = stream
@@ -92,6 +144,13 @@ class WorkerConnection:
         self.worker_id: int | None = None
         self.held: dict[int, Block] = {}
         self.closed = False
+        self.buffered = 0
+        self.handshake_timer: object | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer proved the token and was welcomed."""
+        return self.task_id is not None
 
     def send(self, message: Message) -> None:
         """Queue a message; a closed stream is noted, not raised."""
@@ -117,38 +176,57 @@ class BlockServer(TCPServer):
         The scheduler whose blocks are served. Check functions of its tasks are called
         here, by the server, never inside the scheduler.
     host:
-        Interface to listen on. On anything but loopback a secret token is required.
+        Interface to listen on.
     token:
-        Secret every worker must prove; generated when ``host`` is not loopback.
+        Secret every connection must prove, on every interface; a fresh one is made
+        when none is given. Workers get it in their context (environment), never on a
+        command line.
     clock:
-        Source of the time passed to the scheduler.
+        Source of the time passed to the scheduler and to the warning tally.
     on_worker_timeout:
         Called with ``(task_id, worker_id)`` when a worker held a block past its
         task's timeout; the run stops that worker.
     ledgers:
         Where finished blocks are recorded; the server is the ledgers' only writer.
+    limits:
+        Bounds on connections, handshakes and buffered bytes (:class:`ServerLimits`).
+
+    Only workers announced with :meth:`expect_worker` are welcomed, one connection
+    per worker id at a time.
     """
 
     def __init__(self, scheduler: BlockScheduler, host: str = "127.0.0.1",
                  token: str | None = None, clock: Callable[[], float] = time.monotonic,
                  on_worker_timeout: Callable[[str, int | None], None] | None = None,
-                 ledgers: LedgerSet | None = None) -> None:
+                 ledgers: LedgerSet | None = None,
+                 limits: ServerLimits | None = None) -> None:
         super().__init__(max_buffer_size=1 << 22)
         self.scheduler = scheduler
         self.host = host
-        if token is None and not is_loopback(host):
-            token = new_token()
-        self.token = token
+        self.token: str = token or new_token()
         self.clock = clock
         self.on_worker_timeout = on_worker_timeout
         self.ledgers = ledgers if ledgers is not None else LedgerSet({})
+        self.limits = limits if limits is not None else ServerLimits()
         self.port: int | None = None
         self.connections: set[WorkerConnection] = set()
-        self.waiting: dict[str, deque[WorkerConnection]] = {
-            task_id: deque() for task_id in scheduler.tasks}
+        # parked Acquire requests in arrival order; a dict holds each connection once
+        self.waiting: dict[str, dict[WorkerConnection, None]] = {
+            task_id: {} for task_id in scheduler.tasks}
         self.holder: dict[tuple[str, int], WorkerConnection] = {}
         self.failed_workers: dict[str, set[int]] = {task_id: set() for task_id in scheduler.tasks}
+        # ids of the workers the run started and has not seen exit, per task
+        self.expected_workers: dict[str, set[int]] = {
+            task_id: set() for task_id in scheduler.tasks}
+        self.connected_workers: dict[tuple[str, int], WorkerConnection] = {}
+        self.buffered_bytes = 0
+        self.warnings = WarningTally(logger)
         self.protocol_errors = 0
+        self.refused_hellos = 0
+        self.ignored_releases = 0
+        self.refused_connections = 0
+        self.handshake_timeouts = 0
+        self.shed_connections = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start_listening(self, port: int = 0) -> int:
@@ -164,18 +242,38 @@ class BlockServer(TCPServer):
         return self.scheduler.task_states
 
     def close_all(self) -> None:
-        """Stop listening and close every connection."""
+        """Stop listening, close every connection and log the warning counts left."""
         self.stop()
         for connection in list(self.connections):
             connection.close()
+        self.warnings.flush(self.clock(), force=True)
+
+    # ------------------------------------------------------------------ workers
+    def expect_worker(self, task_id: str, worker_id: int) -> None:
+        """Welcome a connection of ``worker_id`` for ``task_id`` (the run started it)."""
+        self.expected_workers[task_id].add(worker_id)
+
+    def forget_worker(self, task_id: str, worker_id: int) -> None:
+        """Refuse new connections of ``worker_id`` from now on (its process is gone)."""
+        self.expected_workers[task_id].discard(worker_id)
 
     # ------------------------------------------------------------------ connections
     async def handle_stream(self, stream: IOStream, address) -> None:
+        if len(self.connections) >= self.limits.max_connections:
+            self.refused_connections += 1
+            self.warnings.warn(
+                "connections over the limit", self.clock(),
+                "closing a new connection from %s: %d connections are open, the limit "
+                "(ServerLimits.max_connections)", address, len(self.connections))
+            stream.close()
+            return
         connection = WorkerConnection(stream, address)
         self.connections.add(connection)
-        _keep_alive(stream)
+        connection.handshake_timer = IOLoop.current().call_later(
+            self.limits.handshake_timeout, self._handshake_expired, connection)
         decoder = Decoder(accept=CLIENT_MESSAGES)
         try:
+            _keep_alive(stream)
             connection.send(Challenge(connection.nonce))
             while not connection.closed:
                 data = await stream.read_bytes(_READ_CHUNK, partial=True)
@@ -183,19 +281,77 @@ class BlockServer(TCPServer):
                     self._dispatch(connection, message)
                     if connection.closed:
                         break
-        except StreamClosedError:
+                if not connection.authenticated and decoder.buffered_bytes > MAX_HELLO_BYTES:
+                    raise ProtocolError(
+                        f"{decoder.buffered_bytes} bytes sent without a complete Hello; "
+                        f"a Hello takes at most {MAX_HELLO_BYTES}")
+                self._account_buffer(connection, decoder.buffered_bytes)
+        except (StreamClosedError, OSError):
             pass
         except ProtocolError as error:
             self.protocol_errors += 1
-            logger.warning("closing connection from %s: %s", address, error)
+            self.warnings.warn("protocol errors", self.clock(),
+                               "closing connection from %s: %s", address, clip(error))
         finally:
             connection.closed = True
             stream.close()
-            self.connections.discard(connection)
-            self._connection_lost(connection)
+            self._forget_connection(connection)
+
+    def _forget_connection(self, connection: WorkerConnection) -> None:
+        """Drop every trace of a closed connection; its blocks go back to the scheduler."""
+        self.connections.discard(connection)
+        self._account_buffer(connection, 0)
+        if connection.handshake_timer is not None:
+            IOLoop.current().remove_timeout(connection.handshake_timer)
+            connection.handshake_timer = None
+        if connection.authenticated:
+            key = (connection.task_id, connection.worker_id)
+            if self.connected_workers.get(key) is connection:
+                del self.connected_workers[key]
+            self.waiting[connection.task_id].pop(connection, None)
+        self._connection_lost(connection)
+
+    def _handshake_expired(self, connection: WorkerConnection) -> None:
+        connection.handshake_timer = None
+        if connection.authenticated or connection.closed:
+            return
+        self.handshake_timeouts += 1
+        self.warnings.warn("handshake timeouts", self.clock(),
+                           "closing connection from %s: no valid Hello within %g s",
+                           connection.address, self.limits.handshake_timeout)
+        connection.close()
+
+    def _account_buffer(self, connection: WorkerConnection, buffered: int) -> None:
+        """Record the partial-frame bytes a connection holds; past the bound, shed."""
+        self.buffered_bytes += buffered - connection.buffered
+        connection.buffered = buffered
+        if self.buffered_bytes > self.limits.max_buffered_bytes:
+            self._shed_buffers()
+
+    def _shed_buffers(self) -> None:
+        """Close the connections buffering most, unauthenticated ones first, until the
+        bytes buffered across all connections are within the bound again."""
+        candidates = sorted((connection for connection in self.connections
+                             if connection.buffered and not connection.closed),
+                            key=lambda connection: (connection.authenticated,
+                                                    -connection.buffered))
+        for connection in candidates:
+            if self.buffered_bytes <= self.limits.max_buffered_bytes:
+                break
+            self.shed_connections += 1
+            self.warnings.warn(
+                "connections closed for buffering too much", self.clock(),
+                "closing connection from %s (worker %s): it buffers %d bytes of partial "
+                "frames and all connections %d, over the limit of %d "
+                "(ServerLimits.max_buffered_bytes)", connection.address,
+                connection.worker_id, connection.buffered, self.buffered_bytes,
+                self.limits.max_buffered_bytes)
+            self.buffered_bytes -= connection.buffered
+            connection.buffered = 0
+            connection.close()
 
     def _dispatch(self, connection: WorkerConnection, message: Message) -> None:
-        if connection.task_id is None:
+        if not connection.authenticated:
             self._authenticate(connection, message)
             return
         kind = type(message)
@@ -211,27 +367,43 @@ class BlockServer(TCPServer):
         elif kind is Bye:
             connection.close()
 
+    def _refusal(self, message: Hello, nonce: str) -> str | None:
+        """Why a ``Hello`` is refused, or None when it is welcome."""
+        if message.protocol_version != PROTOCOL_VERSION:
+            return (f"protocol version {message.protocol_version} is not supported; "
+                    f"this server speaks {PROTOCOL_VERSION}")
+        if not verify_proof(self.token, nonce, message.proof):
+            return "authentication failed: the worker does not know this run's token"
+        task_id, worker_id = message.task_id, message.worker_id
+        if task_id not in self.scheduler.tasks:
+            return (f"unknown task {clip(repr(task_id))}; this server runs "
+                    f"{clip(', '.join(map(repr, self.scheduler.tasks)))}")
+        if worker_id not in self.expected_workers[task_id]:
+            return (f"worker {worker_id} of task {task_id!r} was not started by this run "
+                    f"(or has already exited)")
+        if (task_id, worker_id) in self.connected_workers:
+            return (f"worker {worker_id} of task {task_id!r} is already connected; one "
+                    f"connection per worker at a time")
+        return None
+
     def _authenticate(self, connection: WorkerConnection, message: Message) -> None:
         if type(message) is not Hello:
             raise ProtocolError(
                 f"expected Hello as the first message, got {type(message).__name__}")
-        reason = None
-        if message.protocol_version != PROTOCOL_VERSION:
-            reason = (f"protocol version {message.protocol_version} is not supported; "
-                      f"this server speaks {PROTOCOL_VERSION}")
-        elif self.token is not None and not verify_proof(self.token, connection.nonce,
-                                                          message.proof):
-            reason = "authentication failed: the worker does not know this run's token"
-        elif message.task_id not in self.scheduler.tasks:
-            reason = (f"unknown task {message.task_id!r}; this server runs "
-                      f"{', '.join(map(repr, self.scheduler.tasks))}")
+        reason = self._refusal(message, connection.nonce)
         if reason is not None:
-            logger.warning("refusing connection from %s: %s", connection.address, reason)
+            self.refused_hellos += 1
+            self.warnings.warn("refused connections", self.clock(),
+                               "refusing connection from %s: %s", connection.address, reason)
             connection.send(Refused(reason))
             connection.close()
             return
         connection.task_id = message.task_id
         connection.worker_id = message.worker_id
+        self.connected_workers[(message.task_id, message.worker_id)] = connection
+        if connection.handshake_timer is not None:
+            IOLoop.current().remove_timeout(connection.handshake_timer)
+            connection.handshake_timer = None
         connection.send(Welcome())
 
     # ------------------------------------------------------------------ blocks
@@ -252,19 +424,27 @@ class BlockServer(TCPServer):
 
     def _acquire(self, connection: WorkerConnection) -> None:
         task_id = connection.task_id
+        if connection in self.waiting[task_id]:
+            raise ProtocolError(
+                "Acquire while an earlier Acquire of this connection still waits for a "
+                "block; ask again only after the answer")
         block = self._next_block(task_id)
         if block is not None:
             self._assign(connection, block)
         elif self.scheduler.task_states[task_id].is_done():
             connection.send(NoMoreBlocks())
         else:
-            self.waiting[task_id].append(connection)
+            self.waiting[task_id][connection] = None
 
     def _release(self, connection: WorkerConnection, wire: WireBlock, error: str | None) -> None:
         block = connection.held.get(wire.index) if wire.task_id == connection.task_id else None
         if block is None:
-            logger.warning("worker %s released block %s of %r that it does not hold; ignored",
-                           connection.worker_id, wire.index, wire.task_id)
+            self.ignored_releases += 1
+            self.warnings.warn(
+                "ignored releases", self.clock(),
+                "worker %s of %r released block %s of %s that it does not hold; ignored",
+                connection.worker_id, connection.task_id, wire.index,
+                clip(repr(wire.task_id)))
             return
         del connection.held[wire.index]
         del self.holder[(block.task_id, block.index)]
@@ -296,18 +476,19 @@ class BlockServer(TCPServer):
         """Give newly ready blocks to parked workers; tell them when a task is done."""
         for task_id, waiting in self.waiting.items():
             while waiting:
-                connection = waiting[0]
+                connection = next(iter(waiting))
                 if connection.closed:
-                    waiting.popleft()
+                    del waiting[connection]
                     continue
                 block = self._next_block(task_id)
                 if block is None:
                     break
-                waiting.popleft()
+                del waiting[connection]
                 self._assign(connection, block)
             if waiting and self.scheduler.task_states[task_id].is_done():
-                while waiting:
-                    waiting.popleft().send(NoMoreBlocks())
+                for connection in waiting:
+                    connection.send(NoMoreBlocks())
+                waiting.clear()
 
     def _connection_lost(self, connection: WorkerConnection) -> None:
         for block in list(connection.held.values()):
@@ -321,8 +502,13 @@ class BlockServer(TCPServer):
 
     # ------------------------------------------------------------------ time
     def reclaim_expired(self) -> int:
-        """Fail and retry blocks held past their task's timeout; stop their workers."""
+        """Fail and retry blocks held past their task's timeout; stop their workers.
+
+        Called periodically by the run; it also writes the summaries of warnings that
+        were counted rather than logged.
+        """
         now = self.clock()
+        self.warnings.flush(now)
         reclaimed = 0
         for expired in self.scheduler.expired(now):
             connection = self.holder.pop((expired.task_id, expired.index), None)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 import luigi_daisy as daisy
 from luigi_daisy import BlockScheduler, BlockStatus, Context, Roi
 from luigi_daisy.client import Client, RefusedByServerError
+from luigi_daisy.errors import ContextError
 from luigi_daisy.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -255,11 +256,12 @@ def serving_task(task_id: str, num_blocks: int, **options) -> daisy.Task:
 
 def context_for(server: BlockServer, task_id: str, worker_id: int,
                 token: str | None = None) -> Context:
-    context = Context(hostname=HOST, port=str(server.port), task_id=task_id,
-                      worker_id=str(worker_id))
-    if token is not None:
-        context["token"] = token
-    return context
+    """The context of a worker the test starts: announced to the server like a run
+    announces its workers, with the server's token unless ``token`` says otherwise."""
+    if task_id in server.expected_workers:
+        server.expect_worker(task_id, worker_id)
+    return Context(hostname=HOST, port=str(server.port), task_id=task_id,
+                   worker_id=str(worker_id), token=server.token if token is None else token)
 
 
 async def run_in_thread(function: Callable, *args, timeout: float = WAIT):
@@ -324,10 +326,10 @@ class RawConnection:
         except TimeoutError:
             return False
 
-    async def hello(self, task_id: str, token: str | None, worker_id: int = 99):
+    async def hello(self, task_id: str, token: str | None, worker_id: int):
         challenge = await self.receive()
         assert type(challenge) is Challenge
-        proof = proof_for(token, challenge.nonce) if token else ""
+        proof = proof_for(token, challenge.nonce)
         await self.send(encode(Hello(PROTOCOL_VERSION, task_id, worker_id, proof)))
         return await self.receive()
 
@@ -340,7 +342,7 @@ class RawConnection:
 
 
 # Hostile connections. Each returns how many protocol errors it must have caused.
-async def random_bytes_before_hello(port, task_id, token, data: bytes) -> int:
+async def random_bytes_before_hello(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     await connection.receive()  # the Challenge
     await connection.send(data)
@@ -348,15 +350,15 @@ async def random_bytes_before_hello(port, task_id, token, data: bytes) -> int:
     return 0  # random bytes may be a frame still waiting for its end
 
 
-async def random_bytes_after_welcome(port, task_id, token, data: bytes) -> int:
+async def random_bytes_after_welcome(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    assert type(await connection.hello(task_id, token)) is Welcome
+    assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     await connection.send(data)
     await connection.close()
     return 0
 
 
-async def unknown_message_type(port, task_id, token, data: bytes) -> int:
+async def unknown_message_type(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     body = b"{}" + data[:16]
     await connection.send(struct.pack(">IB", len(body) + 1, 0xEE) + body)
@@ -364,16 +366,16 @@ async def unknown_message_type(port, task_id, token, data: bytes) -> int:
     return 1
 
 
-async def not_json(port, task_id, token, data: bytes) -> int:
+async def not_json(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    assert type(await connection.hello(task_id, token)) is Welcome
+    assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     body = b"\xff{not json" + data[:32]
     await connection.send(struct.pack(">IB", len(body) + 1, Acquire.TYPE_CODE) + body)
     assert await connection.closed_by_server()
     return 1
 
 
-async def oversized_frame(port, task_id, token, data: bytes) -> int:
+async def oversized_frame(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     length = MAX_FRAME_BYTES + 1 + int.from_bytes(data[:3].ljust(3, b"\0"), "big")
     # the header alone is refused; the body that follows may meet a closed socket
@@ -382,47 +384,43 @@ async def oversized_frame(port, task_id, token, data: bytes) -> int:
     return 1
 
 
-async def truncated_frame(port, task_id, token, data: bytes) -> int:
+async def truncated_frame(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    frame = encode(Hello(PROTOCOL_VERSION, task_id, 7, proof_for(token, "ab") if token else ""))
+    frame = encode(Hello(PROTOCOL_VERSION, task_id, worker_id, proof_for(token, "ab")))
     cut = 1 + len(data) % (len(frame) - 1)
     await connection.send(frame[:cut])
     await connection.close()
     return 0
 
 
-async def wrong_token(port, task_id, token, data: bytes) -> int:
+async def wrong_token(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    answer = await connection.hello(task_id, "not-" + (token or "the-token") + data.hex())
-    if token is None and type(answer) is Welcome:
-        # a server without a token does not look at the proof (see the report)
-        await connection.send(encode(Bye()))
-    else:
-        assert type(answer) is Refused and "token" in answer.reason
+    answer = await connection.hello(task_id, "not-" + token + data.hex(), worker_id)
+    assert type(answer) is Refused and "token" in answer.reason
     assert await connection.closed_by_server()
     return 0
 
 
-async def server_message_from_a_worker(port, task_id, token, data: bytes) -> int:
+async def server_message_from_a_worker(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    assert type(await connection.hello(task_id, token)) is Welcome
+    assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     await connection.send(encode(NoMoreBlocks()))
     assert await connection.closed_by_server()
     return 1
 
 
-async def release_of_a_block_never_held(port, task_id, token, data: bytes) -> int:
+async def release_of_a_block_never_held(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    assert type(await connection.hello(task_id, token)) is Welcome
+    assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     foreign = WireBlock(task_id, 0, (0,), (1,), (0,), (1,), int(BlockStatus.SUCCESS))
     await connection.send(encode(Release(foreign, None)) + encode(Heartbeat()) + encode(Bye()))
     assert await connection.closed_by_server()
     return 0
 
 
-async def takes_a_block_then_garbage(port, task_id, token, data: bytes) -> int:
+async def takes_a_block_then_garbage(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
-    assert type(await connection.hello(task_id, token)) is Welcome
+    assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     await connection.send(encode(Acquire()))
     assert type(await connection.receive()) is BlockAssigned
     body = b"garbage" + data[:16]
@@ -431,11 +429,11 @@ async def takes_a_block_then_garbage(port, task_id, token, data: bytes) -> int:
     return 1
 
 
-async def split_at_every_byte(port, task_id, token, data: bytes) -> int:
+async def split_at_every_byte(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     challenge = await connection.receive()
-    proof = proof_for(token, challenge.nonce) if token else ""
-    for byte in encode(Hello(PROTOCOL_VERSION, task_id, 98, proof)):
+    proof = proof_for(token, challenge.nonce)
+    for byte in encode(Hello(PROTOCOL_VERSION, task_id, worker_id, proof)):
         await connection.send(bytes([byte]))
     assert type(await connection.receive()) is Welcome
     await connection.send(encode(Bye()))
@@ -447,12 +445,12 @@ async def split_at_every_byte(port, task_id, token, data: bytes) -> int:
 HELD_OPEN: list[RawConnection] = []
 
 
-async def silent_connection(port, task_id, token, data: bytes) -> int:
+async def silent_connection(port, task_id, token, data: bytes, worker_id: int) -> int:
     HELD_OPEN.append(await RawConnection.open(port))  # never answers the Challenge
     return 0
 
 
-async def stalled_partial_frame(port, task_id, token, data: bytes) -> int:
+async def stalled_partial_frame(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     HELD_OPEN.append(connection)
     await connection.receive()
@@ -468,7 +466,7 @@ ATTACKS = [random_bytes_before_hello, random_bytes_after_welcome, unknown_messag
 
 
 async def run_under_attack(attacks: list[tuple[int, bytes]], num_blocks: int = 40,
-                           token: str | None = "secret") -> None:
+                           token: str = "secret") -> None:
     """Serve a task to one real worker while the attacks hit the server; check that
     every block was done exactly once and the server counted the protocol errors."""
     task_id = "target"
@@ -486,9 +484,13 @@ async def run_under_attack(attacks: list[tuple[int, bytes]], num_blocks: int = 4
     try:
         worker = asyncio.ensure_future(run_in_thread(
             client_loop, context_for(server, task_id, 0, token), processed, gate))
+        attacker_ids = range(1, len(attacks) + 1)
+        for worker_id in attacker_ids:
+            server.expect_worker(task_id, worker_id)
         outcomes = await asyncio.gather(*(
-            ATTACKS[kind % len(ATTACKS)](server.port, task_id, token, data)
-            for kind, data in attacks), return_exceptions=True)
+            ATTACKS[kind % len(ATTACKS)](server.port, task_id, token, data, worker_id)
+            for (kind, data), worker_id in zip(attacks, attacker_ids)),
+            return_exceptions=True)
         attacks_over.set()
         await worker
         failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -522,21 +524,17 @@ def test_many_hostile_connections_at_once():
     asyncio.run(asyncio.wait_for(run_under_attack(attacks, num_blocks=200), 2 * WAIT))
 
 
-def test_hostile_connections_against_a_server_without_token():
-    attacks = [(kind, bytes(range(kind * 7 % 256))) for kind in range(len(ATTACKS))]
-    asyncio.run(asyncio.wait_for(run_under_attack(attacks, token=None), 2 * WAIT))
-
-
 def test_protocol_errors_are_counted():
     async def scenario() -> None:
         scheduler = BlockScheduler([serving_task("counted", 4)])
         server = BlockServer(scheduler, host=HOST)
         server.start_listening(0)
+        server.expect_worker("counted", 1)
         try:
             assert server.protocol_errors == 0
-            await oversized_frame(server.port, "counted", None, b"")
-            await unknown_message_type(server.port, "counted", None, b"")
-            await server_message_from_a_worker(server.port, "counted", None, b"")
+            await oversized_frame(server.port, "counted", server.token, b"", 1)
+            await unknown_message_type(server.port, "counted", server.token, b"", 1)
+            await server_message_from_a_worker(server.port, "counted", server.token, b"", 1)
             assert server.protocol_errors == 3
         finally:
             server.close_all()
@@ -550,9 +548,10 @@ def test_token_is_required_when_the_server_has_one():
         server = BlockServer(scheduler, host=HOST, token="secret")
         server.start_listening(0)
         try:
-            for token in ("wrong", None):
-                with pytest.raises(RefusedByServerError, match="token"):
-                    await run_in_thread(Client, context_for(server, "guarded", 1, token))
+            with pytest.raises(RefusedByServerError, match="token"):
+                await run_in_thread(Client, context_for(server, "guarded", 1, "wrong"))
+            with pytest.raises(ContextError, match="no token"):
+                await run_in_thread(Client, context_for(server, "guarded", 1, ""))
             with pytest.raises(RefusedByServerError, match="unknown task"):
                 await run_in_thread(Client, context_for(server, "no_such_task", 1, "secret"))
             assert server.task_states["guarded"].started is False
@@ -567,10 +566,12 @@ def test_token_is_required_when_the_server_has_one():
     asyncio.run(asyncio.wait_for(scenario(), 2 * WAIT))
 
 
-def test_a_server_on_a_network_interface_makes_a_token():
+def test_every_server_makes_a_token_of_its_own():
     scheduler = BlockScheduler([serving_task("exposed", 1)])
-    assert BlockServer(scheduler, host="0.0.0.0").token
-    assert BlockServer(scheduler, host="127.0.0.1").token is None
+    tokens = {BlockServer(scheduler, host=host).token
+              for host in ("0.0.0.0", "127.0.0.1", "127.0.0.1")}
+    assert len(tokens) == 3 and all(len(token) == 64 for token in tokens)
+    assert BlockServer(scheduler, token="given").token == "given"
 
 
 def test_two_hundred_concurrent_clients_on_loopback():
