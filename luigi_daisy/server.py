@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -62,6 +63,8 @@ _READ_CHUNK = 1 << 16
 
 #: bytes a connection may send before its ``Hello`` is complete (a real one is < 1 KiB)
 MAX_HELLO_BYTES = 64 * 1024
+#: open files the process needs besides the block server's connections
+_SPARE_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,18 @@ class ServerLimits:
             raise ServerConfigError(
                 f"ServerLimits.max_buffered_bytes must be an integer of at least "
                 f"{MAX_HELLO_BYTES} (one handshake), got {self.max_buffered_bytes!r}")
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise the soft limit on open files to ``wanted`` (capped by the hard limit)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        logger.warning("could not raise the open-file limit to %d for the block server's "
+                       "connections", wanted)
 
 
 def is_loopback(host: str) -> bool:
@@ -220,6 +235,8 @@ class BlockServer(TCPServer):
             task_id: set() for task_id in scheduler.tasks}
         self.connected_workers: dict[tuple[str, int], WorkerConnection] = {}
         self.buffered_bytes = 0
+        # highest total seen, before shedding: the bound plus at most one read chunk
+        self.peak_buffered_bytes = 0
         self.warnings = WarningTally(logger)
         self.protocol_errors = 0
         self.refused_hellos = 0
@@ -230,7 +247,13 @@ class BlockServer(TCPServer):
 
     # ------------------------------------------------------------------ lifecycle
     def start_listening(self, port: int = 0) -> int:
-        """Listen on ``host:port`` (0: any free port) and return the port."""
+        """Listen on ``host:port`` (0: any free port) and return the port.
+
+        Raises this process's soft limit on open files, as far as the hard limit allows,
+        to what ``limits.max_connections`` needs, so the connection cap is what refuses
+        connections rather than a failing ``accept``.
+        """
+        _allow_open_files(self.limits.max_connections + _SPARE_FILES)
         sockets = bind_sockets(port, address=self.host)
         self.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
@@ -325,6 +348,8 @@ class BlockServer(TCPServer):
         """Record the partial-frame bytes a connection holds; past the bound, shed."""
         self.buffered_bytes += buffered - connection.buffered
         connection.buffered = buffered
+        if self.buffered_bytes > self.peak_buffered_bytes:
+            self.peak_buffered_bytes = self.buffered_bytes
         if self.buffered_bytes > self.limits.max_buffered_bytes:
             self._shed_buffers()
 
