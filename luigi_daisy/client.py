@@ -52,6 +52,9 @@ from .protocol import (
 
 logger = logging.getLogger(__name__)
 
+#: seconds ``Client.close`` waits for the server to close its end after ``Bye``
+CLOSE_TIMEOUT = 5.0
+
 
 
 
@@ -217,11 +220,23 @@ class Client:
         self.release(block)
 
     def close(self) -> None:
-        """Say goodbye and close the connection."""
+        """Say goodbye and close the connection.
+
+        Waits (at most :data:`CLOSE_TIMEOUT` seconds) until the server has closed its
+        end, so that a new ``Client`` under the same worker id, made right after, is
+        not refused as already connected.
+        """
         try:
             self._send(Bye())
         except ServerUnreachableError:
             pass
+        else:
+            try:
+                self._socket.settimeout(CLOSE_TIMEOUT)
+                while self._socket.recv(1 << 16):
+                    pass
+            except OSError:
+                pass
         self._socket.close()
 
     def __enter__(self) -> Client:
