@@ -19,7 +19,12 @@ Conversation
     client -> server   ReleaseAndAcquire(block, error)   finished one, give me the next
     client -> server   Release(block, error)             finished one, no answer expected
     either             Heartbeat()
-    client -> server   Bye()
+    client -> server   Bye()                             then the server closes
+
+A connection has at most one ``Acquire`` (or ``ReleaseAndAcquire``) waiting for its
+answer: the block server closes a connection that asks again before the answer came.
+A block is released only by the connection it was assigned to; other releases of it
+are ignored.
 
 The module holds no sockets, threads or clocks: :func:`encode` turns a message into the
 bytes of one frame and :class:`Decoder` turns bytes, in whatever chunks they arrive,
@@ -435,7 +440,8 @@ class Hello(Message):
         Id of the worker (>= 0).
     proof:
         ``proof_for(token, nonce)``: the hex HMAC-SHA256 of the challenge nonce under
-        the run's token, or ``""`` when the run has no token.
+        the run's token. The block server always has a token, so ``""`` (what a
+        client without one sends) is always refused there.
     """
 
     TYPE_CODE: ClassVar[int] = 2
@@ -951,8 +957,9 @@ def proof_for(token: str | None, nonce: str) -> str:
 def verify_proof(token: str | None, nonce: str, proof: str) -> bool:
     """Check a client's proof in constant time.
 
-    Without a token the only valid proof is ``""``: a client that believes the run has
-    a token is talking to the wrong run.
+    Without a token the only valid proof is ``""``, never any proof. The block server
+    always has a token (see ``luigi_daisy.server``); the token-less case is for
+    callers of the codec alone.
 
     Parameters
     ----------
