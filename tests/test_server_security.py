@@ -331,6 +331,13 @@ def test_without_the_token_a_local_process_cannot_take_or_return_blocks(tmp_path
             assert peer.receive() is None
             peer.close()
 
+        # the token travels in the workers' environment, never on their command line
+        worker_pids = [worker.pid for worker in run.run.workers["guarded"]]
+        assert len(worker_pids) == 2
+        for pid in worker_pids:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert server.token.encode() not in command_line
+
         state = server.task_states["guarded"]
         assert (state.completed_count, state.failed_count) == (0, 0)
         assert server.refused_hellos == 2
