@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -32,6 +33,7 @@ from .errors import (
     ServerUnreachableError,
 )
 from .protocol import (
+    ALREADY_CONNECTED,
     PROTOCOL_VERSION,
     Acquire,
     BlockAssigned,
@@ -54,6 +56,11 @@ logger = logging.getLogger(__name__)
 
 #: seconds ``Client.close`` waits for the server to close its end after ``Bye``
 CLOSE_TIMEOUT = 5.0
+#: seconds a new ``Client`` keeps trying while its worker id is still connected (an
+#: earlier connection of this worker dropped without ``close`` and the server has not
+#: noticed yet), and the first pause between two tries (doubled after each)
+RECONNECT_GRACE = 2.0
+RECONNECT_PAUSE = 0.01
 
 
 
@@ -124,6 +131,22 @@ class Client:
                 f"the worker context for task {self.task_id!r} has no token: every block "
                 f"server requires its run's token; a Client runs inside a worker started "
                 f"by the run, whose context carries it")
+        deadline = time.monotonic() + min(connect_timeout, RECONNECT_GRACE)
+        pause = RECONNECT_PAUSE
+        while True:
+            self._connect(connect_timeout)
+            refusal = self._handshake(token)
+            if refusal is None:
+                return
+            self._socket.close()
+            if ALREADY_CONNECTED not in refusal or time.monotonic() >= deadline:
+                raise RefusedByServerError(
+                    f"the block server refused worker {self.worker_id} of task "
+                    f"{self.task_id!r}: {refusal}")
+            time.sleep(pause)  # the server has not yet seen our last connection close
+            pause = min(2 * pause, 0.25)
+
+    def _connect(self, connect_timeout: float) -> None:
         self._decoder = Decoder()
         self._inbox: list[Message] = []
         try:
@@ -135,7 +158,6 @@ class Client:
                 f"{self.task_id!r}: {error}; is the run still going?") from None
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket.settimeout(None)
-        self._handshake(token)
 
     # ------------------------------------------------------------------ wire
     def _send(self, message: Message) -> None:
@@ -158,7 +180,8 @@ class Client:
             self._inbox.extend(self._decoder.feed(data))
         return self._inbox.pop(0)
 
-    def _handshake(self, token: str) -> None:
+    def _handshake(self, token: str) -> str | None:
+        """Prove the token; None when welcome, else the server's reason for refusing."""
         challenge = self._receive()
         if type(challenge) is not Challenge:
             raise ProtocolError(f"expected Challenge from the server, got {challenge!r}")
@@ -166,11 +189,10 @@ class Client:
         self._send(Hello(PROTOCOL_VERSION, self.task_id, self.worker_id, proof))
         answer = self._receive()
         if type(answer) is Refused:
-            raise RefusedByServerError(
-                f"the block server refused worker {self.worker_id} of task "
-                f"{self.task_id!r}: {answer.reason}")
+            return answer.reason
         if type(answer) is not Welcome:
             raise ProtocolError(f"expected Welcome from the server, got {answer!r}")
+        return None
 
     def _answer_to_block(self) -> Block | None:
         answer = self._receive()

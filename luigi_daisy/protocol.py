@@ -52,6 +52,7 @@ __all__ = [
     "MAX_DIMS",
     "MAX_NONCE_CHARS",
     "PROOF_CHARS",
+    "ALREADY_CONNECTED",
     "Message",
     "WireBlock",
     "Challenge",
@@ -94,6 +95,11 @@ MAX_NONCE_CHARS = 256
 
 PROOF_CHARS = 64
 """Length of a non-empty proof: the hex digest of HMAC-SHA256."""
+
+ALREADY_CONNECTED = "is already connected"
+"""Words of a :class:`Refused` reason for a worker id that has a connection open. A
+client whose previous connection just closed retries briefly: the server may not have
+seen that close yet."""
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1

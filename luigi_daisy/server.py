@@ -34,6 +34,7 @@ from .errors import ProtocolError, ServerConfigError
 from .ledger import LedgerSet
 from .log_limits import WarningTally, clip
 from .protocol import (
+    ALREADY_CONNECTED,
     CLIENT_MESSAGES,
     PROTOCOL_VERSION,
     Acquire,
@@ -407,7 +408,7 @@ class BlockServer(TCPServer):
             return (f"worker {worker_id} of task {task_id!r} was not started by this run "
                     f"(or has already exited)")
         if (task_id, worker_id) in self.connected_workers:
-            return (f"worker {worker_id} of task {task_id!r} is already connected; one "
+            return (f"worker {worker_id} of task {task_id!r} {ALREADY_CONNECTED}; one "
                     f"connection per worker at a time")
         return None
 

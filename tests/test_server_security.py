@@ -465,7 +465,35 @@ def test_worker_ids_must_be_started_by_the_run_and_connected_once(tmp_path):
     assert result["held"].worker_failure_count == result["hopping"].worker_failure_count == 0
     assert recorded(tmp_path / "done") == Counter({str(index): 1 for index in range(num_blocks)})
     assert recorded(tmp_path / OWN_LOOP_OUTCOMES) == Counter(second_client_refused=2)
-    assert server.refused_hellos == 3 + 2
+    # the test's three, and the second Client of each worker, tried for a moment
+    assert server.refused_hellos >= 3 + 2
+
+
+def test_a_client_whose_last_connection_dropped_without_goodbye_gets_back_in():
+    """A Client dropped without ``close`` (a process function that forgot it) and a new
+    Client under the same worker id right after: the new one is welcomed once the
+    server has noticed the drop; a Client next to one still open is refused."""
+    scheduler = BlockScheduler([line_task("again", 40, None)])
+    processed = []
+    with served(scheduler) as serving:
+        context = serving.context("again", 3)
+        for _ in range(20):
+            client = Client(context, connect_timeout=WAIT)
+            block = client.acquire()
+            processed.append(block.index)
+            block.status = BlockStatus.SUCCESS
+            client.release(block)
+            client._socket.close()  # dropped: no Bye, no wait
+        with Client(context, connect_timeout=WAIT) as client:
+            with pytest.raises(RefusedByServerError, match="already connected"):
+                Client(context, connect_timeout=WAIT)
+            while True:
+                with client.acquire_block() as block:
+                    if block is None:
+                        break
+                    processed.append(block.index)
+        assert sorted(processed) == list(range(40))
+        assert_counts(serving.server.task_states["again"], 40, 40)
 
 
 # -------------------------------------------------------------- releases and holders
