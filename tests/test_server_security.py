@@ -631,6 +631,7 @@ def test_network_text_and_repeated_warnings_add_a_bounded_amount_to_the_log(capl
     releases write a few kilobytes, not megabytes, and the releases are summed up."""
     scheduler = BlockScheduler([line_task("quiet", 4, None)])
     refusals, huge_hellos, releases = 16, 16, 200
+    assert 60_000 < MAX_HELLO_BYTES < 1_000_000  # refused Hellos, then oversized ones
     with caplog.at_level(logging.WARNING, logger="luigi_daisy.server"):
         with served(scheduler, clock=lambda: 0.0) as serving:
             server = serving.server
