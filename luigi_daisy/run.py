@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .blocks import BlockStatus
 from .context import Context
@@ -123,13 +123,16 @@ class WorkerRun:
         reports).
     tracking:
         Serve the run's live state over HTTP (``tracking_url``).
+    stop_event:
+        An event (``threading.Event``, ``multiprocessing.Event``) that, once set, ends
+        the run with its blocks as they are (daisy's ``Server(stop_event)``).
     """
 
     def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
                  host: str = "127.0.0.1", progress: bool = True,
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
-                 tracking: bool = False) -> None:
+                 tracking: bool = False, stop_event: Any = None) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -141,6 +144,7 @@ class WorkerRun:
         self.ledgers = ledgers
         self.followed = dict(followed or {})
         self.observers = list(observers or [])
+        self.stop_event = stop_event
         done_blocks = ledgers.done_blocks()
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
@@ -168,7 +172,8 @@ class WorkerRun:
         self._next_worker_id += 1
         worker = self.launcher.start(self.tasks[task_id].process_function,
                                      self._context(task_id, worker_id, restartable))
-        self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
+        if worker.stderr_path is not None:  # None: daisy.logging.set_log_basedir(None)
+            self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
         self.worker_tasks[worker_id] = task_id
         self.workers[task_id].append(worker)
 
@@ -289,6 +294,9 @@ class WorkerRun:
                 if self._stalled():
                     logger.error("stopping the run: %s", self._stall_report())
                     break
+                if self.stop_event is not None and self.stop_event.is_set():
+                    logger.warning("stopping the run: its stop_event was set")
+                    break
             self.server.serve_waiting()
             await self._stop_workers()
         finally:
@@ -356,10 +364,10 @@ def run_coroutine(coroutine_function):
 
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
-                  log_dir: str | os.PathLike = "daisy_logs",
+                  log_dir: str | os.PathLike | None = None,
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
-                  fresh: bool = False) -> RunResult:
+                  fresh: bool = False, stop_event: Any = None) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -374,7 +382,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     return_states:
         Accepted for daisy 2 compatibility; the result is always the mapping.
     log_dir:
-        Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``.
+        Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``;
+        None (the default) takes it from :func:`luigi_daisy.logging.get_log_basedir`
+        (``./daisy_logs`` unless ``set_log_basedir`` changed it; None there: no files).
     host:
         Interface the block server listens on; anything but loopback requires every
         worker to prove the run's secret token.
@@ -383,6 +393,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         finished blocks are recorded there and skipped when the run is repeated.
     fresh:
         Forget what the tasks' ledgers hold and process every block again.
+    stop_event:
+        With worker processes: an event that, once set, ends the run (blocks not
+        finished count as not run).
 
     Returns
     -------
@@ -396,7 +409,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             result = run_in_process(ordered, ledgers, progress=progress)
             print(format_summary(result))
             return result
-        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
+        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress,
+                        stop_event=stop_event)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

@@ -43,7 +43,7 @@ def process_one_block(process_function, block: Block) -> None:
     except Exception:  # noqa: BLE001 - a user function may raise anything
         block.status = BlockStatus.FAILED
         block.error = traceback.format_exc()
-        logger.error("block %s of task %r failed:\n%s", block.index, block.task_id,
+        logger.error("block %s of task %r failed:\n%s", block.block_id[1], block.task_id,
                      block.error)
         return
     if block.status != BlockStatus.FAILED:
