@@ -72,9 +72,10 @@ class _WireGeometry:
 
 
 def block_from_wire(wire: WireBlock) -> Block:
-    """A ``Block`` for a block received from the server."""
+    """A ``Block`` for a block received from the server; a worker holding it is processing
+    it, so its status is ``PROCESSING`` (as daisy's ``Client`` sets it)."""
     block = block_from_rois(wire.task_id, wire.index, wire.number, None, None,
-                            BlockStatus(wire.status))
+                            BlockStatus.PROCESSING)
     block._rois = None
     block._grid = _WireGeometry(wire)
     return block
