@@ -58,6 +58,45 @@ def cantor_number(position: tuple[int, ...]) -> int:
     return number
 
 
+def _number_function(strides: tuple[int, ...], shifts: tuple[int, ...]):
+    """``index -> cantor_number(position_of(index) + shifts)``, unrolled for 1 to 3
+    dimensions (the server computes one for every block it hands out)."""
+    if len(strides) == 1:
+        (shift,) = shifts
+        return lambda index: index + shift
+    if len(strides) == 2:
+        stride0 = strides[0]
+        shift0, shift1 = shifts
+
+        def number_of_2d(index: int) -> int:
+            k0, k1 = divmod(index, stride0)
+            k0 += shift0
+            total = k0 + k1 + shift1
+            return k0 + total * (total + 1) // 2
+        return number_of_2d
+    if len(strides) == 3:
+        stride0, stride1, _ = strides
+        shift0, shift1, shift2 = shifts
+
+        def number_of_3d(index: int) -> int:
+            k0, rest = divmod(index, stride0)
+            k1, k2 = divmod(rest, stride1)
+            k0 += shift0
+            total2 = k0 + k1 + shift1
+            total3 = total2 + k2 + shift2
+            return (k0 + total2 * (total2 + 1) // 2
+                    + total3 * (total3 + 1) * (total3 + 2) // 6)
+        return number_of_3d
+
+    def number_of(index: int) -> int:
+        position = []
+        for stride, shift in zip(strides, shifts):
+            k, index = divmod(index, stride)
+            position.append(k + shift)
+        return cantor_number(position)
+    return number_of
+
+
 def _as_int_tuple(values: Any) -> tuple[int, ...]:
     return tuple(int(value) for value in values)
 
@@ -84,7 +123,7 @@ class BlockGrid:
         "name", "fit", "dims", "total_roi", "read_template", "write_template",
         "total_begin", "total_end", "read_shape", "write_shape", "context_low",
         "context_high", "write_begin", "total_write_end", "grid_shape", "id_grid_shape",
-        "id_strides", "num_blocks", "crop", "number_shift",
+        "id_strides", "num_blocks", "crop", "number_shift", "number_of",
     )
 
     def __init__(self, total_roi: Roi, read_roi: Roi, write_roi: Roi, fit: str = "valid",
@@ -153,6 +192,8 @@ class BlockGrid:
             strides.append(stride)
             stride *= extent
         self.id_strides = tuple(reversed(strides))
+        #: ``number_of(index)``: daisy's block number (``block_id[1]``) of a block index
+        self.number_of = _number_function(self.id_strides, self.number_shift)
         self.num_blocks = math.prod(self.grid_shape)
 
     # ------------------------------------------------------------------ indices
@@ -167,14 +208,6 @@ class BlockGrid:
             k, index = divmod(index, stride)
             position.append(k)
         return tuple(position)
-
-    def number_of(self, index: int) -> int:
-        """daisy's block number (the second entry of ``block_id``) of a block index."""
-        position = []
-        for stride, shift in zip(self.id_strides, self.number_shift):
-            k, index = divmod(index, stride)
-            position.append(k + shift)
-        return cantor_number(position)
 
     def contains_position(self, position: tuple[int, ...]) -> bool:
         """Whether a grid position is a block of this task (depends on the fit)."""
