@@ -346,8 +346,8 @@ class BlockScheduler:
         index = block.index
         if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
             raise SchedulerError(
-                f"block {index} of task {block.task_id!r} was released but is not being "
-                f"processed; release each acquired block exactly once")
+                f"block {block.block_id[1]} of task {block.task_id!r} was released but is "
+                f"not being processed; release each acquired block exactly once")
         state = progress.state
         state.processing_count -= 1
         if status is None:
@@ -361,7 +361,7 @@ class BlockScheduler:
             return ReleaseOutcome.SKIPPED if skipped else ReleaseOutcome.COMPLETED
         if status != BlockStatus.FAILED:
             raise SchedulerError(
-                f"block {index} of task {block.task_id!r} released with status "
+                f"block {block.block_id[1]} of task {block.task_id!r} released with status "
                 f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
         attempts = progress.retries.get(index, 0)
         allowed = max(progress.max_retries, 1) if worker_lost else progress.max_retries

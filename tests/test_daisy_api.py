@@ -447,8 +447,8 @@ def test_no_log_files_without_a_basedir(tmp_path):
         "import luigi_daisy as daisy\n"
         "daisy.logging.set_log_basedir(None)\n"
         "task = daisy.Task('quiet', daisy.Roi((0,), (20,)), daisy.Roi((0,), (10,)),\n"
-        "                  daisy.Roi((0,), (10,)), process_function=lambda b: print('worker', b.block_id[1]),\n"
-        "                  num_workers=1)\n"
+        "                  daisy.Roi((0,), (10,)), num_workers=1,\n"
+        "                  process_function=lambda b: print('worker', b.block_id[1]))\n"
         "assert daisy.run_blockwise([task], progress=False)\n"
     )
     completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
