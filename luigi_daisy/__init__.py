@@ -34,6 +34,10 @@ from .task import Task
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BlockwiseDependencyGraph": ".dependency_graph",
+    "DependencyGraph": ".dependency_graph",
+    "SerialServer": ".server_api",
+    "Server": ".server_api",
     "Client": ".client",
     "run_blockwise": ".run",
     "Array": ".datasets",
@@ -47,6 +51,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "logging":  # daisy.logging: the module, imported on first use
+        return importlib.import_module(".logging", __name__)
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'luigi_daisy' has no attribute {name!r}")
@@ -60,10 +66,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
-    "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
-    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseDependencyGraph",
+    "BlockwiseRunError", "BlockwiseTask", "Client", "ConfigError", "Context",
+    "ContextError", "Coordinate", "DatasetError", "DependencyGraph", "GeometryError",
+    "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
-    "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
-    "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
+    "SchedulerError", "SerialServer", "Server", "ServerUnreachableError", "Task",
+    "TaskDefinitionError", "TaskState", "ZarrTarget", "check_write_alignment",
+    "logging", "open_ds", "prepare_ds", "run_blockwise",
 ]

@@ -7,7 +7,13 @@ built only when a user reads ``block.read_roi`` or ``block.write_roi``, and then
 
 A block's ``index`` is its row-major position in the *overhang* grid of the total ROI (the
 largest of the three fit modes' grids), so the same write ROI has the same index whatever
-the fit mode, in every run and every process.
+the fit mode, in every run and every process. It is internal (scheduler, ledger, wire).
+
+What users see is ``block.block_id == (task_id, number)``, where ``number`` is daisy's: the
+Cantor number (:func:`cantor_number`) of the block's write ROI position in the grid of write
+ROIs counted from the total ROI's begin, ``(write_begin - total_begin) // write_shape``.
+Because that count starts at the total ROI's begin, the context counts: the first block of
+a task with context ``c`` along an axis sits at ``c // write_shape`` there, not at 0.
 """
 
 from __future__ import annotations
@@ -30,6 +36,65 @@ class BlockStatus(enum.IntEnum):
     PROCESSING = 1
     SUCCESS = 2
     FAILED = 3
+
+
+def cantor_number(position: tuple[int, ...]) -> int:
+    """daisy's block number of a grid position: the Cantor number of ``position``.
+
+    For ``position = (k_0, ..., k_{n-1})`` with non-negative entries this is
+    ``k_0 + sum over d = 2..n of C(s_d + d - 1, d)``, ``s_d = k_0 + ... + k_{d-1}``: the
+    recursion of ``funlib.math.cantor_number`` (daisy 1.x), in exact integers.
+    """
+    number = position[0]
+    total = number
+    for dims in range(2, len(position) + 1):
+        total += position[dims - 1]
+        if dims == 2:
+            number += total * (total + 1) // 2
+        elif dims == 3:
+            number += total * (total + 1) * (total + 2) // 6
+        else:
+            number += math.comb(total + dims - 1, dims)
+    return number
+
+
+def _number_function(strides: tuple[int, ...], shifts: tuple[int, ...]):
+    """``index -> cantor_number(position_of(index) + shifts)``, unrolled for 1 to 3
+    dimensions (the server computes one for every block it hands out)."""
+    if len(strides) == 1:
+        (shift,) = shifts
+        return lambda index: index + shift
+    if len(strides) == 2:
+        stride0 = strides[0]
+        shift0, shift1 = shifts
+
+        def number_of_2d(index: int) -> int:
+            k0, k1 = divmod(index, stride0)
+            k0 += shift0
+            total = k0 + k1 + shift1
+            return k0 + total * (total + 1) // 2
+        return number_of_2d
+    if len(strides) == 3:
+        stride0, stride1, _ = strides
+        shift0, shift1, shift2 = shifts
+
+        def number_of_3d(index: int) -> int:
+            k0, rest = divmod(index, stride0)
+            k1, k2 = divmod(rest, stride1)
+            k0 += shift0
+            total2 = k0 + k1 + shift1
+            total3 = total2 + k2 + shift2
+            return (k0 + total2 * (total2 + 1) // 2
+                    + total3 * (total3 + 1) * (total3 + 2) // 6)
+        return number_of_3d
+
+    def number_of(index: int) -> int:
+        position = []
+        for stride, shift in zip(strides, shifts):
+            k, index = divmod(index, stride)
+            position.append(k + shift)
+        return cantor_number(position)
+    return number_of
 
 
 def _as_int_tuple(values: Any) -> tuple[int, ...]:
@@ -58,7 +123,7 @@ class BlockGrid:
         "name", "fit", "dims", "total_roi", "read_template", "write_template",
         "total_begin", "total_end", "read_shape", "write_shape", "context_low",
         "context_high", "write_begin", "total_write_end", "grid_shape", "id_grid_shape",
-        "id_strides", "num_blocks", "crop",
+        "id_strides", "num_blocks", "crop", "number_shift", "number_of",
     )
 
     def __init__(self, total_roi: Roi, read_roi: Roi, write_roi: Roi, fit: str = "valid",
@@ -106,6 +171,8 @@ class BlockGrid:
         self.context_low = _as_int_tuple(write_roi.begin - read_roi.begin)
         self.context_high = _as_int_tuple(read_roi.end - write_roi.end)
         self.write_begin = tuple(b + c for b, c in zip(self.total_begin, self.context_low))
+        # daisy counts write positions from the total ROI's begin, so the context shifts them
+        self.number_shift = tuple(c // w for c, w in zip(self.context_low, self.write_shape))
         self.total_write_end = tuple(e - c for e, c in zip(self.total_end, self.context_high))
 
         # overhang: blocks whose write ROI begins inside the total write ROI
@@ -125,6 +192,8 @@ class BlockGrid:
             strides.append(stride)
             stride *= extent
         self.id_strides = tuple(reversed(strides))
+        #: ``number_of(index)``: daisy's block number (``block_id[1]``) of a block index
+        self.number_of = _number_function(self.id_strides, self.number_shift)
         self.num_blocks = math.prod(self.grid_shape)
 
     # ------------------------------------------------------------------ indices
@@ -205,33 +274,43 @@ class Block:
 
     ``Block(total_roi, read_roi, write_roi)`` builds a stand-alone block as in daisy;
     blocks handed out by a scheduler are made by :func:`new_block` and compute their ROIs
-    only when asked.
+    and their number only when asked.
 
     Attributes
     ----------
     task_id:
         The id of the task the block belongs to.
+    block_id:
+        ``(task_id, number)``, daisy's id: ``number`` is the Cantor number of the block's
+        position in the grid of write ROIs counted from the total ROI's begin.
+        Equality and hashing follow it.
     index:
-        Stable integer index of the block inside its task.
+        Internal integer index of the block inside its task (row-major in the grid; used
+        by the scheduler, the ledger and the wire, never shown to users).
     status:
         A :class:`BlockStatus`; a process function may set it to ``FAILED``.
     error:
         Text of the error that failed the block, if any.
     """
 
-    __slots__ = ("task_id", "index", "status", "error", "_grid", "_rois")
+    __slots__ = ("task_id", "index", "status", "error", "_grid", "_rois", "_number")
 
     def __init__(self, total_roi: Roi, read_roi: Roi, write_roi: Roi,
                  block_id: int | None = None, task_id: str | None = None) -> None:
         grid = BlockGrid(total_roi, read_roi, write_roi, fit="overhang",
                          name=task_id or "block")
+        write_begin = _as_int_tuple(write_roi.begin)
+        position = tuple(
+            (begin - first) // step for begin, first, step in
+            zip(write_begin, grid.write_begin, grid.write_shape))
         if block_id is None:
-            position = tuple(
-                (begin - first) // step for begin, first, step in
-                zip(_as_int_tuple(write_roi.begin), grid.write_begin, grid.write_shape))
-            block_id = grid.index_of(position)
+            # daisy's formula, literally: the write ROI's own shape divides the offset
+            block_id = cantor_number(tuple(
+                (begin - total) // step for begin, total, step in
+                zip(write_begin, grid.total_begin, grid.write_shape)))
         self.task_id = task_id
-        self.index = int(block_id)
+        self.index = grid.index_of(position)
+        self._number = int(block_id)
         self.status = BlockStatus.CREATED
         self.error = None
         self._grid = None
@@ -239,8 +318,11 @@ class Block:
 
     @property
     def block_id(self) -> tuple[str | None, int]:
-        """``(task_id, index)``, as in daisy."""
-        return (self.task_id, self.index)
+        """``(task_id, number)`` with daisy's block number."""
+        number = self._number
+        if number is None:
+            number = self._number = self._grid.number_of(self.index)
+        return (self.task_id, number)
 
     @property
     def read_roi(self) -> Roi:
@@ -258,23 +340,23 @@ class Block:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Block):
-            return self.task_id == other.task_id and self.index == other.index
+            return self.block_id == other.block_id
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.task_id, self.index))
+        return hash(self.block_id)
 
     def __repr__(self) -> str:
-        return (f"Block(task_id={self.task_id!r}, index={self.index}, "
-                f"read_roi={self.read_roi}, write_roi={self.write_roi}, "
-                f"status={self.status.name})")
+        return (f"Block(block_id={self.block_id!r}, read_roi={self.read_roi}, "
+                f"write_roi={self.write_roi}, status={self.status.name})")
 
     def __getstate__(self):
-        return (self.task_id, self.index, self.status, self.error, self.read_roi,
-                self.write_roi)
+        return (self.task_id, self.index, self.block_id[1], self.status, self.error,
+                self.read_roi, self.write_roi)
 
     def __setstate__(self, state) -> None:
-        self.task_id, self.index, self.status, self.error, read_roi, write_roi = state
+        (self.task_id, self.index, self._number, self.status, self.error, read_roi,
+         write_roi) = state
         self._rois = (read_roi, write_roi)
         self._grid = None
 
@@ -337,16 +419,17 @@ def new_block(task_id: str, index: int, grid: BlockGrid) -> Block:
     block = _allocate_block(Block)
     block.task_id = task_id
     block.index = index
-    block.status = BlockStatus.PROCESSING
+    block.status = BlockStatus.CREATED
     block.error = None
     block._grid = grid
     block._rois = None
+    block._number = None
     return block
 
 
-def block_from_rois(task_id: str, index: int, read_roi: Roi, write_roi: Roi,
-                    status: BlockStatus = BlockStatus.PROCESSING) -> Block:
-    """A block whose ROIs are already known (for example, received off the wire)."""
+def block_from_rois(task_id: str, index: int, number: int, read_roi: Roi, write_roi: Roi,
+                    status: BlockStatus = BlockStatus.CREATED) -> Block:
+    """A block whose ROIs and daisy number are already known (received off the wire)."""
     block = _allocate_block(Block)
     block.task_id = task_id
     block.index = index
@@ -354,8 +437,9 @@ def block_from_rois(task_id: str, index: int, read_roi: Roi, write_roi: Roi,
     block.error = None
     block._grid = None
     block._rois = (read_roi, write_roi)
+    block._number = number
     return block
 
 
 __all__ = ["Block", "BlockBitmap", "BlockGrid", "BlockStatus", "Coordinate", "FIT_MODES", "Roi",
-           "block_from_rois", "new_block"]
+           "block_from_rois", "cantor_number", "new_block"]

@@ -82,8 +82,10 @@ class _WireGeometry:
 
 
 def block_from_wire(wire: WireBlock) -> Block:
-    """A ``Block`` for a block received from the server."""
-    block = block_from_rois(wire.task_id, wire.index, None, None, BlockStatus(wire.status))
+    """A ``Block`` for a block received from the server; a worker holding it is processing
+    it, so its status is ``PROCESSING`` (as daisy's ``Client`` sets it)."""
+    block = block_from_rois(wire.task_id, wire.index, wire.number, None, None,
+                            BlockStatus.PROCESSING)
     block._rois = None
     block._grid = _WireGeometry(wire)
     return block
@@ -234,7 +236,7 @@ class Client:
         except Exception:  # noqa: BLE001 - an exception fails the block, not the worker
             block.status = BlockStatus.FAILED
             block.error = traceback.format_exc()
-            logger.error("block %s of task %r failed:\n%s", block.index, block.task_id,
+            logger.error("block %s of task %r failed:\n%s", block.block_id[1], block.task_id,
                          block.error)
         else:
             if block.status != BlockStatus.FAILED:

@@ -6,11 +6,13 @@ Two kinds of edges exist, and neither is ever materialised for the whole volume:
   conflict when one's read ROI overlaps the other's write ROI. Along a dimension with
   write shape ``w`` and context ``c_low``, ``c_high`` that happens exactly when
   ``|g - h| <= r = ceil(max(c_low, c_high) / w)`` in every dimension. Conflicting blocks
-  are ordered by *level*: the level of a block is the rank of its position modulo
-  ``r + 1`` (lexicographic), so two conflicting blocks always have different levels, the
-  lower level runs first, and all blocks of level 0 are independent. This is daisy's
-  level scheme, but a block waits only for its own conflicting neighbours, not for a
-  whole level.
+  are ordered by *level*, daisy's scheme: the period along an axis is ``r + 1``, capped
+  at the grid's extent there (so no level is empty), and the level of a block is the
+  rank of its position modulo the period in *descending* lexicographic order (level 0
+  is the pattern ``(period - 1, ...)``, the last level ``(0, ...)``, as daisy orders its
+  level offsets). Two conflicting blocks always have different levels, the lower level
+  runs first, and all blocks of level 0 are independent. Unlike daisy, a block waits
+  only for its own conflicting neighbours of lower levels, not for a whole level.
 * **Upstream tasks**: a block of a downstream task depends on every block of an upstream
   task whose write ROI intersects its read ROI. Boxes intersect exactly when their
   intervals intersect in every dimension, so per-dimension index ranges, computed by
@@ -55,7 +57,7 @@ class ConflictStencil:
         else:
             self.radius = (0,) * grid.dims
         self.has_conflicts = any(self.radius)
-        self.periods = tuple(r + 1 for r in self.radius)
+        self.periods = tuple(min(r + 1, n) for r, n in zip(self.radius, grid.grid_shape))
         self.num_levels = math.prod(self.periods)
         # upstream / downstream offsets per level pattern: (offset, linear delta)
         self._upstream: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
@@ -79,10 +81,10 @@ class ConflictStencil:
             self._downstream[pattern] = downstream
 
     def level_of_pattern(self, pattern: tuple[int, ...]) -> int:
-        """Rank of a position-modulo-period pattern (0 runs first)."""
+        """Rank of a position-modulo-period pattern, descending (0 runs first)."""
         level = 0
         for p, n in zip(pattern, self.periods):
-            level = level * n + p
+            level = level * n + (n - 1 - p)
         return level
 
     def level(self, position: tuple[int, ...]) -> int:
@@ -130,15 +132,16 @@ class ConflictStencil:
             if all(0 <= k + o < n for k, o, n in zip(position, offset, grid_shape)))
 
     def roots(self):
-        """Iterator over the indices of level-0 blocks, in row-major order."""
+        """Iterator over the indices of level-0 blocks, in row-major order (last axis
+        fastest, as ``itertools.product``)."""
         grid = self.grid
         return map(sum, itertools.product(*(
-            range(0, n * stride, period * stride)
+            range((period - 1) * stride, n * stride, period * stride)
             for n, stride, period in zip(grid.grid_shape, grid.id_strides, self.periods))))
 
     def root_count(self) -> int:
         """Number of level-0 blocks."""
-        return math.prod(-(-n // p) for n, p in zip(self.grid.grid_shape, self.periods))
+        return math.prod(n // p for n, p in zip(self.grid.grid_shape, self.periods))
 
 
 class UpstreamLink:

@@ -19,7 +19,12 @@ import numpy as np
 from .context import safe_file_name
 from .errors import LedgerError
 
-FORMAT_VERSION = 2
+#: 3: written since block ids are daisy's numbers. Format 2 ledgers hold the same dense
+#: indices, but were written by versions that showed users other block ids, so they are
+#: refused rather than mixed with the new numbering.
+FORMAT_VERSION = 3
+#: what the ``block`` column holds, recorded in every ledger
+BLOCK_KEY = "row-major index in the overhang grid of the task's write ROIs"
 SUFFIX = ".ledger.sqlite"
 #: how to get past a ledger that cannot be used
 AFRESH = ("delete the file, or start afresh (run_blockwise(..., fresh=True)) to process "
@@ -32,6 +37,21 @@ CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOU
 """
 
 
+
+
+def _check_format(path: Path, found: str | None) -> None:
+    """Refuse a ledger of another format, saying what it is and how to get past it."""
+    if found == str(FORMAT_VERSION):
+        return
+    if found is not None and found.isdigit() and int(found) < FORMAT_VERSION:
+        raise LedgerError(
+            f"ledger {path} has format {found}, written by a luigi_daisy that numbered "
+            f"blocks before block ids followed daisy's (Cantor) numbering; this version "
+            f"reads format {FORMAT_VERSION} only and will not guess which blocks it "
+            f"records. To process the task again, {AFRESH}")
+    raise LedgerError(
+        f"ledger {path} has format {found!r}, this version reads {FORMAT_VERSION}; "
+        f"{AFRESH}")
 
 
 def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
@@ -98,7 +118,8 @@ class Ledger:
 
     def _check_or_write_meta(self) -> None:
         expected = {"format": str(FORMAT_VERSION), "task_id": self.task_id,
-                    "geometry": json.dumps(self.geometry, sort_keys=True)}
+                    "geometry": json.dumps(self.geometry, sort_keys=True),
+                    "block_key": BLOCK_KEY}
         if not self.read_only:
             # OR IGNORE: another process may be creating the same ledger right now
             with self._transaction():
@@ -109,10 +130,7 @@ class Ledger:
             raise LedgerError(
                 f"ledger {self.path} belongs to task {meta.get('task_id')!r}, not "
                 f"{self.task_id!r}; use another ledger folder or delete the file")
-        if meta.get("format") != expected["format"]:
-            raise LedgerError(
-                f"ledger {self.path} has format {meta.get('format')!r}, this version "
-                f"reads {FORMAT_VERSION}; {AFRESH}")
+        _check_format(self.path, meta.get("format"))
         if meta.get("geometry") != expected["geometry"]:
             raise LedgerError(
                 f"ledger {self.path} of task {self.task_id!r} was written for geometry "
@@ -260,16 +278,18 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
-            done, failed, task_id, geometry = connection.execute(
+            done, failed, task_id, geometry, found_format = connection.execute(
                 "SELECT (SELECT COUNT(*) FROM done), (SELECT COUNT(*) FROM failed), "
                 "(SELECT value FROM meta WHERE key = 'task_id'), "
-                "(SELECT value FROM meta WHERE key = 'geometry')").fetchone()
+                "(SELECT value FROM meta WHERE key = 'geometry'), "
+                "(SELECT value FROM meta WHERE key = 'format')").fetchone()
         finally:
             connection.close()
     except sqlite3.DatabaseError as error:
         raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
     if task_id is None or geometry is None:
         raise LedgerError(f"ledger {path} has no task id or geometry recorded")
+    _check_format(path, found_format)
     geometry = json.loads(geometry)
     return {"path": str(path), "task_id": task_id, "geometry": geometry,
             "done": done, "failed": failed, "total": geometry.get("num_blocks")}

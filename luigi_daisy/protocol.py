@@ -268,6 +268,9 @@ class WireBlock:
         Begin and shape of the block's write ROI, in world units.
     status:
         0 CREATED, 1 PROCESSING, 2 SUCCESS, 3 FAILED (the values of ``BlockStatus``).
+    number:
+        daisy's block number (``block.block_id[1]``), sent with blocks the server hands
+        out so that workers show the ids users know; None (not sent) on releases.
     """
 
     task_id: str
@@ -277,11 +280,12 @@ class WireBlock:
     write_offset: tuple[int, ...]
     write_shape: tuple[int, ...]
     status: int
+    number: int | None = None
 
 
 def _block_json(block: WireBlock) -> list[Any]:
-    """Return the compact list form of a block."""
-    return [
+    """Return the compact list form of a block (the number last, when there is one)."""
+    fields = [
         block.task_id,
         block.index,
         block.read_offset,
@@ -290,6 +294,9 @@ def _block_json(block: WireBlock) -> list[Any]:
         block.write_shape,
         block.status,
     ]
+    if block.number is not None:
+        fields.append(block.number)
+    return fields
 
 
 def _set_slot(cls: type, name: str) -> Callable[[Any, Any], None]:
@@ -304,6 +311,9 @@ _set_read_shape = _set_slot(WireBlock, "read_shape")
 _set_write_offset = _set_slot(WireBlock, "write_offset")
 _set_write_shape = _set_slot(WireBlock, "write_shape")
 _set_status = _set_slot(WireBlock, "status")
+_set_number = _set_slot(WireBlock, "number")
+#: bound of a block number on the wire (Cantor numbers of huge 5D grids exceed int64)
+_NUMBER_MAX = 2**128
 _INT_ONLY = {int}
 
 
@@ -315,6 +325,7 @@ def _new_wire_block(
     write_offset: tuple[int, ...],
     write_shape: tuple[int, ...],
     status: int,
+    number: int | None,
 ) -> WireBlock:
     """Build a validated :class:`WireBlock` without the cost of the frozen ``__init__``."""
     block = object.__new__(WireBlock)
@@ -325,6 +336,7 @@ def _new_wire_block(
     _set_write_offset(block, write_offset)
     _set_write_shape(block, write_shape)
     _set_status(block, status)
+    _set_number(block, number)
     return block
 
 
@@ -334,9 +346,12 @@ def _block_from_json(value: object, where: str) -> WireBlock:
     The checks run once on the fast path; only a rejected block is examined again,
     field by field, by :func:`_explain_bad_block` to name what is wrong.
     """
-    if type(value) is list and len(value) == 7:
-        task_id, index, read_offset, read_shape, write_offset, write_shape, status = value
+    if type(value) is list and 7 <= len(value) <= 8:
+        task_id, index, read_offset, read_shape, write_offset, write_shape, status = value[:7]
+        number = value[7] if len(value) == 8 else None
         if (
+            (number is None or type(number) is int and 0 <= number < _NUMBER_MAX)
+            and
             type(task_id) is str
             and (task_id.isascii() or _is_text(task_id))
             and type(index) is int
@@ -366,16 +381,19 @@ def _block_from_json(value: object, where: str) -> WireBlock:
                     tuple(write_offset),
                     tuple(write_shape),
                     status,
+                    number,
                 )
     _explain_bad_block(value, where)
 
 
 def _explain_bad_block(value: object, where: str) -> NoReturn:
     """Raise a :class:`ProtocolError` naming the first invalid field of a block."""
-    if type(value) is not list or len(value) != 7:
+    if type(value) is not list or not 7 <= len(value) <= 8:
         _fail(where, "a list [task_id, index, read_offset, read_shape, write_offset, "
-                     "write_shape, status]", value)
-    task_id, index, read_offset, read_shape, write_offset, write_shape, status = value
+                     "write_shape, status] with an optional number last", value)
+    task_id, index, read_offset, read_shape, write_offset, write_shape, status = value[:7]
+    if len(value) == 8:
+        _integer(value[7], f"{where}.number", 0, _NUMBER_MAX - 1)
     _text(task_id, f"{where}.task_id")
     _integer(index, f"{where}.index", 0, _INT64_MAX)
     dims = {

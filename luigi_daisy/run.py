@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .blocks import BlockStatus
 from .context import Context
@@ -126,13 +126,17 @@ class WorkerRun:
     server_limits:
         Bounds on the block server's connections, handshakes and buffered bytes
         (:class:`~luigi_daisy.server.ServerLimits`; its defaults when None).
+    stop_event:
+        An event (``threading.Event``, ``multiprocessing.Event``) that, once set, ends
+        the run with its blocks as they are (daisy's ``Server(stop_event)``).
     """
 
     def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
                  host: str = "127.0.0.1", progress: bool = True,
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
-                 tracking: bool = False, server_limits: ServerLimits | None = None) -> None:
+                 tracking: bool = False, server_limits: ServerLimits | None = None,
+                 stop_event: Any = None) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -145,6 +149,7 @@ class WorkerRun:
         self.followed = dict(followed or {})
         self.observers = list(observers or [])
         self.server_limits = server_limits
+        self.stop_event = stop_event
         done_blocks = ledgers.done_blocks()
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
@@ -171,7 +176,8 @@ class WorkerRun:
         self.server.expect_worker(task_id, worker_id)
         worker = self.launcher.start(self.tasks[task_id].process_function,
                                      self._context(task_id, worker_id, restartable))
-        self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
+        if worker.stderr_path is not None:  # None: daisy.logging.set_log_basedir(None)
+            self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
         self.worker_tasks[worker_id] = task_id
         self.workers[task_id].append(worker)
 
@@ -294,6 +300,9 @@ class WorkerRun:
                 if self._stalled():
                     logger.error("stopping the run: %s", self._stall_report())
                     break
+                if self.stop_event is not None and self.stop_event.is_set():
+                    logger.warning("stopping the run: its stop_event was set")
+                    break
             self.server.serve_waiting()
             await self._stop_workers()
         finally:
@@ -361,11 +370,12 @@ def run_coroutine(coroutine_function):
 
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
-                  log_dir: str | os.PathLike = "daisy_logs",
+                  log_dir: str | os.PathLike | None = None,
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
                   fresh: bool = False,
-                  server_limits: ServerLimits | None = None) -> RunResult:
+                  server_limits: ServerLimits | None = None,
+                  stop_event: Any = None) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -380,7 +390,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     return_states:
         Accepted for daisy 2 compatibility; the result is always the mapping.
     log_dir:
-        Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``.
+        Folder for the workers' logs, ``<log_dir>/<task_id>/worker_<id>.out|.err``;
+        None (the default) takes it from :func:`luigi_daisy.logging.get_log_basedir`
+        (``./daisy_logs`` unless ``set_log_basedir`` changed it; None there: no files).
     host:
         Interface the block server listens on. On every interface, loopback included,
         each worker proves the run's secret token, which it gets in its environment.
@@ -393,6 +405,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Bounds on the block server: connections open at once (default 4096), seconds
         to authenticate (10) and bytes of partial frames buffered across connections
         (64 MiB); see :class:`~luigi_daisy.server.ServerLimits`.
+    stop_event:
+        With worker processes: an event that, once set, ends the run (blocks not
+        finished count as not run).
 
     Returns
     -------
@@ -407,7 +422,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             print(format_summary(result))
             return result
         run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress,
-                        server_limits=server_limits)
+                        server_limits=server_limits, stop_event=stop_event)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

@@ -51,7 +51,8 @@ class TaskState:
         self.worker_failure_count = 0
         self.worker_restart_count = 0
         self.timeout_reclaim_count = 0
-        #: indices of the blocks that failed for good, with the last error text
+        #: daisy's block numbers (``block.block_id[1]``) of the blocks that failed for
+        #: good, with the last error text
         self.failed_blocks: dict[int, str | None] = {}
 
     @property
@@ -165,7 +166,7 @@ class _TaskProgress:
         positions = np.unravel_index(indices, self.grid.id_grid_shape)
         is_root = np.ones(len(indices), dtype=bool)
         for coordinates, period in zip(positions, self.stencil.periods):
-            is_root &= coordinates % period == 0
+            is_root &= coordinates % period == period - 1
         return int(is_root.sum())
 
     def dependency_count(self, position: tuple[int, ...]) -> int:
@@ -345,8 +346,8 @@ class BlockScheduler:
         index = block.index
         if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
             raise SchedulerError(
-                f"block {index} of task {block.task_id!r} was released but is not being "
-                f"processed; release each acquired block exactly once")
+                f"block {block.block_id[1]} of task {block.task_id!r} was released but is "
+                f"not being processed; release each acquired block exactly once")
         state = progress.state
         state.processing_count -= 1
         if status is None:
@@ -360,7 +361,7 @@ class BlockScheduler:
             return ReleaseOutcome.SKIPPED if skipped else ReleaseOutcome.COMPLETED
         if status != BlockStatus.FAILED:
             raise SchedulerError(
-                f"block {index} of task {block.task_id!r} released with status "
+                f"block {block.block_id[1]} of task {block.task_id!r} released with status "
                 f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
         attempts = progress.retries.get(index, 0)
         allowed = max(progress.max_retries, 1) if worker_lost else progress.max_retries
@@ -371,7 +372,7 @@ class BlockScheduler:
             return ReleaseOutcome.RETRYING
         progress.retries.pop(index, None)
         state.failed_count += 1
-        state.failed_blocks[index] = block.error
+        state.failed_blocks[block.block_id[1]] = block.error
         self._orphan_dependents(progress, index)
         return ReleaseOutcome.FAILED
 
@@ -482,17 +483,44 @@ class Scheduler(BlockScheduler):
 
     ``acquire_block`` skips (and counts as skipped) the blocks a task's check function
     reports as done; ``release_block`` applies the post check of a ``(pre, post)`` pair.
-    A released block's ``status`` must be ``SUCCESS`` or ``FAILED``.
+    A released block's ``status`` must be ``SUCCESS`` or ``FAILED``; a block handed out
+    has status ``CREATED``, as in daisy.
+
+    Parameters
+    ----------
+    tasks:
+        The tasks to run; upstream tasks are pulled in.
+    count_all_orphans:
+        daisy's switch to trade exact orphan counts for speed (with False, daisy may count
+        orphans as pending). Orphans are counted exactly here either way: the walk only
+        visits blocks that become orphans, so there is nothing to save.
+    done_blocks:
+        Per task id, the indices of blocks finished in an earlier run.
     """
 
-    def __init__(self, tasks: Task | Iterable[Task],
+    def __init__(self, tasks: Task | Iterable[Task], count_all_orphans: bool = True,
                  done_blocks: Mapping[str, Iterable[int]] | None = None) -> None:
+        if not isinstance(count_all_orphans, bool):
+            raise TypeError(
+                f"count_all_orphans must be True or False, got {count_all_orphans!r}; "
+                f"pass the tasks as the first argument and done blocks as done_blocks=")
         super().__init__(tasks, done_blocks)
+        self.count_all_orphans = count_all_orphans
+        self._dependency_graph = None
         # without check functions the daisy names are the core's methods, one call less
         if not any(task.pre_check for task in self.tasks.values()):
             self.acquire_block = self.acquire
         if not any(task.post_check for task in self.tasks.values()):
             self.release_block = self.release
+
+    @property
+    def dependency_graph(self):
+        """daisy's :class:`~luigi_daisy.dependency_graph.DependencyGraph` of these tasks,
+        answering from the same grid arithmetic as the scheduler."""
+        if self._dependency_graph is None:
+            from .dependency_graph import DependencyGraph
+            self._dependency_graph = DependencyGraph(list(self.tasks.values()))
+        return self._dependency_graph
 
     def acquire_block(self, task_id: str) -> Block | None:
         """A block of ``task_id`` to process, or None if none is ready now."""

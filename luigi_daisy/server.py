@@ -131,9 +131,10 @@ def is_loopback(host: str) -> bool:
 
 def wire_block(block: Block) -> WireBlock:
     """The wire form of a block handed out by the scheduler (no ``Roi`` is built)."""
-    read_begin, read_shape, write_begin, write_shape = block._grid.bounds_of(block.index)
+    grid = block._grid
+    read_begin, read_shape, write_begin, write_shape = grid.bounds_of(block.index)
     return WireBlock(block.task_id, block.index, read_begin, read_shape, write_begin,
-                     write_shape, int(block.status))
+                     write_shape, int(block.status), grid.number_of(block.index))
 
 
 def _keep_alive(stream: IOStream) -> None:
@@ -520,7 +521,7 @@ class BlockServer(TCPServer):
         for block in list(connection.held.values()):
             del self.holder[(block.task_id, block.index)]
             logger.warning("worker %s of %r was lost while processing block %s; retrying it",
-                           connection.worker_id, block.task_id, block.index)
+                           connection.worker_id, block.task_id, block.block_id[1])
             self._give_back(block, BlockStatus.FAILED,
                             f"worker {connection.worker_id} was lost while processing the block",
                             connection.worker_id, worker_lost=True)
@@ -543,7 +544,7 @@ class BlockServer(TCPServer):
             block = connection.held.pop(expired.index)
             timeout = self.scheduler.tasks[expired.task_id].timeout
             logger.warning("block %s of %r exceeded its timeout of %ss; stopping worker %s",
-                           expired.index, expired.task_id, timeout, connection.worker_id)
+                           block.block_id[1], expired.task_id, timeout, connection.worker_id)
             self.scheduler.task_states[expired.task_id].timeout_reclaim_count += 1
             self._give_back(block, BlockStatus.FAILED,
                             f"timeout: the block took longer than {timeout} s",

@@ -55,9 +55,9 @@ def format_summary(states: Mapping[str, TaskState],
             lines += ["    all blocks processed successfully", ""]
             continue
         if state.failed_blocks:
-            lines.append("    failed blocks (index: last error):")
-            for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
-                lines.append(f"      {index}: {_error_line(error)}")
+            lines.append("    failed blocks (block id: last error):")
+            for number, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
+                lines.append(f"      {number}: {_error_line(error)}")
             hidden = len(state.failed_blocks) - MAX_LISTED_FAILURES
             if hidden > 0:
                 lines.append(f"      ... and {hidden} more")

@@ -158,7 +158,7 @@ class Task:
             return bool(self.pre_check(block))
         except Exception:  # noqa: BLE001 - user code may raise anything
             logger.exception("check function of task %r raised on block %s; processing it",
-                             self.task_id, block.index)
+                             self.task_id, block.block_id[1])
             return False
 
     def post_check_failure(self, block) -> str | None:

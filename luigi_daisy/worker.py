@@ -36,14 +36,16 @@ def process_one_block(process_function, block: Block) -> None:
     """Run a process function on a block and record the outcome in ``block.status``.
 
     An exception fails the block (its traceback goes to ``block.error`` and the log),
-    never the caller; a function that sets ``block.status = FAILED`` fails it too.
+    never the caller; a function that sets ``block.status = FAILED`` fails it too. The
+    function sees the block as ``PROCESSING``, as daisy's workers do.
     """
+    block.status = BlockStatus.PROCESSING
     try:
         process_function(block)
     except Exception:  # noqa: BLE001 - a user function may raise anything
         block.status = BlockStatus.FAILED
         block.error = traceback.format_exc()
-        logger.error("block %s of task %r failed:\n%s", block.index, block.task_id,
+        logger.error("block %s of task %r failed:\n%s", block.block_id[1], block.task_id,
                      block.error)
         return
     if block.status != BlockStatus.FAILED:

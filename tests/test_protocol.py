@@ -104,6 +104,7 @@ ONE_OF_EACH: list[Message] = [
     Heartbeat(),
     Bye(),
     BlockAssigned(BLOCK),
+    BlockAssigned(dataclasses.replace(BLOCK, number=2**70)),  # daisy's id travels too
     NoMoreBlocks(),
 ]
 
@@ -460,7 +461,9 @@ BAD_BODIES: list[tuple[type[Message], object, str]] = [
     (BlockAssigned, {"block": None}, "BlockAssigned.block"),
     (BlockAssigned, {"block": {"task_id": "t"}}, "BlockAssigned.block"),
     (BlockAssigned, {"block": GOOD_BLOCK[:6]}, "BlockAssigned.block"),
-    (BlockAssigned, {"block": [*GOOD_BLOCK, 0]}, "BlockAssigned.block"),
+    (BlockAssigned, {"block": [*GOOD_BLOCK, 0, 0]}, "BlockAssigned.block"),
+    (BlockAssigned, {"block": [*GOOD_BLOCK, -1]}, "BlockAssigned.block.number"),
+    (BlockAssigned, {"block": [*GOOD_BLOCK, "12"]}, "BlockAssigned.block.number"),
     (Release, {"block": GOOD_BLOCK[:6] + ["1"], "error": None}, "Release.block.status"),
     (ReleaseAndAcquire, with_block(task_id=1), "ReleaseAndAcquire.block.task_id"),
     (ReleaseAndAcquire, with_block(index=-1), "ReleaseAndAcquire.block.index"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context, safe_file_name
+from ..logging import get_log_basedir
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ class WorkerProcess:
     task_id: str
     worker_id: int
     process: multiprocessing.process.BaseProcess
-    stdout_path: Path
-    stderr_path: Path
+    stdout_path: Path | None
+    stderr_path: Path | None
 
     @property
     def pid(self) -> int | None:
@@ -96,15 +97,20 @@ def _worker_main(process_function, context: Context, stdout_path: Path,
         os.setpgid(0, 0)
         _die_with_parent(parent_pid)
         from ..worker import run_worker
-        _redirect_output(stdout_path, stderr_path)
+        if stdout_path is not None:
+            _redirect_output(stdout_path, stderr_path)
         encoded = context.to_env()
         os.environ[ENV_VARIABLE] = encoded
         os.environ[DAISY_ENV_VARIABLE] = encoded
         exit_code = run_worker(process_function, context)
     except BaseException:  # noqa: BLE001 - whatever ends the worker goes to its log
-        with open(stderr_path, "a") as log:
-            log.write(f"worker {context.get('worker_id')} of task {context.get('task_id')!r} "
-                      f"stopped:\n{traceback.format_exc()}")
+        message = (f"worker {context.get('worker_id')} of task {context.get('task_id')!r} "
+                   f"stopped:\n{traceback.format_exc()}")
+        if stderr_path is None:
+            sys.stderr.write(message)
+        else:
+            with open(stderr_path, "a") as log:
+                log.write(message)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -120,15 +126,21 @@ class LocalLauncher:
     Parameters
     ----------
     log_dir:
-        Folder for the workers' ``.out`` and ``.err`` files.
+        Folder for the workers' ``.out`` and ``.err`` files; None (the default): the
+        folder of :mod:`luigi_daisy.logging` at this moment, where None means no files
+        (workers print to this process's stdout and stderr).
     """
 
-    def __init__(self, log_dir: str | os.PathLike = "daisy_logs") -> None:
-        self.log_dir = Path(log_dir)
+    def __init__(self, log_dir: str | os.PathLike | None = None) -> None:
+        if log_dir is None:
+            log_dir = get_log_basedir()
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self._context = multiprocessing.get_context("fork")
 
-    def log_paths(self, task_id: str, worker_id: int) -> tuple[Path, Path]:
-        """``(stdout, stderr)`` files of a worker."""
+    def log_paths(self, task_id: str, worker_id: int) -> tuple[Path | None, Path | None]:
+        """``(stdout, stderr)`` files of a worker (None, None without log files)."""
+        if self.log_dir is None:
+            return None, None
         folder = self.log_dir / safe_file_name(task_id)
         return folder / f"worker_{worker_id}.out", folder / f"worker_{worker_id}.err"
 
@@ -137,7 +149,8 @@ class LocalLauncher:
         task_id = context["task_id"]
         worker_id = int(context["worker_id"])
         stdout_path, stderr_path = self.log_paths(task_id, worker_id)
-        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        if stdout_path is not None:
+            stdout_path.parent.mkdir(parents=True, exist_ok=True)
         context.to_env()  # a context that cannot travel fails here, not in the worker
         process = self._context.Process(
             target=_worker_main,
