@@ -122,7 +122,8 @@ class WorkerRun:
         Called with this run about once a second and once at the end (progress
         reports).
     tracking:
-        Serve the run's live state over HTTP (``tracking_url``).
+        Serve the run's live block map over HTTP (``tracking.url``); the scheduler
+        then keeps each block's state (one byte per block).
     """
 
     def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
@@ -144,7 +145,7 @@ class WorkerRun:
         done_blocks = ledgers.done_blocks()
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
-        self.scheduler = BlockScheduler(tasks, done_blocks)
+        self.scheduler = BlockScheduler(tasks, done_blocks, block_map=tracking)
         for task_id in self.followed:
             self.scheduler.follow(task_id)
         self.server: BlockServer | None = None
@@ -354,12 +355,24 @@ def run_coroutine(coroutine_function):
     return outcome["value"]
 
 
+class _BlockMapAnnouncer:
+    """Run observer that prints the URL of the run's block map, once."""
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def __call__(self, run: WorkerRun) -> None:
+        if not self.printed and run.tracking is not None and run.tracking.url:
+            self.printed = True
+            print(f"live block map: {run.tracking.url}", flush=True)
+
+
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
                   log_dir: str | os.PathLike = "daisy_logs",
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
-                  fresh: bool = False) -> RunResult:
+                  fresh: bool = False, tracking: bool = False) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -383,6 +396,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         finished blocks are recorded there and skipped when the run is repeated.
     fresh:
         Forget what the tasks' ledgers hold and process every block again.
+    tracking:
+        Serve a live block map of the run on a free port of ``host`` and print its URL
+        (with ``multiprocessing=True``).
 
     Returns
     -------
@@ -396,7 +412,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             result = run_in_process(ordered, ledgers, progress=progress)
             print(format_summary(result))
             return result
-        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
+        observers = [_BlockMapAnnouncer()] if tracking else []
+        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress,
+                        observers=observers, tracking=tracking)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

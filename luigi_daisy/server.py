@@ -148,6 +148,8 @@ class BlockServer(TCPServer):
             task_id: deque() for task_id in scheduler.tasks}
         self.holder: dict[tuple[str, int], WorkerConnection] = {}
         self.failed_workers: dict[str, set[int]] = {task_id: set() for task_id in scheduler.tasks}
+        #: ``(task_id, block index) -> worker id`` of the blocks that failed for good
+        self.failed_by: dict[tuple[str, int], int | None] = {}
         self.protocol_errors = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -290,6 +292,7 @@ class BlockServer(TCPServer):
             self.ledgers.record_done(block.task_id, block.index)
         elif outcome is ReleaseOutcome.FAILED:
             self.ledgers.record_failed(block.task_id, block.index, error)
+            self.failed_by[(block.task_id, block.index)] = worker_id
         self._serve_waiting()
 
     def _serve_waiting(self) -> None:
