@@ -4,7 +4,8 @@
 const POLL_MS = 1000;
 const RETRY_MS = 5000;
 const PICTURE_CELLS = 256;         // cells along the picture's longer side
-const PICTURE_PIXELS = 512;        // the picture's longer side on the page
+const PICTURE_PIXELS = 512;        // the picture's longer side on the page, at most
+const MAX_CELL_PIXELS = 32;        // a small grid's blocks are drawn this large at most
 const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];
 const COLOURS = {};                // state name -> [r, g, b], read from the CSS variables
 const views = new Map();           // task id -> the DOM and query state of its section
@@ -165,7 +166,7 @@ function drawPlane(view, plane) {
     canvas.width = plane.columns;
     canvas.height = plane.rows;
     const scale = PICTURE_PIXELS / Math.max(plane.columns, plane.rows);
-    const pixelsPerCell = scale >= 1 ? Math.floor(scale) : scale;
+    const pixelsPerCell = scale >= 1 ? Math.min(Math.floor(scale), MAX_CELL_PIXELS) : scale;
     canvas.style.width = `${plane.columns * pixelsPerCell}px`;
     canvas.style.height = `${plane.rows * pixelsPerCell}px`;
   }
