@@ -143,7 +143,7 @@ class _TaskProgress:
 
     def start_block_map(self) -> None:
         """Keep the state of every block from now on (before any block is handed out)."""
-        self.states = bytearray(math.prod(self.grid.id_grid_shape))
+        self.states = bytearray((WAITING,)) * math.prod(self.grid.id_grid_shape)
         if self.done_before:
             import numpy as np
             np.frombuffer(self.states, dtype=np.uint8)[self.done_before.indices()] = DONE
@@ -376,8 +376,8 @@ class BlockScheduler:
             plane = every[leading][:grid.grid_shape[-2], :grid.grid_shape[-1]].copy()
         untouched = plane == WAITING
         if untouched.any():
-            roots = progress.is_root_plane(leading, *plane.shape)
-            plane[untouched & roots] = READY
+            untouched &= progress.is_root_plane(leading, *plane.shape)
+            np.putmask(plane, untouched, READY)
         return plane
 
     # ------------------------------------------------------------------ acquire

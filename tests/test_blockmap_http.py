@@ -14,9 +14,13 @@ import pytest
 from blockmap_helpers import GatedRun, wait_for
 from blockmap_run import FAILURE
 
+from luigi_daisy.block_states import STATE_NAMES
+
 pytestmark = pytest.mark.timeout(120)
 
 SETTLE_DEADLINE = 60.0  # seconds until the ungated blocks have all finished
+#: the digit of each state in a picture's cells
+DIGIT = {name: str(code) for code, name in enumerate(STATE_NAMES)}
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +59,16 @@ def test_a_3d_task_is_served_one_z_slice_at_a_time(run):
     assert (done["rows"], done["columns"], done["step"]) == (4, 5, 1)
     assert done["counts"] == {"waiting": 0, "ready": 0, "processing": 0, "done": 19,
                               "failed": 1, "orphaned": 0}
-    assert cell(done, 1, 2) == "4"  # the failed block at (0, 1, 2)
-    assert done["cells"].count("3") == 19
+    assert cell(done, 1, 2) == DIGIT["failed"]  # the block at (0, 1, 2)
+    assert done["cells"].count(DIGIT["done"]) == 19
 
     # z = 1 is held by the gate: both workers hold the first two blocks of the slice, the
     # others depend on nothing and are ready
     held = plane(run, "task=smooth&slice=1")
     assert held["counts"] == {"waiting": 0, "ready": 18, "processing": 2, "done": 0,
                               "failed": 0, "orphaned": 0}
-    assert held["cells"] == "22" + "1" * 18
-    assert plane(run, "task=smooth&slice=2")["cells"] == "1" * 20
+    assert held["cells"] == DIGIT["processing"] * 2 + DIGIT["ready"] * 18
+    assert plane(run, "task=smooth&slice=2")["cells"] == DIGIT["ready"] * 20
 
     # without slice, the first slice
     assert plane(run, "task=smooth")["cells"] == done["cells"]
@@ -73,34 +77,34 @@ def test_a_3d_task_is_served_one_z_slice_at_a_time(run):
 def test_blocks_downstream_of_a_failed_block_are_orphaned_and_the_others_wait(run):
     first = plane(run, "task=label&slice=0")
     assert first["counts"]["done"] == 19 and first["counts"]["orphaned"] == 1
-    assert cell(first, 1, 2) == "5"
+    assert cell(first, 1, 2) == DIGIT["orphaned"]
     # their smooth blocks are held: waiting, not ready
-    assert plane(run, "task=label&slice=1")["cells"] == "0" * 20
+    assert plane(run, "task=label&slice=1")["cells"] == DIGIT["waiting"] * 20
 
 
 def test_a_2d_task_is_one_plane_and_a_4d_task_takes_two_coordinates(run):
     tiles = plane(run, "task=tiles")
     assert (tiles["rows"], tiles["columns"], tiles["slice"]) == (6, 8, [])
-    assert tiles["cells"] == "3" * 48
+    assert tiles["cells"] == DIGIT["done"] * 48
 
-    assert plane(run, "task=frames&slice=0,2")["cells"] == "3" * 20
+    assert plane(run, "task=frames&slice=0,2")["cells"] == DIGIT["done"] * 20
     held = plane(run, "task=frames&slice=1,0")
     assert held["counts"]["processing"] == 1 and held["counts"]["ready"] == 19
-    assert cell(held, 0, 0) == "2"
-    assert plane(run, "task=frames&slice=1,2")["cells"] == "1" * 20
+    assert cell(held, 0, 0) == DIGIT["processing"]
+    assert plane(run, "task=frames&slice=1,2")["cells"] == DIGIT["ready"] * 20
 
 
 def test_a_large_plane_is_coarsened_to_the_cells_asked_for(run):
     coarse = plane(run, "task=smooth&slice=1&cells=2")
     # 4 x 5 blocks in cells of 3 x 3: the top-left cell holds the processing blocks
     assert (coarse["rows"], coarse["columns"], coarse["step"]) == (2, 2, 3)
-    assert coarse["cells"] == "2111"
+    assert coarse["cells"] == DIGIT["processing"] + DIGIT["ready"] * 3
     # counts stay those of every block of the plane
     assert coarse["counts"]["processing"] == 2 and coarse["counts"]["ready"] == 18
     # a cell is done only when all its blocks are; a failed block shows in its cell
-    assert plane(run, "task=smooth&slice=0&cells=1")["cells"] == "4"
+    assert plane(run, "task=smooth&slice=0&cells=1")["cells"] == DIGIT["failed"]
     tiles = plane(run, "task=tiles&cells=4")  # 6 x 8 blocks: 4 cells along the longer side
-    assert (tiles["rows"], tiles["columns"], tiles["cells"]) == (3, 4, "3" * 12)
+    assert (tiles["rows"], tiles["columns"], tiles["cells"]) == (3, 4, DIGIT["done"] * 12)
 
 
 @pytest.mark.parametrize(("query", "message"), [

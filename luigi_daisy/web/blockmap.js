@@ -6,7 +6,8 @@ const RETRY_MS = 5000;
 const PICTURE_CELLS = 256;         // cells along the picture's longer side
 const PICTURE_PIXELS = 512;        // the picture's longer side on the page, at most
 const MAX_CELL_PIXELS = 32;        // a small grid's blocks are drawn this large at most
-const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];
+const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];  // legend order
+let stateOfCode = [];              // the digit i of a picture is the state stateOfCode[i] (api/run)
 const COLOURS = {};                // state name -> [r, g, b], read from the CSS variables
 const views = new Map();           // task id -> the DOM and query state of its section
 
@@ -172,7 +173,7 @@ function drawPlane(view, plane) {
   }
   const context = canvas.getContext("2d");
   const image = context.createImageData(plane.columns, plane.rows);
-  const palette = STATES.map((state) => COLOURS[state]);
+  const palette = stateOfCode.map((state) => COLOURS[state]);
   for (let cell = 0; cell < plane.cells.length; cell++) {
     const [red, green, blue] = palette[plane.cells.charCodeAt(cell) - 48];
     const offset = 4 * cell;
@@ -200,7 +201,7 @@ function describeCell(view, event) {
   const column = Math.floor(((event.clientX - box.left) / box.width) * plane.columns);
   const row = Math.floor(((event.clientY - box.top) / box.height) * plane.rows);
   if (row < 0 || column < 0 || row >= plane.rows || column >= plane.columns) return;
-  const state = STATES[plane.cells.charCodeAt(row * plane.columns + column) - 48];
+  const state = stateOfCode[plane.cells.charCodeAt(row * plane.columns + column) - 48];
   const range = (index, extent) => {
     const first = index * plane.step;
     const last = Math.min(first + plane.step, extent) - 1;
@@ -237,6 +238,7 @@ async function poll() {
   let delay = POLL_MS;
   try {
     const run = await getJson("api/run");
+    stateOfCode = run.states;
     for (const task of run.tasks) {
       if (!views.has(task.task_id)) views.set(task.task_id, createView(task));
       updateView(views.get(task.task_id), task);
