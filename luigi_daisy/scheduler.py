@@ -376,8 +376,9 @@ class BlockScheduler:
             plane = every[leading][:grid.grid_shape[-2], :grid.grid_shape[-1]].copy()
         untouched = plane == WAITING
         if untouched.any():
-            untouched &= progress.is_root_plane(leading, *plane.shape)
-            np.putmask(plane, untouched, READY)
+            if progress.stencil.has_conflicts or progress.upstream_links:
+                untouched &= progress.is_root_plane(leading, *plane.shape)
+            plane += untouched.view(np.uint8) * (READY - WAITING)
         return plane
 
     # ------------------------------------------------------------------ acquire
