@@ -7,12 +7,13 @@ Two parts:
     driven in-process with ``acquire`` / ``release`` (16 blocks in flight, every block
     a success) on 3D cube grids, for the ``noconflict`` case (one task, no context) and
     the ``chain`` case (two tasks ``a -> b``, 2 voxels of context, read/write conflicts,
-    so every block is also made ready by a countdown). Off and on alternate, each
-    ``--repeat`` times in a fresh subprocess; the table gives the median seconds per
-    block and the difference, which is what the map's stores cost. The released daisy's
-    ``Scheduler`` runs the same drive in the same table as the anchor. The map's memory
-    is measured at 10^7 blocks: tracemalloc's peak while a scheduler is built, with and
-    without the map, and the time to build it.
+    so every block is also made ready by a countdown). Off, on and the released
+    daisy's ``Scheduler`` (the anchor; ``noconflict`` only, as its chain takes about
+    2 ms a block, see ``bench_scheduler.py``) alternate, ``--repeat`` times each, every
+    drive in a fresh subprocess; the table gives the median microseconds per block and
+    the difference between on and off, which is what the map's stores cost. The map's
+    memory is measured at 10^7 blocks: tracemalloc's peak while a scheduler is built,
+    with and without the map, and the time to build it.
 ``endpoint``
     A ``WorkerRun`` (not started: no workers) over two tasks of about 10^7 blocks each,
     a 3D cube with conflicts and a 2D square without, of which about a fifth of the
@@ -167,17 +168,20 @@ def part_cost(size: float, repeat: int, with_daisy: bool) -> None:
           f"median of {repeat}")
     print(f"{'case':<11} {'implementation':<15} {'us/block':>9} {'blocks/s':>11}")
     for case in ("noconflict", "chain"):
-        medians = {}
-        for impl in impls:
-            times = [run_child(["--child-cost", impl, case, str(side)])["seconds_per_block"]
-                     for _ in range(repeat)]
-            medians[impl] = statistics.median(times)
+        case_impls = impls if case == "noconflict" else ["map off", "map on"]
+        times = {impl: [] for impl in case_impls}
+        for _ in range(repeat):  # alternate, so a change of load hits every implementation
+            for impl in case_impls:
+                times[impl].append(
+                    run_child(["--child-cost", impl, case, str(side)])["seconds_per_block"])
+        medians = {impl: statistics.median(values) for impl, values in times.items()}
+        for impl in case_impls:
             print(f"{case:<11} {impl:<15} {medians[impl] * 1e6:>9.3f} "
                   f"{1 / medians[impl]:>11,.0f}")
         print(f"{case:<11} {'map cost':<15} "
               f"{(medians['map on'] - medians['map off']) * 1e6:>9.3f}  us per block "
               f"({medians['map on'] / medians['map off']:.3f}x)")
-        if with_daisy:
+        if "daisy" in medians:
             print(f"{case:<11} {'on / daisy':<15} {medians['map on'] / medians['daisy']:>9.3f}x "
                   f"time per block")
     memory = run_child(["--child-memory", "216"])
