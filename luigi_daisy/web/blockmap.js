@@ -6,6 +6,7 @@ const RETRY_MS = 5000;
 const PICTURE_CELLS = 256;         // cells along the picture's longer side
 const PICTURE_PIXELS = 512;        // the picture's longer side on the page, at most
 const MAX_CELL_PIXELS = 32;        // a small grid's blocks are drawn this large at most
+const ONE_ROW_PIXELS = 24;         // the height of a picture of one row (a 1D grid)
 const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];  // legend order
 let stateOfCode = [];              // the digit i of a picture is the state stateOfCode[i] (api/run)
 const COLOURS = {};                // state name -> [r, g, b], read from the CSS variables
@@ -169,7 +170,8 @@ function drawPlane(view, plane) {
     const scale = PICTURE_PIXELS / Math.max(plane.columns, plane.rows);
     const pixelsPerCell = scale >= 1 ? Math.min(Math.floor(scale), MAX_CELL_PIXELS) : scale;
     canvas.style.width = `${plane.columns * pixelsPerCell}px`;
-    canvas.style.height = `${plane.rows * pixelsPerCell}px`;
+    // a 1D grid is one row: draw it as a band, not a hairline
+    canvas.style.height = `${Math.max(plane.rows * pixelsPerCell, plane.rows === 1 ? ONE_ROW_PIXELS : 0)}px`;
   }
   const context = canvas.getContext("2d");
   const image = context.createImageData(plane.columns, plane.rows);
@@ -187,8 +189,9 @@ function drawPlane(view, plane) {
   const where = view.slice.map((k, axis) => `${axisName(axis, view.dims)} = ${k}`).join(", ");
   const shape = view.dims === 1 ? `${plane.plane_shape[1]} blocks`
     : `${rowAxis} × ${columnAxis} = ${plane.plane_shape[0]} × ${plane.plane_shape[1]} blocks`;
+  const blocksPerCell = view.dims === 1 ? `${plane.step}` : `${plane.step} × ${plane.step}`;
   const cell = plane.step === 1 ? "one block per cell"
-    : `each cell shows the most pressing state of ${plane.step} × ${plane.step} blocks`;
+    : `each cell shows the most pressing state of ${blocksPerCell} blocks`;
   const counts = STATES.filter((state) => plane.counts[state]).map((state) => `${plane.counts[state]} ${state}`);
   view.note.textContent = `${where ? where + ": " : ""}${shape}; ${cell}. In this plane: ${counts.join(", ")}.`;
   view.canvas.dataset.step = String(plane.step);
