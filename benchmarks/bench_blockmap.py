@@ -5,15 +5,17 @@ Two parts:
 ``cost``
     The scheduler with and without its block map (``BlockScheduler(block_map=...)``),
     driven in-process with ``acquire`` / ``release`` (16 blocks in flight, every block
-    a success) on 3D cube grids, for the ``noconflict`` case (one task, no context) and
-    the ``chain`` case (two tasks ``a -> b``, 2 voxels of context, read/write conflicts,
-    so every block is also made ready by a countdown). Off, on and the released
-    daisy's ``Scheduler`` (the anchor; ``noconflict`` only, as its chain takes about
-    2 ms a block, see ``bench_scheduler.py``) alternate, ``--repeat`` times each, every
-    drive in a fresh subprocess; the table gives the median microseconds per block and
-    the difference between on and off, which is what the map's stores cost. The map's
-    memory is measured at 10^7 blocks: tracemalloc's peak while a scheduler is built,
-    with and without the map, and the time to build it.
+    a success) on 3D cube grids, for the ``noconflict`` case (one task, no context,
+    ``--size`` blocks) and the ``chain`` case (``--chain-size`` blocks per task: two
+    tasks ``a -> b``, 2 voxels of context, read/write conflicts, so every block is also
+    made ready by a countdown). Off, on and the released daisy's ``Scheduler`` (the
+    anchor; ``noconflict`` only, as its chain takes about 2 ms a block, see
+    ``bench_scheduler.py``) alternate, ``--repeat`` times each, every drive in a fresh
+    subprocess. The table gives the median and the minimum (the least disturbed by
+    other load) microseconds per block, and the difference between on and off, which
+    is what the map's stores cost. The map's memory is measured at 10^7 blocks:
+    tracemalloc's peak while a scheduler is built, with and without the map, and the
+    time to build it.
 ``endpoint``
     A ``WorkerRun`` (not started: no workers) over two tasks of about 10^7 blocks each,
     a 3D cube with conflicts and a 2D square without, of which about a fifth of the
@@ -26,7 +28,7 @@ Two parts:
 Usage::
 
     python benchmarks/bench_blockmap.py                    # both parts
-    python benchmarks/bench_blockmap.py --part cost --size 1e6 --repeat 5
+    python benchmarks/bench_blockmap.py --part cost --size 1e6 --chain-size 1e5 --repeat 7
     python benchmarks/bench_blockmap.py --part endpoint --requests 50
     python benchmarks/bench_blockmap.py --no-daisy
 """
@@ -161,13 +163,13 @@ def run_child(arguments: list[str]) -> dict:
     raise SystemExit(f"child {arguments} failed:\n{output.stdout}\n{output.stderr}")
 
 
-def part_cost(size: float, repeat: int, with_daisy: bool) -> None:
-    side = round(size ** (1 / 3))
+def part_cost(size: float, chain_size: float, repeat: int, with_daisy: bool) -> None:
     impls = ["map off", "map on"] + (["daisy"] if with_daisy else [])
-    print(f"\n## cost: {side}^3 = {side ** 3:,} blocks per task, {WINDOW} in flight, "
-          f"median of {repeat}")
-    print(f"{'case':<11} {'implementation':<15} {'us/block':>9} {'blocks/s':>11}")
-    for case in ("noconflict", "chain"):
+    print(f"\n## cost: {WINDOW} blocks in flight, median and minimum of {repeat} drives")
+    print(f"{'case':<11} {'blocks':>10} {'implementation':<15} {'median us/block':>16} "
+          f"{'min us/block':>13} {'blocks/s (median)':>18}")
+    for case, blocks in (("noconflict", size), ("chain", chain_size)):
+        side = round(blocks ** (1 / 3))
         case_impls = impls if case == "noconflict" else ["map off", "map on"]
         times = {impl: [] for impl in case_impls}
         for _ in range(repeat):  # alternate, so a change of load hits every implementation
@@ -175,15 +177,18 @@ def part_cost(size: float, repeat: int, with_daisy: bool) -> None:
                 times[impl].append(
                     run_child(["--child-cost", impl, case, str(side)])["seconds_per_block"])
         medians = {impl: statistics.median(values) for impl, values in times.items()}
+        minima = {impl: min(values) for impl, values in times.items()}
+        label = f"{case:<11} {side ** 3 * (2 if case == 'chain' else 1):>10,}"
         for impl in case_impls:
-            print(f"{case:<11} {impl:<15} {medians[impl] * 1e6:>9.3f} "
-                  f"{1 / medians[impl]:>11,.0f}")
-        print(f"{case:<11} {'map cost':<15} "
-              f"{(medians['map on'] - medians['map off']) * 1e6:>9.3f}  us per block "
-              f"({medians['map on'] / medians['map off']:.3f}x)")
+            print(f"{label} {impl:<15} {medians[impl] * 1e6:>16.3f} {minima[impl] * 1e6:>13.3f} "
+                  f"{1 / medians[impl]:>18,.0f}")
+        print(f"{label} {'on - off':<15} {(medians['map on'] - medians['map off']) * 1e6:>16.3f} "
+              f"{(minima['map on'] - minima['map off']) * 1e6:>13.3f}   us per block "
+              f"(on / off: median {medians['map on'] / medians['map off']:.3f}x, "
+              f"min {minima['map on'] / minima['map off']:.3f}x)")
         if "daisy" in medians:
-            print(f"{case:<11} {'on / daisy':<15} {medians['map on'] / medians['daisy']:>9.3f}x "
-                  f"time per block")
+            print(f"{label} {'on / daisy':<15} {medians['map on'] / medians['daisy']:>15.3f}x "
+                  f"{minima['map on'] / minima['daisy']:>12.3f}x  time per block")
     memory = run_child(["--child-memory", "216"])
     off, on = memory["off"], memory["on"]
     print(f"\nmemory at {memory['blocks']:,} blocks (noconflict, scheduler built, nothing "
@@ -294,7 +299,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("cost", "endpoint", "all"), default="all")
     parser.add_argument("--size", type=float, default=1e6,
-                        help="blocks per task in the cost part (default 1e6)")
+                        help="blocks of the noconflict case in the cost part (default 1e6)")
+    parser.add_argument("--chain-size", type=float, default=1e5,
+                        help="blocks per task of the chain case in the cost part (default 1e5)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--no-daisy", action="store_true")
@@ -319,7 +326,7 @@ def main() -> None:
             print("daisy is not installed (pip install -e '.[bench]'); running without it")
             with_daisy = False
     if args.part in ("cost", "all"):
-        part_cost(args.size, args.repeat, with_daisy)
+        part_cost(args.size, args.chain_size, args.repeat, with_daisy)
     if args.part in ("endpoint", "all"):
         part_endpoint(args.requests)
     print(f"\nload average after: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
