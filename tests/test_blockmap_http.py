@@ -60,6 +60,7 @@ def test_a_3d_task_is_served_one_z_slice_at_a_time(run):
     assert done["counts"] == {"waiting": 0, "ready": 0, "processing": 0, "done": 19,
                               "failed": 1, "orphaned": 0}
     assert cell(done, 1, 2) == DIGIT["failed"]  # the block at (0, 1, 2)
+    assert 0 <= done["compute_seconds"] < 10
     assert done["cells"].count(DIGIT["done"]) == 19
 
     # z = 1 is held by the gate: both workers hold the first two blocks of the slice, the

@@ -7,6 +7,7 @@ const PICTURE_CELLS = 256;         // cells along the picture's longer side
 const PICTURE_PIXELS = 512;        // the picture's longer side on the page, at most
 const MAX_CELL_PIXELS = 32;        // a small grid's blocks are drawn this large at most
 const ONE_ROW_PIXELS = 24;         // the height of a picture of one row (a 1D grid)
+const PICTURE_LOAD_FACTOR = 20;    // wait this many times a picture's compute time (tracking.py)
 const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];  // legend order
 let stateOfCode = [];              // the digit i of a picture is the state stateOfCode[i] (api/run)
 const COLOURS = {};                // state name -> [r, g, b], read from the CSS variables
@@ -115,7 +116,7 @@ function createView(task) {
   failed.append(element("h3", {}, "Failed blocks"), element("ul"));
   section.append(counts, bar, controls, picture, failed);
   const view = { task, dims, section, countNodes, barParts, slice, canvas, note, hover, failed,
-    plane: null, request: 0 };
+    plane: null, request: 0, nextPictureAt: 0 };
   canvas.addEventListener("mousemove", (event) => describeCell(view, event));
   canvas.addEventListener("mouseleave", () => { hover.textContent = "point at the picture for a block's state"; });
   document.getElementById("tasks").append(section);
@@ -157,6 +158,7 @@ async function refreshPicture(view) {
   let url = `api/blocks?task=${encodeURIComponent(view.task.task_id)}&cells=${PICTURE_CELLS}`;
   if (view.slice.length) url += `&slice=${view.slice.join(",")}`;
   const plane = await getJson(url);
+  view.nextPictureAt = Date.now() + Math.max(POLL_MS, PICTURE_LOAD_FACTOR * 1000 * plane.compute_seconds);
   if (request !== view.request) return;  // the slice moved while this was under way
   view.plane = plane;
   drawPlane(view, plane);
@@ -247,7 +249,9 @@ async function poll() {
       updateView(views.get(task.task_id), task);
     }
     updateWorkers(run.workers);
-    await Promise.all(run.tasks.map((task) => refreshPicture(views.get(task.task_id))));
+    const due = run.tasks.map((task) => views.get(task.task_id))
+      .filter((view) => Date.now() + POLL_MS / 2 >= view.nextPictureAt);
+    await Promise.all(due.map(refreshPicture));
     setStatus(`running for ${formatSeconds(run.elapsed_seconds)}; updated ${new Date().toLocaleTimeString()}`, false);
   } catch (error) {
     setStatus(`no answer from the run (${error.message}); it may have ended. Trying again…`, true);
