@@ -61,8 +61,8 @@ class GatedRun:
                         selector.close()
                         return line.removeprefix("live block map: ").strip()
         self.stop()
-        raise AssertionError(f"the run ended or printed no block map URL within {START_DEADLINE} s: "
-                             f"{output.decode()!r}\n{self.stderr()}")
+        raise AssertionError(f"the run ended or printed no block map URL within "
+                             f"{START_DEADLINE} s: {output.decode()!r}\n{self.stderr()}")
 
     def stderr(self) -> str:
         return (self.folder / "run.err").read_text(errors="replace")[-5000:]
