@@ -18,6 +18,7 @@ from blockmap_run import FAILURE
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -132,6 +133,13 @@ def test_the_block_map_shows_every_task_and_changes_colour_as_blocks_finish(tmp_
                                   else None)(picture(browser, "smooth")),
                          PAGE_DEADLINE, "z = 0 of smooth drawn done and failed")
         assert 18 <= first["done"] / first["failed"] <= 20  # 19 cells against 1
+        # pointing at the failed block's cell names it (5 x 4 cells: the centre is in
+        # column 2, and 20 px up is row 1)
+        canvas = section(browser, "smooth").find_element(By.CSS_SELECTOR, "canvas.blocks")
+        ActionChains(browser).move_to_element_with_offset(canvas, 0, -20).perform()
+        wait_for(lambda: section(browser, "smooth").find_element(
+            By.CSS_SELECTOR, ".hover").text == "block at z 0, y 1, x 2: failed",
+            PAGE_DEADLINE, "the failed block named under the pointer")
         # label's block below the failed one is orphaned
         wait_for(lambda: picture(browser, "label")["orphaned"], PAGE_DEADLINE,
                  "the orphaned block of label")
