@@ -8,6 +8,7 @@ const PICTURE_PIXELS = 512;        // the picture's longer side on the page, at 
 const MAX_CELL_PIXELS = 32;        // a small grid's blocks are drawn this large at most
 const ONE_ROW_PIXELS = 24;         // the height of a picture of one row (a 1D grid)
 const PICTURE_LOAD_FACTOR = 20;    // wait this many times a picture's compute time (tracking.py)
+const HOVER_HINT = "point at the picture for a block's state";
 const STATES = ["waiting", "ready", "processing", "done", "failed", "orphaned"];  // legend order
 let stateOfCode = [];              // the digit i of a picture is the state stateOfCode[i] (api/run)
 const COLOURS = {};                // state name -> [r, g, b], read from the CSS variables
@@ -94,8 +95,10 @@ function createView(task) {
     slice.push(0);
     const label = element("label");
     const name = axisName(axis, dims);
-    const input = element("input", { type: "range", min: "0", max: String(task.grid_shape[axis] - 1),
-      value: "0", step: "1", "data-axis": String(axis), "aria-label": `block grid ${name}` });
+    const input = element("input", {
+      type: "range", min: "0", max: String(task.grid_shape[axis] - 1), value: "0", step: "1",
+      "data-axis": String(axis), "aria-label": `block grid ${name}`,
+    });
     const shown = element("output", {}, `0 / ${task.grid_shape[axis] - 1}`);
     input.addEventListener("input", () => {
       slice[axis] = Number(input.value);
@@ -105,9 +108,10 @@ function createView(task) {
     label.append(`${name}`, input, shown);
     controls.append(label);
   }
-  const canvas = element("canvas", { class: "blocks", "data-task-id": task.task_id, width: "1", height: "1" });
+  const canvas = element("canvas",
+    { class: "blocks", "data-task-id": task.task_id, width: "1", height: "1" });
   const note = element("p", { class: "plane-note" });
-  const hover = element("p", { class: "hover" }, "point at the picture for a block's state");
+  const hover = element("p", { class: "hover" }, HOVER_HINT);
   const picture = element("div", { class: "picture" });
   const side = element("div");
   side.append(note, hover);
@@ -118,7 +122,7 @@ function createView(task) {
   const view = { task, dims, section, countNodes, barParts, slice, canvas, note, hover, failed,
     plane: null, request: 0, nextPictureAt: 0 };
   canvas.addEventListener("mousemove", (event) => describeCell(view, event));
-  canvas.addEventListener("mouseleave", () => { hover.textContent = "point at the picture for a block's state"; });
+  canvas.addEventListener("mouseleave", () => { hover.textContent = HOVER_HINT; });
   document.getElementById("tasks").append(section);
   return view;
 }
@@ -132,7 +136,9 @@ function updateView(view, task) {
     waiting: task.waiting, orphaned: task.orphaned,
     workers: task.followed ? "another run" : task.worker_processes,
   };
-  for (const [name, value] of Object.entries(values)) view.countNodes[name].textContent = String(value);
+  for (const [name, value] of Object.entries(values)) {
+    view.countNodes[name].textContent = String(value);
+  }
   for (const state of ["done", "failed", "orphaned", "processing"]) {
     const share = task.total ? (100 * task[state]) / task.total : 0;
     view.barParts[state].style.width = `${share}%`;
@@ -143,11 +149,14 @@ function updateView(view, task) {
     const item = element("li", { "data-block-id": String(block.block_id) });
     item.append(`block ${block.block_id} at (${block.position.join(", ")}): `,
       element("span", { class: "error-line" }, block.error));
-    if (block.log) item.append(element("br"), element("span", { class: "log" }, `traceback in ${block.log}`));
+    if (block.log) {
+      item.append(element("br"), element("span", { class: "log" }, `traceback in ${block.log}`));
+    }
     list.append(item);
   }
   if (task.failed_blocks_not_listed) {
-    list.append(element("li", {}, `… and ${task.failed_blocks_not_listed} more (see the execution summary)`));
+    const more = `… and ${task.failed_blocks_not_listed} more (see the execution summary)`;
+    list.append(element("li", {}, more));
   }
   view.failed.hidden = task.failed_blocks.length === 0;
 }
@@ -158,7 +167,8 @@ async function refreshPicture(view) {
   let url = `api/blocks?task=${encodeURIComponent(view.task.task_id)}&cells=${PICTURE_CELLS}`;
   if (view.slice.length) url += `&slice=${view.slice.join(",")}`;
   const plane = await getJson(url);
-  view.nextPictureAt = Date.now() + Math.max(POLL_MS, PICTURE_LOAD_FACTOR * 1000 * plane.compute_seconds);
+  const pause = Math.max(POLL_MS, PICTURE_LOAD_FACTOR * 1000 * plane.compute_seconds);
+  view.nextPictureAt = Date.now() + pause;
   if (request !== view.request) return;  // the slice moved while this was under way
   view.plane = plane;
   drawPlane(view, plane);
@@ -173,7 +183,8 @@ function drawPlane(view, plane) {
     const pixelsPerCell = scale >= 1 ? Math.min(Math.floor(scale), MAX_CELL_PIXELS) : scale;
     canvas.style.width = `${plane.columns * pixelsPerCell}px`;
     // a 1D grid is one row: draw it as a band, not a hairline
-    canvas.style.height = `${Math.max(plane.rows * pixelsPerCell, plane.rows === 1 ? ONE_ROW_PIXELS : 0)}px`;
+    const minimum = plane.rows === 1 ? ONE_ROW_PIXELS : 0;
+    canvas.style.height = `${Math.max(plane.rows * pixelsPerCell, minimum)}px`;
   }
   const context = canvas.getContext("2d");
   const image = context.createImageData(plane.columns, plane.rows);
@@ -194,8 +205,10 @@ function drawPlane(view, plane) {
   const blocksPerCell = view.dims === 1 ? `${plane.step}` : `${plane.step} × ${plane.step}`;
   const cell = plane.step === 1 ? "one block per cell"
     : `each cell shows the most pressing state of ${blocksPerCell} blocks`;
-  const counts = STATES.filter((state) => plane.counts[state]).map((state) => `${plane.counts[state]} ${state}`);
-  view.note.textContent = `${where ? where + ": " : ""}${shape}; ${cell}. In this plane: ${counts.join(", ")}.`;
+  const counts = STATES.filter((state) => plane.counts[state])
+    .map((state) => `${plane.counts[state]} ${state}`);
+  const prefix = where ? `${where}: ` : "";
+  view.note.textContent = `${prefix}${shape}; ${cell}. In this plane: ${counts.join(", ")}.`;
   view.canvas.dataset.step = String(plane.step);
 }
 
@@ -216,7 +229,8 @@ function describeCell(view, event) {
   const parts = view.slice.map((k, axis) => `${axisName(axis, view.dims)} ${k}`);
   if (view.dims > 1) parts.push(`${rowAxis} ${range(row, plane.plane_shape[0])}`);
   parts.push(`${columnAxis} ${range(column, plane.plane_shape[1])}`);
-  view.hover.textContent = `${plane.step === 1 ? "block" : "blocks"} at ${parts.join(", ")}: ${state}`;
+  const what = plane.step === 1 ? "block" : "blocks";
+  view.hover.textContent = `${what} at ${parts.join(", ")}: ${state}`;
 }
 
 // ------------------------------------------------------------------ workers and polling
@@ -252,9 +266,11 @@ async function poll() {
     const due = run.tasks.map((task) => views.get(task.task_id))
       .filter((view) => Date.now() + POLL_MS / 2 >= view.nextPictureAt);
     await Promise.all(due.map(refreshPicture));
-    setStatus(`running for ${formatSeconds(run.elapsed_seconds)}; updated ${new Date().toLocaleTimeString()}`, false);
+    const updated = new Date().toLocaleTimeString();
+    setStatus(`running for ${formatSeconds(run.elapsed_seconds)}; updated ${updated}`, false);
   } catch (error) {
-    setStatus(`no answer from the run (${error.message}); it may have ended. Trying again…`, true);
+    setStatus(`no answer from the run (${error.message}); it may have ended. Trying again…`,
+      true);
     delay = RETRY_MS;
   }
   setTimeout(poll, delay);
