@@ -24,6 +24,7 @@ Routes:
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import deque
@@ -46,7 +47,7 @@ WEB_FOLDER = Path(__file__).resolve().parent / "web"
 DEFAULT_CELLS = 256
 #: the largest side a page may ask for
 MAX_CELLS = 1024
-#: failed blocks listed per task (the summary at the end lists the rest)
+#: failed blocks listed per task, the first to fail (the summary at the end lists more)
 MAX_LISTED_FAILURES = 50
 #: the rate is measured over about this many seconds
 RATE_WINDOW = 20.0
@@ -127,7 +128,7 @@ def _task_report(run: WorkerRun, task_id: str, rates: RateMeter, now: float) -> 
          "position": list(grid.position_of(index)),
          "error": error_line(error),
          "log": _worker_log(run, failed_by.get((task_id, index)))}
-        for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]]
+        for index, error in itertools.islice(state.failed_blocks.items(), MAX_LISTED_FAILURES)]
     return {
         "task_id": task_id,
         "total": state.total_block_count,
