@@ -40,9 +40,10 @@ class GatedRun:
         self.folder = folder
         for gate in GATES:
             (folder / gate).touch()
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(folder)], stdout=subprocess.PIPE,
-            stderr=open(folder / "run.err", "wb"), start_new_session=True)  # noqa: SIM115
+        with open(folder / "run.err", "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(folder)], stdout=subprocess.PIPE,
+                stderr=stderr, start_new_session=True)
         self.url = self._read_url()
 
     def _read_url(self) -> str:
