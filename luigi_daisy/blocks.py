@@ -58,6 +58,24 @@ def cantor_number(position: tuple[int, ...]) -> int:
     return number
 
 
+def position_of_cantor_number(number: int, dims: int) -> tuple[int, ...]:
+    """The grid position whose :func:`cantor_number` is ``number`` (its inverse)."""
+    if dims == 1:
+        return (number,)
+    # the largest coordinate sum s with C(s + dims - 1, dims) <= number
+    low, high = 0, 1
+    while math.comb(high + dims - 1, dims) <= number:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if math.comb(middle + dims - 1, dims) <= number:
+            low = middle
+        else:
+            high = middle
+    head = position_of_cantor_number(number - math.comb(low + dims - 1, dims), dims - 1)
+    return head + (low - sum(head),)
+
+
 def _number_function(strides: tuple[int, ...], shifts: tuple[int, ...]):
     """``index -> cantor_number(position_of(index) + shifts)``, unrolled for 1 to 3
     dimensions (the server computes one for every block it hands out)."""
@@ -208,6 +226,11 @@ class BlockGrid:
             k, index = divmod(index, stride)
             position.append(k)
         return tuple(position)
+
+    def index_of_number(self, number: int) -> int:
+        """Block index of daisy's block number ``number`` (inverse of ``number_of``)."""
+        position = position_of_cantor_number(number, self.dims)
+        return self.index_of(tuple(k - shift for k, shift in zip(position, self.number_shift)))
 
     def contains_position(self, position: tuple[int, ...]) -> bool:
         """Whether a grid position is a block of this task (depends on the fit)."""

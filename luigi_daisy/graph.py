@@ -200,6 +200,15 @@ class UpstreamLink:
             count *= end - first
         return count
 
+    def dependency_counts(self, dim: int, coordinates: list[int]) -> list[int]:
+        """Along axis ``dim``, how many upstream grid indices each downstream grid
+        coordinate needs (a block needs the product of its axes' counts)."""
+        counts = []
+        for g in coordinates:
+            first, end = self._needs(dim, g)
+            counts.append(end - first)
+        return counts
+
     def dependencies(self, position: tuple[int, ...]) -> list[int]:
         """Indices of the upstream blocks the downstream block at ``position`` needs."""
         strides = self.upstream.id_strides

@@ -122,7 +122,8 @@ class WorkerRun:
         Called with this run about once a second and once at the end (progress
         reports).
     tracking:
-        Serve the run's live state over HTTP (``tracking_url``).
+        Serve the run's live block map over HTTP (``tracking.url``); the scheduler
+        then keeps each block's state (one byte per block).
     server_limits:
         Bounds on the block server's connections, handshakes and buffered bytes
         (:class:`~luigi_daisy.server.ServerLimits`; its defaults when None).
@@ -153,7 +154,7 @@ class WorkerRun:
         done_blocks = ledgers.done_blocks()
         for task_id, follower in self.followed.items():
             done_blocks[task_id] = follower.initial_done()
-        self.scheduler = BlockScheduler(tasks, done_blocks)
+        self.scheduler = BlockScheduler(tasks, done_blocks, block_map=tracking)
         for task_id in self.followed:
             self.scheduler.follow(task_id)
         self.server: BlockServer | None = None
@@ -368,6 +369,18 @@ def run_coroutine(coroutine_function):
     return outcome["value"]
 
 
+class _BlockMapAnnouncer:
+    """Run observer that prints the URL of the run's block map, once."""
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def __call__(self, run: WorkerRun) -> None:
+        if not self.printed and run.tracking is not None and run.tracking.url:
+            self.printed = True
+            print(f"live block map: {run.tracking.url}", flush=True)
+
+
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
                   log_dir: str | os.PathLike | None = None,
@@ -375,7 +388,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   ledger_dir: str | os.PathLike | None = None,
                   fresh: bool = False,
                   server_limits: ServerLimits | None = None,
-                  stop_event: Any = None) -> RunResult:
+                  stop_event: Any = None, tracking: bool = False) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -408,6 +421,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     stop_event:
         With worker processes: an event that, once set, ends the run (blocks not
         finished count as not run).
+    tracking:
+        Serve a live block map of the run on a free port of ``host`` and print its URL
+        (with ``multiprocessing=True``).
 
     Returns
     -------
@@ -421,7 +437,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             result = run_in_process(ordered, ledgers, progress=progress)
             print(format_summary(result))
             return result
+        observers = [_BlockMapAnnouncer()] if tracking else []
         run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress,
+                        observers=observers, tracking=tracking,
                         server_limits=server_limits, stop_event=stop_event)
         result = run_coroutine(run.run)
     finally:

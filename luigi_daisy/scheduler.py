@@ -8,7 +8,9 @@ because in daisy the scheduler does).
 Memory is proportional to the blocks in flight and the frontier: per task, the ready
 queue, a countdown of unfinished dependencies for each block one of whose dependencies
 has finished, the blocks being processed, and the failed and orphaned blocks. A block
-that none of its dependencies has touched yet is not stored anywhere.
+that none of its dependencies has touched yet is not stored anywhere. Only a scheduler
+made with ``block_map=True`` (a run that serves the live block map) also keeps one byte
+per block, the block's state, updated in O(1) on every event.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 
+from .block_states import DONE, FAILED, ORPHANED, PROCESSING, READY, WAITING
 from .blocks import Block, BlockBitmap, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
 from .graph import ConflictStencil, UpstreamLink
@@ -111,7 +114,7 @@ class _TaskProgress:
     __slots__ = ("task_id", "grid", "stencil", "max_retries", "timeout", "state",
                  "upstream_links", "downstream_links", "ready", "roots", "waiting",
                  "processing", "retries", "orphaned", "has_downstream", "done_before",
-                 "resuming", "followed", "held_ready")
+                 "resuming", "followed", "held_ready", "states")
 
     def __init__(self, task: Task) -> None:
         self.task_id = task.task_id
@@ -136,6 +139,15 @@ class _TaskProgress:
         #: another run processes this task; its ready blocks wait in held_ready
         self.followed = False
         self.held_ready: set[int] = set()
+        #: one state code per block of the index grid (``block_states``), or None
+        self.states: bytearray | None = None
+
+    def start_block_map(self) -> None:
+        """Keep the state of every block from now on (before any block is handed out)."""
+        self.states = bytearray((WAITING,)) * math.prod(self.grid.id_grid_shape)
+        if self.done_before:
+            import numpy as np
+            np.frombuffer(self.states, dtype=np.uint8)[self.done_before.indices()] = DONE
 
     def plan_roots(self) -> None:
         """Set up the lazy iterator over blocks that depend on nothing."""
@@ -220,6 +232,34 @@ class _TaskProgress:
                     position, index):
                 self.ready.append(index)
                 self.state.ready_count += 1
+                if self.states is not None:
+                    self.states[index] = READY
+
+    def is_root_plane(self, leading: tuple[int, ...], rows: int, columns: int):
+        """Which blocks of a plane of the grid depend on nothing (a boolean array).
+
+        The plane is the last two grid axes at the ``leading`` coordinates (a 1D grid is
+        one row). Computed per axis, by arithmetic: no block is walked.
+        """
+        import numpy as np
+        # each axis's coordinates, shaped to broadcast over the (rows, columns) plane
+        if self.grid.dims == 1:
+            axes = [np.arange(columns).reshape(1, columns)]
+        else:
+            axes = [np.full((1, 1), k) for k in leading]
+            axes += [np.arange(rows).reshape(rows, 1), np.arange(columns).reshape(1, columns)]
+        roots = np.ones((rows, columns), dtype=bool)
+        for coordinates, period in zip(axes, self.stencil.periods):
+            roots &= coordinates % period == 0
+        for link, _ in self.upstream_links:
+            if link.covers_grid:
+                return np.zeros((rows, columns), dtype=bool)
+            needed = np.ones((rows, columns), dtype=np.int64)
+            for dim, coordinates in enumerate(axes):
+                counts = link.dependency_counts(dim, coordinates.ravel().tolist())
+                needed = needed * np.array(counts, dtype=np.int64).reshape(coordinates.shape)
+            roots &= needed == 0
+        return roots
 
 
 def _valid_done_blocks(grid: BlockGrid, task_id: str,
@@ -254,10 +294,14 @@ class BlockScheduler:
     done_blocks:
         Per task id, the indices of blocks that finished in an earlier run (from a
         ledger). They count as completed and skipped and are never handed out.
+    block_map:
+        Keep one byte per block with its state, for :meth:`block_plane` (the live
+        block map); costs a store per event and one byte per block.
     """
 
     def __init__(self, tasks: Task | Iterable[Task],
-                 done_blocks: Mapping[str, Iterable[int]] | None = None) -> None:
+                 done_blocks: Mapping[str, Iterable[int]] | None = None,
+                 block_map: bool = False) -> None:
         self.tasks: dict[str, Task] = {task.task_id: task for task in collect_tasks(tasks)}
         self._progress: dict[str, _TaskProgress] = {
             task_id: _TaskProgress(task) for task_id, task in self.tasks.items()}
@@ -271,6 +315,9 @@ class BlockScheduler:
                 link = UpstreamLink(upstream.grid, task.grid)
                 progress.upstream_links.append((link, upstream_progress))
                 upstream_progress.downstream_links.append((link, progress))
+        if block_map:
+            for progress in self._progress.values():
+                progress.start_block_map()
         for progress in self._progress.values():
             progress.plan_roots()
         for progress in self._progress.values():
@@ -290,6 +337,50 @@ class BlockScheduler:
     def is_done(self) -> bool:
         """True when every task is done."""
         return all(state.is_done() for state in self.task_states.values())
+
+    def block_plane(self, task_id: str, leading: tuple[int, ...] = ()):
+        """The state codes (``block_states``) of one plane of a task's block grid.
+
+        Parameters
+        ----------
+        task_id:
+            The task.
+        leading:
+            The coordinates of every grid axis but the last two (nothing for 1D and 2D
+            grids); the plane spans the last two axes. A 1D grid is one row.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint8`` of shape ``(rows, columns)``: a copy, made in time proportional to
+            the plane. Blocks nothing has touched yet show as ready when they depend on
+            nothing, else as waiting.
+        """
+        import numpy as np
+        progress = self._get(task_id)
+        if progress.states is None:
+            raise SchedulerError(
+                f"this scheduler keeps no block states; create it with block_map=True to "
+                f"ask for a plane of task {task_id!r}")
+        grid = progress.grid
+        leading = tuple(int(k) for k in leading)
+        if len(leading) != max(grid.dims - 2, 0) or not all(
+                0 <= k < n for k, n in zip(leading, grid.grid_shape)):
+            raise SchedulerError(
+                f"task {task_id!r} has a block grid of shape {grid.grid_shape}; give one "
+                f"coordinate inside it for each of its first {max(grid.dims - 2, 0)} axes, "
+                f"got {leading}")
+        every = np.frombuffer(progress.states, dtype=np.uint8).reshape(grid.id_grid_shape)
+        if grid.dims == 1:
+            plane = every[None, :grid.grid_shape[0]].copy()
+        else:
+            plane = every[leading][:grid.grid_shape[-2], :grid.grid_shape[-1]].copy()
+        untouched = plane == WAITING
+        if untouched.any():
+            if progress.stencil.has_conflicts or progress.upstream_links:
+                untouched &= progress.is_root_plane(leading, *plane.shape)
+            plane += untouched.view(np.uint8) * (READY - WAITING)
+        return plane
 
     # ------------------------------------------------------------------ acquire
     def acquire(self, task_id: str, now: float = 0.0) -> Block | None:
@@ -318,6 +409,8 @@ class BlockScheduler:
         state.processing_count += 1
         state.started = True
         progress.processing[index] = now
+        if progress.states is not None:
+            progress.states[index] = PROCESSING
         return new_block(task_id, index, progress.grid)
 
     # ------------------------------------------------------------------ release
@@ -356,6 +449,8 @@ class BlockScheduler:
             state.completed_count += 1
             if skipped:
                 state.skipped_count += 1
+            if progress.states is not None:
+                progress.states[index] = DONE
             if progress.has_downstream:
                 self._finished(progress, index)
             return ReleaseOutcome.SKIPPED if skipped else ReleaseOutcome.COMPLETED
@@ -369,10 +464,14 @@ class BlockScheduler:
             progress.retries[index] = attempts + 1
             progress.ready.append(index)
             state.ready_count += 1
+            if progress.states is not None:
+                progress.states[index] = READY
             return ReleaseOutcome.RETRYING
         progress.retries.pop(index, None)
         state.failed_count += 1
         state.failed_blocks[block.block_id[1]] = block.error
+        if progress.states is not None:
+            progress.states[index] = FAILED
         self._orphan_dependents(progress, index)
         return ReleaseOutcome.FAILED
 
@@ -408,6 +507,8 @@ class BlockScheduler:
                 else:
                     progress.ready.append(index)
                 progress.state.ready_count += 1
+                if progress.states is not None:
+                    progress.states[index] = READY
 
     def _orphan_dependents(self, progress: _TaskProgress, index: int) -> None:
         """Orphan every block that transitively depends on a block failed for good."""
@@ -425,6 +526,8 @@ class BlockScheduler:
                     target.orphaned.add(dependent)
                     target.waiting.pop(dependent, None)
                     target.state.orphaned_count += 1
+                    if target.states is not None:
+                        target.states[dependent] = ORPHANED
                     stack.append((target, dependent))
 
     def complete_external(self, task_id: str, index: int) -> bool:
@@ -447,6 +550,8 @@ class BlockScheduler:
             progress.state.ready_count -= 1  # a root, counted ready from the start
         progress.state.completed_count += 1
         progress.state.skipped_count += 1
+        if progress.states is not None:
+            progress.states[index] = DONE
         if progress.has_downstream:
             self._finished(progress, index)
         # only now: the countdowns above must still count this block as unfinished

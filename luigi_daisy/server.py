@@ -240,6 +240,8 @@ class BlockServer(TCPServer):
         # highest total seen, before shedding: the bound plus at most one read chunk
         self.peak_buffered_bytes = 0
         self.warnings = WarningTally(logger)
+        #: ``(task_id, daisy block id) -> worker id`` of the blocks that failed for good
+        self.failed_by: dict[tuple[str, int], int | None] = {}
         self.protocol_errors = 0
         self.refused_hellos = 0
         self.ignored_releases = 0
@@ -497,6 +499,7 @@ class BlockServer(TCPServer):
             self.ledgers.record_done(block.task_id, block.index)
         elif outcome is ReleaseOutcome.FAILED:
             self.ledgers.record_failed(block.task_id, block.index, error)
+            self.failed_by[(block.task_id, block.block_id[1])] = worker_id
         self._serve_waiting()
 
     def _serve_waiting(self) -> None:

@@ -26,7 +26,7 @@ class RunResult(dict):
         return bool(self)
 
 
-def _error_line(text: str | None) -> str:
+def error_line(text: str | None) -> str:
     """The line that says what went wrong: the last one of a traceback."""
     if not text:
         return "(no error text)"
@@ -57,7 +57,7 @@ def format_summary(states: Mapping[str, TaskState],
         if state.failed_blocks:
             lines.append("    failed blocks (block id: last error):")
             for number, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
-                lines.append(f"      {number}: {_error_line(error)}")
+                lines.append(f"      {number}: {error_line(error)}")
             hidden = len(state.failed_blocks) - MAX_LISTED_FAILURES
             if hidden > 0:
                 lines.append(f"      ... and {hidden} more")

@@ -1,21 +1,65 @@
-"""A run's live state over HTTP: ``/`` (a small HTML page) and ``/state.json``.
+"""A run's live block map over HTTP, on the run's tracking URL (luigid links to it).
 
-Luigi tasks set it as their tracking URL, so the luigid UI links to it.
+Routes:
+
+``/``
+    The page (``web/blockmap.html`` with its CSS and JavaScript under ``/static/``):
+    plain files, no build step, nothing fetched from elsewhere. It polls the two JSON
+    routes below and redraws without reloading.
+``/api/run``
+    Per task: done / failed / total, rate, ETA, the failed blocks with the last line of
+    their error and the worker log that holds the rest; the workers connected.
+``/api/blocks?task=ID[&slice=K0,K1,...][&cells=N]``
+    The state of each block of one plane of a task's block grid: the last two grid
+    axes, at coordinate ``K0, K1, ...`` of each axis before them (3D and 4D grids need
+    one and two). ``cells`` bounds the picture's side (default 256, at most 1024): a
+    larger plane is coarsened, each cell then summarising ``step`` x ``step`` blocks.
+    The work and the answer are proportional to the plane, never to the whole grid;
+    ``compute_seconds`` says how long the answer took, and the page waits at least
+    :data:`PICTURE_LOAD_FACTOR` times that before it asks for the plane again.
+    Bad parameters are answered 400 and an unknown task 404, with ``{"error": ...}``.
+``/state.json``
+    The counters of :func:`run_state`, for scripts.
 """
 
 from __future__ import annotations
 
-import html
+import itertools
 import json
 import time
+from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from .block_states import STATE_NAMES, coarsen, encode_cells, state_counts
+from .blocks import new_block
+from .summary import error_line
+
 if TYPE_CHECKING:  # pragma: no cover
     from .run import WorkerRun
+
+WEB_FOLDER = Path(__file__).resolve().parent / "web"
+#: the picture's side, in cells, when the page does not say
+DEFAULT_CELLS = 256
+#: the largest side a page may ask for
+MAX_CELLS = 1024
+#: failed blocks listed per task, the first to fail (the summary at the end lists more)
+MAX_LISTED_FAILURES = 50
+#: the rate is measured over about this many seconds
+RATE_WINDOW = 20.0
+#: the page waits this many times an answer's ``compute_seconds`` before asking again
+#: for the same picture (the copy in ``web/blockmap.js`` must agree)
+PICTURE_LOAD_FACTOR = 20
+
+
+def displayed_block_id(run: WorkerRun, task_id: str, index: int):
+    """The id users know a block by (``block.block_id[1]``, daisy's number): the page
+    shows this and nothing else wherever it names a block."""
+    return new_block(task_id, index, run.tasks[task_id].grid).block_id[1]
 
 
 def run_state(run: WorkerRun) -> dict:
@@ -40,53 +84,237 @@ def run_state(run: WorkerRun) -> dict:
     return {"elapsed_seconds": round(elapsed, 3), "tasks": tasks}
 
 
-class _StateHandler(tornado.web.RequestHandler):
-    def initialize(self, run: WorkerRun) -> None:
-        self.run = run
+class RateMeter:
+    """Blocks processed per second per task, over the last :data:`RATE_WINDOW` seconds."""
 
-    def get(self) -> None:
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def rate(self, task_id: str, processed: int, now: float) -> float:
+        """Record ``processed`` at ``now`` and return the recent rate."""
+        samples = self.samples.setdefault(task_id, deque())
+        if not samples or now - samples[-1][0] >= 0.5:
+            samples.append((now, processed))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        first_time, first_processed = samples[0]
+        if now - first_time >= 2.0:
+            return (processed - first_processed) / (now - first_time)
+        return processed / max(now - self.started_at, 1e-9)
+
+
+def _worker_log(run: WorkerRun, worker_id: int | None) -> str | None:
+    paths = run.log_files.get(worker_id) if worker_id is not None else None
+    return paths[1] if paths else None
+
+
+def _task_report(run: WorkerRun, task_id: str, rates: RateMeter, now: float) -> dict:
+    state = run.scheduler.task_states[task_id]
+    grid = run.tasks[task_id].grid
+    processed = state.completed_count - state.skipped_count + state.failed_count
+    rate = rates.rate(task_id, processed, now)
+    remaining = (state.total_block_count - state.completed_count - state.failed_count
+                 - state.orphaned_count)
+    if remaining <= 0:
+        eta = 0.0
+    elif rate > 0 and task_id not in run.followed:
+        eta = round(remaining / rate, 1)
+    else:
+        eta = None
+    failed_by = run.server.failed_by if run.server is not None else {}
+    failed_blocks = [
+        {"block_id": number,
+         "position": list(grid.position_of(grid.index_of_number(number))),
+         "error": error_line(error),
+         "log": _worker_log(run, failed_by.get((task_id, number)))}
+        for number, error in itertools.islice(state.failed_blocks.items(), MAX_LISTED_FAILURES)]
+    return {
+        "task_id": task_id,
+        "total": state.total_block_count,
+        "done": state.completed_count,
+        "skipped": state.skipped_count,
+        "failed": state.failed_count,
+        "orphaned": state.orphaned_count,
+        "processing": state.processing_count,
+        "ready": state.ready_count,
+        "waiting": state.pending_count,
+        "blocks_per_second": round(rate, 2),
+        "eta_seconds": eta,
+        "grid_shape": list(grid.grid_shape),
+        "followed": task_id in run.followed,
+        "worker_processes": len(run.workers.get(task_id, ())),
+        "failed_blocks": failed_blocks,
+        "failed_blocks_not_listed": max(0, len(state.failed_blocks) - MAX_LISTED_FAILURES),
+    }
+
+
+def run_report(run: WorkerRun, rates: RateMeter) -> dict:
+    """What the page shows besides the pictures: every task, and the workers connected."""
+    now = time.monotonic()
+    workers = []
+    if run.server is not None:
+        for connection in run.server.connections:
+            if connection.task_id is None or connection.closed:
+                continue  # not authenticated (yet)
+            workers.append({
+                "worker_id": connection.worker_id,
+                "task_id": connection.task_id,
+                "address": ":".join(map(str, connection.address))
+                if isinstance(connection.address, tuple) else str(connection.address),
+                "blocks": sorted(displayed_block_id(run, connection.task_id, index)
+                                 for index in connection.held),
+                "log": _worker_log(run, connection.worker_id),
+            })
+    workers.sort(key=lambda worker: (worker["task_id"], worker["worker_id"] or 0))
+    return {
+        "elapsed_seconds": round(now - run.started_at, 1),
+        "states": list(STATE_NAMES),
+        "tasks": [_task_report(run, task_id, rates, now) for task_id in run.tasks],
+        "workers": workers,
+    }
+
+
+class BadQuery(tornado.web.HTTPError):
+    """A request the block map cannot answer; the message says what to change."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code, reason="Bad Request" if status_code == 400 else None)
+        self.message = message
+
+
+def _integers(name: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",")) if text else ()
+    except ValueError:
+        raise BadQuery(400, f"query parameter {name}={text!r} must be integers separated "
+                            f"by commas") from None
+
+
+def block_plane_report(run: WorkerRun, task_id: str | None, slice_text: str | None,
+                       cells_text: str | None) -> dict:
+    """The answer of ``/api/blocks``; raises :class:`BadQuery` on bad parameters."""
+    if not task_id:
+        raise BadQuery(400, "query parameter task is missing; give the id of a task of "
+                            "this run, e.g. /api/blocks?task=" + next(iter(run.tasks), ""))
+    if task_id not in run.tasks:
+        raise BadQuery(404, f"unknown task {task_id!r}; this run has "
+                            f"{', '.join(map(repr, run.tasks))}")
+    grid = run.tasks[task_id].grid
+    leading_axes = max(grid.dims - 2, 0)
+    leading = _integers("slice", slice_text or "")
+    if not leading and slice_text is None and leading_axes:
+        leading = (0,) * leading_axes
+    if len(leading) != leading_axes:
+        raise BadQuery(400, f"query parameter slice={slice_text!r} must give {leading_axes} "
+                            f"coordinates for task {task_id!r}, whose block grid has shape "
+                            f"{list(grid.grid_shape)} (one for each axis before the last two)")
+    for axis, (k, extent) in enumerate(zip(leading, grid.grid_shape)):
+        if not 0 <= k < extent:
+            raise BadQuery(400, f"query parameter slice={slice_text!r}: coordinate {k} of "
+                                f"axis {axis} is outside 0..{extent - 1} for task "
+                                f"{task_id!r} (block grid shape {list(grid.grid_shape)})")
+    cells = DEFAULT_CELLS
+    if cells_text is not None:
+        values = _integers("cells", cells_text)
+        cells = values[0] if len(values) == 1 else 0
+        if not 1 <= cells <= MAX_CELLS:
+            raise BadQuery(400, f"query parameter cells={cells_text!r} must be an integer "
+                                f"from 1 to {MAX_CELLS} (cells along the picture's longer side)")
+    started = time.perf_counter()
+    plane = run.scheduler.block_plane(task_id, leading)
+    step = max(1, -(-max(plane.shape) // cells))
+    picture = coarsen(plane, step)
+    counts = state_counts(plane)
+    cells_text = encode_cells(picture)
+    return {
+        "task_id": task_id,
+        "grid_shape": list(grid.grid_shape),
+        "slice": list(leading),
+        "plane_shape": list(plane.shape),
+        "step": step,
+        "rows": int(picture.shape[0]),
+        "columns": int(picture.shape[1]),
+        "counts": counts,
+        "cells": cells_text,
+        # the page asks for large planes less often, so the run's event loop, which
+        # also serves the workers, spends at most a few percent of its time on them
+        "compute_seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+class _Handler(tornado.web.RequestHandler):
+    def initialize(self, page: TrackingPage) -> None:
+        self.page = page
+
+    def write_json(self, data: dict) -> None:
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps(run_state(self.run)))
+        self.set_header("Cache-Control", "no-store")
+        self.write(json.dumps(data, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        message = error.message if isinstance(error, BadQuery) else self._reason
+        self.write_json({"error": message})
 
 
-class _PageHandler(_StateHandler):
+class _PageHandler(_Handler):
     def get(self) -> None:
-        state = run_state(self.run)
-        rows = "".join(
-            f"<tr><td>{html.escape(task_id)}</td><td>{task['completed']}</td>"
-            f"<td>{task['skipped']}</td><td>{task['failed']}</td><td>{task['orphaned']}</td>"
-            f"<td>{task['processing']}</td><td>{task['total']}</td>"
-            f"<td>{task['blocks_per_second']}</td><td>{task['workers']}</td></tr>"
-            for task_id, task in state["tasks"].items())
-        self.write(
-            "<!doctype html><html><head><meta http-equiv='refresh' content='2'>"
-            "<title>luigi_daisy run</title></head><body><h1>luigi_daisy run</h1>"
-            f"<p>running for {state['elapsed_seconds']} s</p><table border='1'>"
-            "<tr><th>task</th><th>completed</th><th>skipped</th><th>failed</th>"
-            "<th>orphaned</th><th>processing</th><th>total</th><th>blocks/s</th>"
-            f"<th>workers</th></tr>{rows}</table>"
-            "<p><a href='state.json'>state.json</a></p></body></html>")
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.write((WEB_FOLDER / "blockmap.html").read_bytes())
+
+
+class _RunHandler(_Handler):
+    def get(self) -> None:
+        self.write_json(run_report(self.page.run, self.page.rates))
+
+
+class _BlocksHandler(_Handler):
+    def get(self) -> None:
+        self.write_json(block_plane_report(
+            self.page.run, self.get_query_argument("task", None),
+            self.get_query_argument("slice", None), self.get_query_argument("cells", None)))
+
+
+class _StateHandler(_Handler):
+    def get(self) -> None:
+        self.write_json(run_state(self.page.run))
 
 
 class TrackingPage:
-    """Serves a run's state while it runs."""
+    """Serves a run's live block map while it runs.
+
+    The run's scheduler must keep block states (``BlockScheduler(block_map=True)``).
+    """
 
     def __init__(self, run: WorkerRun) -> None:
         self.run = run
+        self.rates: RateMeter | None = None
         self.url: str | None = None
         self._server: HTTPServer | None = None
 
+    def application(self) -> tornado.web.Application:
+        """The tornado application behind the page."""
+        arguments = {"page": self}
+        return tornado.web.Application([
+            (r"/", _PageHandler, arguments),
+            (r"/api/run", _RunHandler, arguments),
+            (r"/api/blocks", _BlocksHandler, arguments),
+            (r"/state.json", _StateHandler, arguments),
+            (r"/static/(blockmap\.(?:css|js))", tornado.web.StaticFileHandler,
+             {"path": str(WEB_FOLDER)}),
+        ], compress_response=True)
+
     def start(self, host: str) -> str:
         """Listen on a free port of ``host`` and return the page's URL."""
-        application = tornado.web.Application([
-            (r"/", _PageHandler, {"run": self.run}),
-            (r"/state.json", _StateHandler, {"run": self.run}),
-        ])
-        self._server = HTTPServer(application)
+        self.rates = RateMeter(self.run.started_at)
+        self._server = HTTPServer(self.application())
         sockets = bind_sockets(0, address=host)
         self._server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        self.url = f"http://{host}:{port}/"
+        shown_host = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown_host}:{port}/"
         return self.url
 
     def stop(self) -> None:
