@@ -250,7 +250,7 @@ class _TaskProgress:
             axes += [np.arange(rows).reshape(rows, 1), np.arange(columns).reshape(1, columns)]
         roots = np.ones((rows, columns), dtype=bool)
         for coordinates, period in zip(axes, self.stencil.periods):
-            roots &= coordinates % period == 0
+            roots &= coordinates % period == period - 1
         for link, _ in self.upstream_links:
             if link.covers_grid:
                 return np.zeros((rows, columns), dtype=bool)

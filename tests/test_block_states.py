@@ -76,7 +76,8 @@ def check(scheduler: BlockScheduler, held: dict, done: dict[str, set]) -> None:
                     for code in range(len(STATE_NAMES))}
         assert by_state[PROCESSING] == {index for (task, index) in held if task == task_id}
         assert by_state[DONE] == done[task_id]
-        assert by_state[FAILED] == set(state.failed_blocks)
+        grid = scheduler.tasks[task_id].grid
+        assert by_state[FAILED] == {grid.index_of_number(number) for number in state.failed_blocks}
         assert len(by_state[ORPHANED]) == state.orphaned_count
         assert len(by_state[READY]) + len(by_state[WAITING]) == (state.ready_count
                                                                   + state.pending_count)
