@@ -26,6 +26,7 @@ from .errors import (
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    WorkerSetupError,
 )
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
@@ -65,5 +66,5 @@ __all__ = [
     "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
-    "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
+    "WorkerSetupError", "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
 ]

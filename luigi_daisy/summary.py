@@ -26,12 +26,15 @@ class RunResult(dict):
         return bool(self)
 
 
-def _error_line(text: str | None) -> str:
+def error_line(text: str | None) -> str:
     """The line that says what went wrong: the last one of a traceback."""
     if not text:
         return "(no error text)"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no error text)"
+
+
+_error_line = error_line
 
 
 def format_summary(states: Mapping[str, TaskState],
@@ -54,6 +57,10 @@ def format_summary(states: Mapping[str, TaskState],
         if state.succeeded:
             lines += ["    all blocks processed successfully", ""]
             continue
+        stop_reason = getattr(state, "stop_reason", None)
+        if stop_reason:
+            lines.append(f"    stopped after its first failure, which every block would "
+                         f"repeat: {error_line(stop_reason)}")
         if state.failed_blocks:
             lines.append("    failed blocks (index: last error):")
             for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
@@ -69,5 +76,9 @@ def format_summary(states: Mapping[str, TaskState],
                    - state.orphaned_count)
         if not_run > 0:
             lines.append(f"    {not_run} blocks were never run")
-        lines += ["    some blocks failed or were orphaned", ""]
+        if stop_reason:
+            lines += ["    the task was stopped; fix the error above before running it again",
+                      ""]
+        else:
+            lines += ["    some blocks failed or were orphaned", ""]
     return "\n".join(lines)
