@@ -46,8 +46,9 @@ class ProgressBars:
             if finished != bar.n:
                 # the counters first: update() draws the bar, with the postfix set here
                 bar.set_postfix(
-                    done=state.completed_count, skipped=state.skipped_count,
-                    failed=state.failed_count, orphaned=state.orphaned_count, refresh=False)
+                    {"done": state.completed_count, "skipped": state.skipped_count,
+                     "failed": state.failed_count, "orphaned": state.orphaned_count},
+                    refresh=False)
                 bar.update(finished - bar.n)
 
     def close(self) -> None:

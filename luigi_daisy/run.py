@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from .blocks import BlockStatus
+from .blocks import BlockStatus, uncovered_strips
 from .context import Context
 from .errors import TaskDefinitionError
 from .launchers.local import LocalLauncher, WorkerProcess
@@ -33,6 +33,19 @@ SHUTDOWN_GRACE = 10.0
 PROGRESS_INTERVAL = 1.0
 
 
+def warn_uncovered(tasks: Iterable[Task]) -> None:
+    """Warn, once per task and run, where ``fit="valid"`` leaves voxels unprocessed."""
+    for task in tasks:
+        for axis, begin, end in uncovered_strips(task.grid):
+            logger.warning(
+                "task %r: with fit='valid' its blocks do not tile the total ROI %s along "
+                "axis %d: the strip [%d, %d) of that axis (world units) is written by no "
+                "block. fit='overhang' or fit='shrink' would cover it; or make the total "
+                "ROI's extent minus the context a multiple of the write shape %d.",
+                task.task_id, task.grid.total_roi, axis, begin, end,
+                task.grid.write_shape[axis])
+
+
 def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
     """Run every block of ``tasks`` in the calling process, one at a time."""
     for task in tasks:
@@ -41,6 +54,7 @@ def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True)
                 f"task {task.task_id!r}: multiprocessing=False runs process_function(block) "
                 f"in this process, so it must take the block as its argument; a worker "
                 f"function without arguments needs multiprocessing=True")
+    warn_uncovered(tasks)
     scheduler = BlockScheduler(tasks, ledgers.done_blocks())
     for task in tasks:
         if task.init_callback_fn is not None:
@@ -135,6 +149,8 @@ class WorkerRun:
                 raise TaskDefinitionError(
                     f"task {task.task_id!r} has no process_function to run on its workers")
         self.tasks = {task.task_id: task for task in tasks}
+        warn_uncovered(task for task_id, task in self.tasks.items()
+                       if task_id not in (followed or {}))
         self.launcher = launcher
         self.host = host
         self.progress = progress

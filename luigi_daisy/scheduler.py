@@ -104,6 +104,8 @@ class ReleaseOutcome(enum.Enum):
     SKIPPED = "skipped"
     RETRYING = "retrying"
     FAILED = "failed"
+    #: failed while its task was being stopped (see ``BlockScheduler.stop``); not retried
+    ORPHANED = "orphaned"
 
 
 class _TaskProgress:
@@ -371,7 +373,7 @@ class BlockScheduler:
                 f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
         if progress.stopped:
             state.orphaned_count += 1  # in flight when its task stopped: not retried
-            return ReleaseOutcome.FAILED
+            return ReleaseOutcome.ORPHANED
         if fatal:
             progress.retries.pop(index, None)
             state.failed_count += 1
