@@ -203,8 +203,8 @@ class WorkerRun:
                 if exit_code is None:
                     continue
                 workers.remove(worker)
-                if state.is_done():
-                    continue
+                if state.is_done() or state.stop_reason:
+                    continue  # nothing left for a new worker (a stopped task hands out none)
                 if exit_code == EXIT_RESTART_ME:
                     logger.warning("worker %s of %r failed several blocks in a row; replacing "
                                    "it with a fresh process (see %s)", worker.worker_id,
@@ -223,7 +223,7 @@ class WorkerRun:
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""
         return any(not self.workers[task_id] and not state.is_done()
-                   and task_id not in self.followed
+                   and task_id not in self.followed and not state.stop_reason
                    for task_id, state in self.scheduler.task_states.items())
 
     def _stall_report(self) -> str:
