@@ -497,8 +497,7 @@ class BlockScheduler:
             progress.held_ready.clear()
             progress.retries.clear()
             for _, downstream in progress.downstream_links:
-                stack.append((downstream, f"upstream task {progress.task_id!r} was stopped: "
-                                          f"{why}"))
+                stack.append((downstream, f"upstream task {progress.task_id!r} was stopped"))
 
     def follow(self, task_id: str) -> None:
         """Mark a task whose blocks another run processes: nothing of it is handed out

@@ -59,8 +59,7 @@ def format_summary(states: Mapping[str, TaskState],
             continue
         stop_reason = getattr(state, "stop_reason", None)
         if stop_reason:
-            lines.append(f"    stopped after its first failure, which every block would "
-                         f"repeat: {error_line(stop_reason)}")
+            lines.append(f"    stopped: {error_line(stop_reason)}")
         if state.failed_blocks:
             lines.append("    failed blocks (index: last error):")
             for index, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
@@ -76,9 +75,9 @@ def format_summary(states: Mapping[str, TaskState],
                    - state.orphaned_count)
         if not_run > 0:
             lines.append(f"    {not_run} blocks were never run")
-        if stop_reason:
-            lines += ["    the task was stopped; fix the error above before running it again",
-                      ""]
+        if stop_reason and state.failed_blocks:
+            lines += ["    the task was stopped after its first failure, which every block "
+                      "would repeat; fix that error before running it again", ""]
         else:
             lines += ["    some blocks failed or were orphaned", ""]
     return "\n".join(lines)

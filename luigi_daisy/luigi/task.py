@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 def failure_message(task_id: str, state, summary: str) -> str:
     """Why a blockwise task failed, with the execution summary of its run."""
-    if state.stop_reason:
+    if state.stop_reason and state.failed_blocks:
         return (f"{task_id} was stopped after its first failure, which every block would "
                 f"repeat.\n{summary}")
+    if state.stop_reason:
+        return f"{task_id} was stopped: {state.stop_reason}.\n{summary}"
     return (f"{task_id}: {state.failed_count} blocks failed and {state.orphaned_count} were "
             f"orphaned; rerun to retry them (finished blocks are skipped).\n{summary}")
 
