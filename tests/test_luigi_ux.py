@@ -27,17 +27,18 @@ import textwrap
 import time
 from pathlib import Path
 
+import luigi
 import pytest
-from test_luigid import Luigid, luigid  # noqa: F401 - the luigid fixture
-from test_luigi_layer import (
-    finish_luigi,
+from luigi.execution_summary import LuigiStatusCode
+from test_luigi_layer import (  # noqa: F401 - the luigi_settings fixture
     luigi_command,
     luigi_env,
+    luigi_settings,
     run_luigi,
-    start_luigi,
     stop_group,
     write_config,
 )
+from test_luigid import luigid  # noqa: F401 - the luigid fixture
 
 import luigi_daisy
 from luigi_daisy.cli import main as luigi_daisy_main
@@ -429,3 +430,27 @@ def test_valid_fit_warning_reaches_the_luigi_command_output(tmp_path):
                    str(BLOCKS), "--local-scheduler"], extra_path=module)
     assert returncode == 0, output[-5000:]
     assert len(re.findall(r"along axis 0: the strip \[160, 165\)", output)) == 1, output[-3000:]
+
+
+# --------------------------------------------------------------------------- luigi.build
+def test_luigi_build_prints_the_tracking_url_once_and_the_summary(
+        tmp_path, monkeypatch, luigi_settings, capfd):
+    module = setup_module_dir(tmp_path)
+    monkeypatch.syspath_prepend(str(module))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(module), os.environ.get("PYTHONPATH", "")]))
+    luigi_settings("luigi_daisy", "num_workers", "2")
+    import ux_tasks
+
+    down = ux_tasks.Down(folder=str(tmp_path), blocks=BLOCKS)
+    result = luigi.build([down], local_scheduler=True, workers=1, detailed_summary=True)
+    captured = capfd.readouterr()
+    assert result.status == LuigiStatusCode.SUCCESS, captured.err[-3000:]
+    assert "Up(" in result.summary_text and "Down(" in result.summary_text
+    assert "2 ran successfully" in result.summary_text
+    assert len(re.findall(r"luigi_daisy: follow .* at http://127\.0\.0\.1:\d+/",
+                          captured.out + captured.err)) == 1
+    assert "Execution Summary" in captured.out
+    assert f"Task {down.requires().task_id}:" in captured.out
+    assert f"Task {down.task_id}:" in captured.out
+    assert "blocks/s" not in captured.err  # not a terminal: no bars
