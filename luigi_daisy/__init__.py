@@ -66,5 +66,6 @@ __all__ = [
     "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
-    "WorkerSetupError", "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
+    "WorkerSetupError", "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds",
+    "run_blockwise",
 ]
