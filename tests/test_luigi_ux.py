@@ -454,3 +454,38 @@ def test_luigi_build_prints_the_tracking_url_once_and_the_summary(
     assert f"Task {down.requires().task_id}:" in captured.out
     assert f"Task {down.task_id}:" in captured.out
     assert "blocks/s" not in captured.err  # not a terminal: no bars
+
+
+# --------------------------------------------------------------------------- ledger files
+def test_a_ledger_leaves_no_wal_or_shm_files_once_closed_whoever_read_it(tmp_path):
+    """Read-only connections (``complete()``, followers, ``luigi-daisy status``) of a
+    WAL-mode file used to leave ``-wal`` and ``-shm`` beside every ledger."""
+    from luigi_daisy.ledger import Ledger
+
+    path = tmp_path / f"task{SUFFIX}"
+    geometry = {"num_blocks": 4}
+    writer = Ledger(path, "task", geometry)
+    writer.record_done(1)
+    writer.flush()
+    follower = Ledger(path, "task", geometry, read_only=True)  # reads while it runs
+    assert follower.done_count() == 1
+    follower.close()
+    writer.record_done(2)
+    writer.close()
+    assert read_ledger_summary(path)["done"] == 2  # complete() after the run
+    reader = Ledger(path, "task", geometry, read_only=True)
+    assert reader.done_count() == 2
+    reader.close()
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [path.name]
+
+    # a reader still open when the writer closes: the next writer's close tidies up
+    writer = Ledger(path, "task", geometry)
+    reader = Ledger(path, "task", geometry, read_only=True)
+    assert reader.done_count() == 2
+    writer.record_done(3)
+    writer.close()
+    reader.close()
+    writer = Ledger(path, "task", geometry)
+    writer.close()
+    assert read_ledger_summary(path)["done"] == 3
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [path.name]
