@@ -12,7 +12,7 @@ from typing import Protocol
 
 from .blocks import BlockStatus, uncovered_strips
 from .context import Context
-from .errors import TaskDefinitionError
+from .errors import TaskDefinitionError, WorkerSetupError
 from .launchers.local import LocalLauncher, WorkerProcess
 from .ledger import Ledger, LedgerSet
 from .progress import ProgressBars
@@ -84,13 +84,14 @@ def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSe
         scheduler.release(block, BlockStatus.SUCCESS, skipped=True)
         ledgers.record_done(task.task_id, block.index)
         return True
-    process_one_block(task.process_function, block)
+    error = process_one_block(task.process_function, block)
     if block.status == BlockStatus.SUCCESS:
         failure = task.post_check_failure(block)
         if failure is not None:
             block.status = BlockStatus.FAILED
             block.error = failure
-    outcome = scheduler.release(block, block.status)
+    outcome = scheduler.release(block, block.status,
+                                fatal=isinstance(error, WorkerSetupError))
     if outcome is ReleaseOutcome.COMPLETED:
         ledgers.record_done(task.task_id, block.index)
     elif outcome is ReleaseOutcome.FAILED:

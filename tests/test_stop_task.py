@@ -114,6 +114,15 @@ def test_a_worker_that_cannot_work_stops_its_task_at_once(tmp_path, capsys,
     assert len(worker_logs) == 3 + 3, worker_logs  # the first workers of both tasks only
 
 
+def test_in_process_runs_stop_a_task_the_same_way(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = chain(blocks=8, process_function=cannot_set_up, max_retries=2)
+    result = daisy.run_blockwise([second], multiprocessing=False, progress=False)
+    assert (result["first"].failed_count, result["first"].orphaned_count) == (1, 7)
+    assert result["second"].orphaned_count == 8
+    assert "stopped after its first failure" in capsys.readouterr().out
+
+
 def test_a_task_stopped_in_one_run_is_tried_again_in_the_next(tmp_path, no_stray_processes):
     marker = tmp_path / "broken"
     marker.touch()
