@@ -1,10 +1,18 @@
 """Pipelined runs of chained blockwise tasks inside a Luigi DAG.
 
-A blockwise task's ``run()`` runs its *pipelined closure*: itself plus every incomplete
-blockwise task upstream of it, in one scheduler with block-level dependencies. Each task
-of the closure is claimed with an exclusive OS file lock next to its ledger; a task
-claimed by another live run (another Luigi worker process, another ``luigi`` command) is
-followed through its ledger instead, and taken over when that run's lock frees.
+Luigi's DAG is the one ``requires()`` gives, so Luigi starts a blockwise task once its
+upstream tasks are complete, and every task shows in luigid's graph and in Luigi's
+execution summary. Its ``run()`` runs its *pipelined closure* in one scheduler with
+block-level dependencies: itself, plus the blockwise tasks that Luigi scheduled after it
+on this worker (asked from Luigi's scheduler, :func:`scheduled_dependents`) and that read
+it through blockwise edges only. Their blocks start as soon as the blocks they read are
+written; Luigi runs those tasks afterwards, as no-ops, or to report the failure their
+blocks met (:class:`RunOutcome`).
+
+Each task of the closure is claimed with an exclusive OS file lock next to its ledger; a
+task claimed by another live run (another Luigi worker process, another ``luigi``
+command) is followed through its ledger instead, and taken over when that run's lock
+frees.
 """
 
 from __future__ import annotations

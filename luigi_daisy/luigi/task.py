@@ -112,8 +112,10 @@ class BlockwiseTask(luigi.Task):
     Subclasses define the geometry (``total_roi``, ``read_roi``, ``write_roi``) and
     ``process_block(block)``; optionally ``setup_worker()`` (once per worker process,
     before its first block) and ``check_block(block)`` (True skips a block already done).
-    ``requires()`` is plain Luigi: an edge to another ``BlockwiseTask`` becomes a
-    block-level dependency (with ``pipelining`` on), any other edge stays ordinary.
+    ``requires()`` is plain Luigi and so is the DAG Luigi sees; with ``pipelining`` on,
+    the run of a blockwise task also processes the blockwise tasks Luigi scheduled after
+    it, block by block as their inputs are written (see ``luigi_daisy.luigi.pipeline``).
+    A ``setup_worker`` that raises stops the task after its first block.
 
     Completion is recorded in a ledger of finished blocks, so ``complete()`` is one
     query and a rerun resumes where the last one stopped.
