@@ -175,7 +175,7 @@ def test_every_task_is_in_luigids_graph_and_luigis_summary_and_still_pipelines(
     module = setup_module_dir(tmp_path)
     write_config(tmp_path, {
         "luigi_daisy": {"num_workers": 2, "ledger_dir": "ledgers", "log_dir": "logs"},
-        "Up": {"block_seconds": 0.05}, "Down": {"block_seconds": 0.05}})
+        "Up": {"block_seconds": 0.1}, "Down": {"block_seconds": 0.02}})
     returncode, output = run_luigi(
         tmp_path, task_args(tmp_path, "Down", "--scheduler-host", "127.0.0.1",
                             "--scheduler-port", str(luigid.port)), extra_path=module)
