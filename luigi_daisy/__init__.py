@@ -26,6 +26,7 @@ from .errors import (
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    WorkerSetupError,
 )
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
@@ -72,6 +73,6 @@ __all__ = [
     "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "SerialServer", "Server", "ServerUnreachableError", "Task",
-    "TaskDefinitionError", "TaskState", "ZarrTarget", "check_write_alignment",
-    "logging", "open_ds", "prepare_ds", "run_blockwise",
+    "TaskDefinitionError", "TaskState", "WorkerSetupError", "ZarrTarget",
+    "check_write_alignment", "logging", "open_ds", "prepare_ds", "run_blockwise",
 ]

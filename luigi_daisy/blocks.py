@@ -466,3 +466,30 @@ def block_from_rois(task_id: str, index: int, number: int, read_roi: Roi, write_
 
 __all__ = ["Block", "BlockBitmap", "BlockGrid", "BlockStatus", "Coordinate", "FIT_MODES", "Roi",
            "block_from_rois", "cantor_number", "new_block"]
+
+
+def uncovered_strips(grid: BlockGrid) -> list[tuple[int, int, int]]:
+    """Where a ``fit="valid"`` grid leaves the total write ROI unwritten.
+
+    Returns ``(axis, begin, end)`` per axis whose blocks stop short of the end of the
+    total write ROI: the world-unit strip ``[begin, end)`` along ``axis`` is written by
+    no block (``fit="overhang"`` or ``"shrink"`` would cover it). Empty for other fits.
+    """
+    if grid.fit != "valid":
+        return []
+    strips = []
+    for axis, (first, step, count, end) in enumerate(zip(
+            grid.write_begin, grid.write_shape, grid.grid_shape, grid.total_write_end)):
+        covered = first + count * step
+        if covered < end:
+            strips.append((axis, covered, end))
+    return strips
+
+
+def daisy_block_id(grid: BlockGrid, index: int) -> int:
+    """The id daisy gives the block at ``index`` of ``grid`` (``block.block_id[1]``).
+
+    Everything that shows block ids to users (``luigi-daisy status --failed``) goes
+    through here.
+    """
+    return grid.number_of(index)

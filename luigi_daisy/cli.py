@@ -1,17 +1,24 @@
 """The ``luigi-daisy`` command.
 
 ``luigi-daisy status PATH`` prints, for a ledger folder or one ledger file, each task's
-id, geometry and done / failed / total counts; it exits 1 when a task there is
-incomplete and 2 when PATH holds no readable ledger.
+id, geometry and done / failed / total counts; with ``--failed``, also every block that
+failed for good (daisy's block id, its write ROI and the last line of its error). It
+exits 1 when a task there is incomplete and 2 when PATH holds no readable ledger.
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
+from funlib.geometry import Roi
+
+from .blocks import BlockGrid, daisy_block_id
+from .errors import GeometryError
 from .ledger import SUFFIX, LedgerError, read_ledger_summary
+from .summary import error_line
 
 EXIT_INCOMPLETE = 1
 EXIT_UNREADABLE = 2
@@ -30,7 +37,38 @@ def _format_roi(roi: list | None) -> str:
     return f"offset {tuple(begin)} shape {tuple(shape)}"
 
 
-def status(path: Path) -> int:
+def failed_blocks(path: Path) -> list[tuple[int, str | None]]:
+    """``(index, error)`` of every block a ledger records as failed for good."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return connection.execute("SELECT block, error FROM failed ORDER BY block").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
+
+
+def _grid_of(geometry: dict) -> BlockGrid | None:
+    try:
+        rois = [Roi(*geometry[name]) for name in ("total_roi", "read_roi", "write_roi")]
+        return BlockGrid(*rois, fit=geometry["fit"])
+    except (KeyError, TypeError, ValueError, GeometryError):
+        return None
+
+
+def _print_failed(file: Path, geometry: dict) -> None:
+    grid = _grid_of(geometry)
+    for index, error in failed_blocks(file):
+        if grid is None:
+            print(f"    block index {index}: {error_line(error)}")
+            continue
+        write_roi = grid.rois_of(index)[1]
+        print(f"    block {daisy_block_id(grid, index)} (write roi {write_roi}): "
+              f"{error_line(error)}")
+
+
+def status(path: Path, show_failed: bool = False) -> int:
     """Print the state of every ledger under ``path``; return the exit code."""
     files = _ledger_files(path)
     if not files:
@@ -55,6 +93,13 @@ def status(path: Path) -> int:
         print(f"  fit        : {geometry.get('fit', '(not recorded)')}")
         print(f"  blocks     : {summary['done']} done, {summary['failed']} failed, "
               f"{total} total")
+        if show_failed and summary["failed"]:
+            print("  failed blocks (daisy block id, write roi: last error line):")
+            try:
+                _print_failed(file, geometry)
+            except LedgerError as error:
+                print(f"error: {error}", file=sys.stderr)
+                exit_code = EXIT_UNREADABLE
         if not complete and exit_code == 0:
             exit_code = EXIT_INCOMPLETE
     return exit_code
@@ -68,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     status_parser = commands.add_parser(
         "status", help="show the finished blocks recorded in ledgers")
     status_parser.add_argument("path", type=Path, help="a ledger folder or one ledger file")
+    status_parser.add_argument("--failed", action="store_true",
+                               help="list the blocks that failed, with their errors")
     arguments = parser.parse_args(argv)
     if arguments.command == "status":
-        return status(arguments.path)
+        return status(arguments.path, show_failed=arguments.failed)
     parser.error(f"unknown command {arguments.command}")
     return EXIT_UNREADABLE
 

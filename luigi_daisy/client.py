@@ -38,6 +38,7 @@ from .protocol import (
     Acquire,
     BlockAssigned,
     Bye,
+    CannotWork,
     Challenge,
     Decoder,
     Hello,
@@ -218,6 +219,16 @@ class Client:
         """Return a processed block and get the next one in the same round trip."""
         self._send(ReleaseAndAcquire(wire_of(block), block.error))
         return self._answer_to_block()
+
+    def cannot_work(self, block: Block, error: str) -> None:
+        """Tell the server this worker cannot process any block of its task (an error
+        every block would repeat): ``block`` fails for good and the task stops. Waits
+        for the server's answer, so the task is stopped before this worker exits."""
+        block.status = BlockStatus.FAILED
+        block.error = error
+        self._send(CannotWork(wire_of(block), error))
+        while self._answer_to_block() is not None:
+            pass  # an answer to an earlier request: the task is stopped all the same
 
     @contextlib.contextmanager
     def acquire_block(self) -> Iterator[Block | None]:

@@ -45,6 +45,11 @@ class ConfigError(LuigiDaisyError, ValueError):
     """The ``[luigi_daisy]`` section holds a key or value this package does not know."""
 
 
+class WorkerSetupError(LuigiDaisyError, RuntimeError):
+    """A worker cannot process any block of its task (its setup failed); the task is
+    stopped after this first failure instead of failing every block in turn."""
+
+
 class BlockwiseRunError(LuigiDaisyError, RuntimeError):
     """Some blocks of a blockwise task failed; the message holds the execution summary."""
 

@@ -252,11 +252,22 @@ class Ledger:
                     "DELETE FROM failed WHERE block = ?", ((index,) for index in indices))
 
     def close(self) -> None:
-        """Flush and close the file."""
+        """Flush and close the file.
+
+        The writer leaves the file in rollback-journal mode: SQLite removes a WAL's
+        ``-wal`` and ``-shm`` files only when a writing connection closes last, so
+        read-only connections (``complete()``, followers, ``luigi-daisy status``) would
+        otherwise leave them beside every ledger.
+        """
         if self._connection is None:
             return
         try:
             self.flush()
+            if not self.read_only:
+                try:
+                    self._connection.execute("PRAGMA journal_mode=DELETE")
+                except sqlite3.OperationalError:
+                    pass  # a reader still has it open; the next writer's close retries
         finally:
             self._close_connection()
 

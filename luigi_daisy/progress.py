@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -21,9 +22,12 @@ class ProgressBars:
         The run's task states, in the order the bars should appear.
     enabled:
         False draws nothing (the counters are still read by whoever asks).
+    file:
+        Where the bars are drawn (tqdm's default, standard error, when None).
     """
 
-    def __init__(self, states: Mapping[str, TaskState], enabled: bool = True) -> None:
+    def __init__(self, states: Mapping[str, TaskState], enabled: bool = True,
+                 file: TextIO | None = None) -> None:
         self.states = states
         self.bars = {}
         if not enabled:
@@ -31,7 +35,8 @@ class ProgressBars:
         for position, (task_id, state) in enumerate(states.items()):
             self.bars[task_id] = tqdm(
                 total=state.total_block_count, desc=task_id, unit="blocks",
-                position=position, leave=True, dynamic_ncols=True, mininterval=0.2)
+                position=position, leave=True, dynamic_ncols=True, mininterval=0.2,
+                file=file)
 
     def update(self) -> None:
         """Bring every bar up to its task's counters."""
@@ -39,10 +44,12 @@ class ProgressBars:
             state = self.states[task_id]
             finished = state.completed_count + state.failed_count + state.orphaned_count
             if finished != bar.n:
-                bar.update(finished - bar.n)
+                # the counters first: update() draws the bar, with the postfix set here
                 bar.set_postfix(
-                    done=state.completed_count, skipped=state.skipped_count,
-                    failed=state.failed_count, orphaned=state.orphaned_count, refresh=False)
+                    {"done": state.completed_count, "skipped": state.skipped_count,
+                     "failed": state.failed_count, "orphaned": state.orphaned_count},
+                    refresh=False)
+                bar.update(finished - bar.n)
 
     def close(self) -> None:
         """Draw the final counts and release the terminal."""

@@ -66,6 +66,7 @@ __all__ = [
     "Bye",
     "BlockAssigned",
     "NoMoreBlocks",
+    "CannotWork",
     "MESSAGE_TYPES",
     "CLIENT_MESSAGES",
     "SERVER_MESSAGES",
@@ -638,6 +639,40 @@ class NoMoreBlocks(Message):
     TYPE_CODE: ClassVar[int] = 11
 
 
+@dataclass(frozen=True, slots=True)
+class CannotWork(Message):
+    """Client to server: this worker cannot process any block of its task.
+
+    For an error every block would repeat (a ``setup_worker`` that raises, an output
+    the blocks cannot write safely). The server fails ``block`` for good, stops the
+    task (no retries, no replacement workers) and answers :class:`NoMoreBlocks`.
+
+    Attributes
+    ----------
+    block:
+        The block the worker holds (status FAILED).
+    error:
+        Text of the error; truncated like in :class:`Release`.
+    """
+
+    TYPE_CODE: ClassVar[int] = 12
+    block: WireBlock
+    error: str
+
+    def __post_init__(self) -> None:
+        _clean_error(self, "error")
+
+    def _json(self) -> dict[str, Any]:
+        return {"block": _block_json(self.block), "error": self.error}
+
+    @classmethod
+    def _from_json(cls, body: dict[str, Any]) -> CannotWork:
+        return cls(
+            _block_from_json(body["block"], "CannotWork.block"),
+            _bounded_text(body["error"], "CannotWork.error"),
+        )
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_CODE: cls
     for cls in (
@@ -652,12 +687,13 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Bye,
         BlockAssigned,
         NoMoreBlocks,
+        CannotWork,
     )
 }
 """Every message class by its type code: the closed set of the protocol."""
 
 CLIENT_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Hello, Acquire, ReleaseAndAcquire, Release, Heartbeat, Bye}
+    {Hello, Acquire, ReleaseAndAcquire, Release, Heartbeat, Bye, CannotWork}
 )
 """Messages a worker may send (what a server's :class:`Decoder` should accept)."""
 

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from .blocks import BlockStatus
+from .blocks import BlockStatus, uncovered_strips
 from .context import Context
-from .errors import TaskDefinitionError
+from .errors import TaskDefinitionError, WorkerSetupError
 from .launchers.local import LocalLauncher, WorkerProcess
 from .ledger import Ledger, LedgerSet
 from .progress import ProgressBars
@@ -33,6 +33,19 @@ SHUTDOWN_GRACE = 10.0
 PROGRESS_INTERVAL = 1.0
 
 
+def warn_uncovered(tasks: Iterable[Task]) -> None:
+    """Warn, once per task and run, where ``fit="valid"`` leaves voxels unprocessed."""
+    for task in tasks:
+        for axis, begin, end in uncovered_strips(task.grid):
+            logger.warning(
+                "task %r: with fit='valid' its blocks do not tile the total ROI %s along "
+                "axis %d: the strip [%d, %d) of that axis (world units) is written by no "
+                "block. fit='overhang' or fit='shrink' would cover it; or make the total "
+                "ROI's extent minus the context a multiple of the write shape %d.",
+                task.task_id, task.grid.total_roi, axis, begin, end,
+                task.grid.write_shape[axis])
+
+
 def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
     """Run every block of ``tasks`` in the calling process, one at a time."""
     for task in tasks:
@@ -41,6 +54,7 @@ def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True)
                 f"task {task.task_id!r}: multiprocessing=False runs process_function(block) "
                 f"in this process, so it must take the block as its argument; a worker "
                 f"function without arguments needs multiprocessing=True")
+    warn_uncovered(tasks)
     scheduler = BlockScheduler(tasks, ledgers.done_blocks())
     for task in tasks:
         if task.init_callback_fn is not None:
@@ -70,13 +84,14 @@ def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSe
         scheduler.release(block, BlockStatus.SUCCESS, skipped=True)
         ledgers.record_done(task.task_id, block.index)
         return True
-    process_one_block(task.process_function, block)
+    error = process_one_block(task.process_function, block)
     if block.status == BlockStatus.SUCCESS:
         failure = task.post_check_failure(block)
         if failure is not None:
             block.status = BlockStatus.FAILED
             block.error = failure
-    outcome = scheduler.release(block, block.status)
+    outcome = scheduler.release(block, block.status,
+                                fatal=isinstance(error, WorkerSetupError))
     if outcome is ReleaseOutcome.COMPLETED:
         ledgers.record_done(task.task_id, block.index)
     elif outcome is ReleaseOutcome.FAILED:
@@ -143,6 +158,8 @@ class WorkerRun:
                 raise TaskDefinitionError(
                     f"task {task.task_id!r} has no process_function to run on its workers")
         self.tasks = {task.task_id: task for task in tasks}
+        warn_uncovered(task for task_id, task in self.tasks.items()
+                       if task_id not in (followed or {}))
         self.launcher = launcher
         self.host = host
         self.progress = progress
@@ -198,8 +215,8 @@ class WorkerRun:
                     continue
                 workers.remove(worker)
                 self.server.forget_worker(task_id, worker.worker_id)
-                if state.is_done():
-                    continue
+                if state.is_done() or state.stop_reason:
+                    continue  # nothing left for a new worker (a stopped task hands out none)
                 if exit_code == EXIT_RESTART_ME:
                     logger.warning("worker %s of %r failed several blocks in a row; replacing "
                                    "it with a fresh process (see %s)", worker.worker_id,
@@ -218,7 +235,7 @@ class WorkerRun:
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""
         return any(not self.workers[task_id] and not state.is_done()
-                   and task_id not in self.followed
+                   and task_id not in self.followed and not state.stop_reason
                    for task_id, state in self.scheduler.task_states.items())
 
     def _stall_report(self) -> str:

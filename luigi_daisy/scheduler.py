@@ -39,7 +39,7 @@ class TaskState:
     __slots__ = ("task_id", "started", "total_block_count", "ready_count", "processing_count",
                  "completed_count", "skipped_count", "failed_count", "orphaned_count",
                  "worker_failure_count", "worker_restart_count", "timeout_reclaim_count",
-                 "failed_blocks")
+                 "failed_blocks", "stop_reason")
 
     def __init__(self, task_id: str, total_block_count: int) -> None:
         self.task_id = task_id
@@ -57,6 +57,8 @@ class TaskState:
         #: daisy's block numbers (``block.block_id[1]``) of the blocks that failed for
         #: good, with the last error text
         self.failed_blocks: dict[int, str | None] = {}
+        #: why the task was stopped before all its blocks ran (see ``BlockScheduler.stop``)
+        self.stop_reason: str | None = None
 
     @property
     def pending_count(self) -> int:
@@ -106,6 +108,8 @@ class ReleaseOutcome(enum.Enum):
     SKIPPED = "skipped"
     RETRYING = "retrying"
     FAILED = "failed"
+    #: failed while its task was being stopped (see ``BlockScheduler.stop``); not retried
+    ORPHANED = "orphaned"
 
 
 class _TaskProgress:
@@ -114,7 +118,7 @@ class _TaskProgress:
     __slots__ = ("task_id", "grid", "stencil", "max_retries", "timeout", "state",
                  "upstream_links", "downstream_links", "ready", "roots", "waiting",
                  "processing", "retries", "orphaned", "has_downstream", "done_before",
-                 "resuming", "followed", "held_ready", "states")
+                 "resuming", "followed", "held_ready", "states", "stopped")
 
     def __init__(self, task: Task) -> None:
         self.task_id = task.task_id
@@ -139,6 +143,8 @@ class _TaskProgress:
         #: another run processes this task; its ready blocks wait in held_ready
         self.followed = False
         self.held_ready: set[int] = set()
+        #: no block of it is handed out any more (see ``BlockScheduler.stop``)
+        self.stopped = False
         #: one state code per block of the index grid (``block_states``), or None
         self.states: bytearray | None = None
 
@@ -416,7 +422,7 @@ class BlockScheduler:
     # ------------------------------------------------------------------ release
     def release(self, block: Block, status: BlockStatus | None = None,
                 now: float = 0.0, skipped: bool = False,
-                worker_lost: bool = False) -> ReleaseOutcome:
+                worker_lost: bool = False, fatal: bool = False) -> ReleaseOutcome:
         """Take a block back.
 
         Parameters
@@ -432,6 +438,9 @@ class BlockScheduler:
         worker_lost:
             The block failed because its worker died or timed out: it is retried at
             least once, whatever ``max_retries`` says.
+        fatal:
+            The block failed in a way every block of its task would (a worker that
+            cannot be set up): it fails for good and the task is stopped (:meth:`stop`).
         """
         progress = self._progress.get(block.task_id)
         if progress is None:
@@ -458,6 +467,15 @@ class BlockScheduler:
             raise SchedulerError(
                 f"block {block.block_id[1]} of task {block.task_id!r} released with status "
                 f"{BlockStatus(status).name}; set it to SUCCESS or FAILED first")
+        if progress.stopped:
+            state.orphaned_count += 1  # in flight when its task stopped: not retried
+            return ReleaseOutcome.ORPHANED
+        if fatal:
+            progress.retries.pop(index, None)
+            state.failed_count += 1
+            state.failed_blocks[index] = block.error
+            self.stop(block.task_id, block.error or "a worker could not process any block")
+            return ReleaseOutcome.FAILED
         attempts = progress.retries.get(index, 0)
         allowed = max(progress.max_retries, 1) if worker_lost else progress.max_retries
         if attempts < allowed:
@@ -488,6 +506,8 @@ class BlockScheduler:
         waiting = progress.waiting
         orphaned = progress.orphaned
         done_before = progress.done_before
+        if progress.stopped:
+            return
         for index in indices:
             remaining = waiting.get(index)
             if remaining is None:
@@ -520,6 +540,8 @@ class BlockScheduler:
             targets += [(downstream, link.dependents(position))
                         for link, downstream in source.downstream_links]
             for target, indices in targets:
+                if target.stopped:
+                    continue  # its unfinished blocks are counted as orphaned already
                 for dependent in indices:
                     if dependent in target.orphaned or dependent in target.done_before:
                         continue
@@ -537,7 +559,7 @@ class BlockScheduler:
         releases the blocks that wait for it. Returns False if it was known already.
         """
         progress = self._get(task_id)
-        if index in progress.done_before or index in progress.processing:
+        if progress.stopped or index in progress.done_before or index in progress.processing:
             return False
         if progress.done_before is NOTHING_DONE:
             progress.done_before = BlockBitmap(math.prod(progress.grid.id_grid_shape))
@@ -557,6 +579,31 @@ class BlockScheduler:
         # only now: the countdowns above must still count this block as unfinished
         progress.done_before.add(index)
         return True
+
+    def stop(self, task_id: str, reason: str) -> None:
+        """Hand out no more blocks of ``task_id`` nor of the tasks downstream of it.
+
+        For an error that every block would repeat: the blocks not handed out yet count
+        as orphaned, and so do blocks in flight that fail later (they are not retried);
+        blocks in flight that succeed still complete.
+        """
+        stack = [(self._get(task_id), reason)]
+        while stack:
+            progress, why = stack.pop()
+            if progress.stopped:
+                continue
+            progress.stopped = True
+            state = progress.state
+            state.stop_reason = why
+            state.orphaned_count += state.ready_count + state.pending_count
+            state.ready_count = 0
+            progress.ready.clear()
+            progress.roots = iter(())
+            progress.waiting.clear()
+            progress.held_ready.clear()
+            progress.retries.clear()
+            for _, downstream in progress.downstream_links:
+                stack.append((downstream, f"upstream task {progress.task_id!r} was stopped"))
 
     def follow(self, task_id: str) -> None:
         """Mark a task whose blocks another run processes: nothing of it is handed out

@@ -40,6 +40,7 @@ from .protocol import (
     Acquire,
     BlockAssigned,
     Bye,
+    CannotWork,
     Challenge,
     Decoder,
     Heartbeat,
@@ -391,6 +392,8 @@ class BlockServer(TCPServer):
             self._acquire(connection)
         elif kind is Release:
             self._release(connection, message.block, message.error)
+        elif kind is CannotWork:
+            self._cannot_work(connection, message)
         elif kind is Heartbeat:
             pass
         elif kind is Bye:
@@ -488,13 +491,33 @@ class BlockServer(TCPServer):
             status = BlockStatus.FAILED
         self._give_back(block, status, error, connection.worker_id)
 
+    def _cannot_work(self, connection: WorkerConnection, message: CannotWork) -> None:
+        """A worker that cannot process any block: its block fails for good, its task
+        stops (see ``BlockScheduler.stop``) and the worker is told there is no more."""
+        wire = message.block
+        block = connection.held.get(wire.index) if wire.task_id == connection.task_id else None
+        if block is None:
+            logger.warning("worker %s reported a block %s of %r it does not hold; ignored",
+                           connection.worker_id, wire.index, wire.task_id)
+        else:
+            del connection.held[wire.index]
+            del self.holder[(block.task_id, block.index)]
+            if not self.scheduler.task_states[block.task_id].stop_reason:
+                logger.error("worker %s cannot process any block of %r; stopping the task",
+                             connection.worker_id, block.task_id)
+            self._give_back(block, BlockStatus.FAILED, message.error, connection.worker_id,
+                            fatal=True)
+        connection.send(NoMoreBlocks())
+
     def _give_back(self, block: Block, status: BlockStatus, error: str | None,
-                   worker_id: int | None, worker_lost: bool = False) -> None:
+                   worker_id: int | None, worker_lost: bool = False,
+                   fatal: bool = False) -> None:
         block.status = status
         block.error = error
         if status == BlockStatus.FAILED and worker_id is not None:
             self.failed_workers[block.task_id].add(worker_id)
-        outcome = self.scheduler.release(block, status, self.clock(), worker_lost=worker_lost)
+        outcome = self.scheduler.release(block, status, self.clock(), worker_lost=worker_lost,
+                                         fatal=fatal)
         if outcome is ReleaseOutcome.COMPLETED:
             self.ledgers.record_done(block.task_id, block.index)
         elif outcome is ReleaseOutcome.FAILED:

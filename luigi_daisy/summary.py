@@ -34,6 +34,9 @@ def error_line(text: str | None) -> str:
     return lines[-1] if lines else "(no error text)"
 
 
+_error_line = error_line
+
+
 def format_summary(states: Mapping[str, TaskState],
                    worker_logs: Mapping[str, list[str]] | None = None) -> str:
     """daisy's execution summary: per task, blocks done, skipped, failed and orphaned.
@@ -54,6 +57,9 @@ def format_summary(states: Mapping[str, TaskState],
         if state.succeeded:
             lines += ["    all blocks processed successfully", ""]
             continue
+        stop_reason = getattr(state, "stop_reason", None)
+        if stop_reason:
+            lines.append(f"    stopped: {error_line(stop_reason)}")
         if state.failed_blocks:
             lines.append("    failed blocks (block id: last error):")
             for number, error in sorted(state.failed_blocks.items())[:MAX_LISTED_FAILURES]:
@@ -69,5 +75,9 @@ def format_summary(states: Mapping[str, TaskState],
                    - state.orphaned_count)
         if not_run > 0:
             lines.append(f"    {not_run} blocks were never run")
-        lines += ["    some blocks failed or were orphaned", ""]
+        if stop_reason and state.failed_blocks:
+            lines += ["    the task was stopped after its first failure, which every block "
+                      "would repeat; fix that error before running it again", ""]
+        else:
+            lines += ["    some blocks failed or were orphaned", ""]
     return "\n".join(lines)

@@ -200,9 +200,10 @@ def test_every_blockwise_task_is_reported_done_with_progress_status_and_tracking
 
 
 def test_progress_and_the_tracking_page_are_visible_during_a_run(tmp_path, luigid):
-    """Threshold (run by Luigi) and Smooth (pulled into its pipelined run, hidden from
-    Luigi's DAG) both show up RUNNING in luigid with a partial progress, a status message
-    about blocks and a tracking URL whose page and ``state.json`` answer."""
+    """Smooth (run by Luigi) shows up RUNNING and Threshold (pulled into Smooth's
+    pipelined run, PENDING in Luigi until Smooth is DONE) PENDING, both with a partial
+    progress, a status message about blocks and a tracking URL whose page and
+    ``state.json`` answer."""
     write_config(tmp_path, block_seconds=0.15)
     process = start_pipeline(tmp_path, luigid, "Threshold", "--workers", "1")
     try:
@@ -212,8 +213,11 @@ def test_progress_and_the_tracking_page_are_visible_during_a_run(tmp_path, luigi
             assert process.poll() is None, (tmp_path / "luigi.log").read_text()[-5000:]
             assert time.monotonic() < deadline, f"only {sorted(seen)} seen running"
             running = blockwise_tasks(luigid.api("task_list", status="RUNNING"))
+            running.update(blockwise_tasks(luigid.api("task_list", status="PENDING")))
             for task_id, task in running.items():
-                if (task["name"] not in seen and task["progress_percentage"] is not None
+                expected = "RUNNING" if task["name"] == "Smooth" else "PENDING"
+                if (task["name"] not in seen and task["status"] == expected
+                        and task["progress_percentage"] is not None
                         and 0 < task["progress_percentage"] < 100
                         and task["status_message"] and "blocks" in task["status_message"]
                         and task["tracking_url"]):

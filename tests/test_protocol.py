@@ -25,6 +25,7 @@ from luigi_daisy.protocol import (
     Acquire,
     BlockAssigned,
     Bye,
+    CannotWork,
     Challenge,
     Decoder,
     Heartbeat,
@@ -90,6 +91,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Bye),
     st.builds(BlockAssigned, block=wire_blocks()),
     st.builds(NoMoreBlocks),
+    st.builds(CannotWork, block=wire_blocks(), error=texts),
 )
 
 BLOCK = WireBlock("predict", 7, (-4, 0, 8), (24, 24, 24), (0, 4, 12), (16, 16, 16), 1)
@@ -106,6 +108,7 @@ ONE_OF_EACH: list[Message] = [
     BlockAssigned(BLOCK),
     BlockAssigned(dataclasses.replace(BLOCK, number=2**70)),  # daisy's id travels too
     NoMoreBlocks(),
+    CannotWork(dataclasses.replace(BLOCK, status=3), "setup_worker failed: ✗"),
 ]
 
 
@@ -134,7 +137,7 @@ def rejects(data: bytes, *fragments: str) -> ProtocolError:
 
 
 def test_message_set_is_closed_and_codes_are_unique_bytes() -> None:
-    assert len(MESSAGE_TYPES) == 11
+    assert len(MESSAGE_TYPES) == 12
     # dataclass(slots=True) replaces each class, so compare what the module exports
     subclasses = {getattr(protocol, cls.__name__) for cls in Message.__subclasses__()}
     assert set(MESSAGE_TYPES.values()) == subclasses
@@ -367,7 +370,7 @@ def test_empty_frame() -> None:
     rejects(b"\x00\x00\x00\x00", "empty frame")
 
 
-@pytest.mark.parametrize("type_code", [0, 12, 99, 255])
+@pytest.mark.parametrize("type_code", [0, 13, 99, 255])
 def test_unknown_type_code(type_code: int) -> None:
     rejects(frame(type_code, b"{}"), f"unknown message type code {type_code}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import luigi
 
 from ..errors import ConfigError
@@ -41,9 +43,43 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
 KNOWN_KEYS = frozenset(luigi_daisy.get_param_names())
 
 
+def _normalised(name: str) -> str:
+    return "".join(character for character in name.lower() if character.isalnum())
+
+
+def _section_names(config) -> list[str]:
+    if hasattr(config, "sections"):  # configparser (luigi.cfg)
+        return list(config.sections())
+    return list(getattr(config, "data", {}) or {})  # TOML
+
+
+def check_section_name(config) -> None:
+    """Refuse sections whose name is a near miss of ``[luigi_daisy]`` (``[luigi-daisy]``,
+    ``[Luigi_Daisy]``, ``[luigi_diasy]``, ...): Luigi would ignore them without a word."""
+    target = _normalised(SECTION)
+    for name in _section_names(config):
+        if name == SECTION:
+            continue
+        normalised = _normalised(name)
+        if normalised == target or (
+                abs(len(normalised) - len(target)) <= 2 and
+                difflib.SequenceMatcher(None, normalised, target).ratio() >= 0.8):
+            raise ConfigError(
+                f"the Luigi configuration has a section [{name}], which Luigi ignores; "
+                f"luigi_daisy reads its settings from [{SECTION}] (with an underscore): "
+                f"rename the section")
+
+
+def _suggestion(key: str) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(KNOWN_KEYS), n=1)
+    return f" ({key}: did you mean {close[0]}?)" if close else ""
+
+
 def check_section() -> None:
-    """Refuse keys of ``[luigi_daisy]`` this package does not know, naming them."""
+    """Refuse keys of ``[luigi_daisy]`` this package does not know, naming them, and
+    sections whose name is a near miss of it."""
     config = luigi.configuration.get_config()
+    check_section_name(config)
     if not config.has_section(SECTION):
         return
     if hasattr(config, "defaults"):  # configparser (luigi.cfg)
@@ -55,7 +91,7 @@ def check_section() -> None:
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the "
             f"[{SECTION}] section of the Luigi configuration; the known keys are "
-            f"{', '.join(sorted(KNOWN_KEYS))}")
+            f"{', '.join(sorted(KNOWN_KEYS))}{''.join(_suggestion(key) for key in unknown)}")
 
 
 def settings() -> luigi_daisy:

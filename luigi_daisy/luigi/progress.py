@@ -1,32 +1,34 @@
-"""Progress of a pipelined run, reported to luigid through Luigi's task hooks.
+"""What a pipelined run tells its user: luigid's task hooks, the terminal, the summary.
 
 The task whose ``run()`` drives the run reports with its own hooks (progress percentage,
-status message, tracking URL). Upstream tasks pulled into the run are hidden from
-Luigi's DAG (see ``BlockwiseTask.deps``); they are reported through the same scheduler
-connection the hooks use, so luigid shows them running with their progress and done
-when their blocks are.
+status message, tracking URL). The other tasks of the run are ordinary nodes of Luigi's
+DAG that Luigi will run (as a no-op) once their upstream task is DONE; until then they
+are PENDING in luigid, and the run sets their progress and status message through the
+same scheduler connection, so luigid shows how far their blocks are.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
-
-from luigi.scheduler import DONE, FAILED, RUNNING
 
 from ..run import WorkerRun
 from ..scheduler import TaskState
+from ..summary import error_line
 from ..tracking import run_state
 
 logger = logging.getLogger(__name__)
 
+#: failed blocks named in a status message
+LISTED_FAILURES = 5
+
 
 def progress_percentage(state: TaskState) -> int:
-    """Share of a task's blocks that are finished (done, skipped, failed or orphaned)."""
+    """Share of a task's blocks that completed (failed and orphaned blocks are not)."""
     if not state.total_block_count:
         return 100
-    finished = state.completed_count + state.failed_count + state.orphaned_count
-    return int(100 * finished / state.total_block_count)
+    return int(100 * state.completed_count / state.total_block_count)
 
 
 def status_line(task_id: str, task: Mapping) -> str:
@@ -36,8 +38,23 @@ def status_line(task_id: str, task: Mapping) -> str:
             f"{task['orphaned']} orphaned, {task['blocks_per_second']} blocks/s")
 
 
+def failure_lines(state: TaskState, logs: list[str]) -> list[str]:
+    """The failed blocks of a task with their error lines, and where the rest is."""
+    lines = []
+    if getattr(state, "stop_reason", None):
+        lines.append(f"  stopped: {error_line(state.stop_reason)}")
+    for index, error in sorted(state.failed_blocks.items())[:LISTED_FAILURES]:
+        lines.append(f"  block {index}: {error_line(error)}")
+    hidden = len(state.failed_blocks) - LISTED_FAILURES
+    if hidden > 0:
+        lines.append(f"  ... and {hidden} more failed blocks")
+    if logs:
+        lines.append(f"  worker logs: {', '.join(logs)}")
+    return lines
+
+
 class LuigidReporter:
-    """Reports a pipelined run to luigid.
+    """Reports a pipelined run to luigid and to the terminal.
 
     Parameters
     ----------
@@ -45,78 +62,77 @@ class LuigidReporter:
         The Luigi task whose ``run()`` drives the pipelined run.
     closure:
         Every Luigi task of the run, ``task`` included.
+    scheduler:
+        Luigi's scheduler connection (None outside a Luigi run).
     """
 
-    def __init__(self, task, closure) -> None:
+    def __init__(self, task, closure, scheduler=None, luigi_worker: str | None = None) -> None:
         self.task = task
-        self.hidden = [other for other in closure if other.task_id != task.task_id]
-        self.tracking_url_sent = False
+        self.others = [other for other in closure if other.task_id != task.task_id]
+        self.scheduler = scheduler
+        self.luigi_worker = luigi_worker
         self.tracking_url: str | None = None
-        #: hidden tasks this run processes (not those it follows): it reports those
-        self.claimed: set[str] = set()
-        self.hidden_started: set[str] = set()
 
-    def _scheduler(self):
-        """The scheduler connection behind Luigi's hooks, and this worker's id."""
-        reporter = getattr(self.task.set_status_message, "__self__", None)
-        scheduler = getattr(reporter, "_scheduler", None)
-        return scheduler, getattr(reporter, "_worker_id", None)
+    def _message(self, task_id: str, counts: Mapping, state: TaskState,
+                 logs: list[str]) -> str:
+        lines = [status_line(task_id, counts)]
+        if task_id != self.task.task_id:
+            lines.append(f"  (its blocks run in the pipelined run of {self.task.task_id})")
+        if self.tracking_url:
+            lines.append(f"  live: {self.tracking_url}")
+        return "\n".join(lines + failure_lines(state, logs))
+
+    def _link_others(self, run: WorkerRun) -> None:
+        """Give the other tasks of the run (PENDING in Luigi) the run's tracking URL, as
+        the worker that scheduled them would: same status, same retry policy."""
+        if self.scheduler is None or self.luigi_worker is None:
+            return
+        from luigi.worker import _get_retry_policy_dict
+
+        for other in self.others:
+            if other.task_id in run.followed:
+                continue
+            try:
+                self.scheduler.add_task(
+                    task_id=other.task_id, status="PENDING", runnable=True,
+                    worker=self.luigi_worker, tracking_url=self.tracking_url,
+                    family=other.get_task_family(), module=other.task_module,
+                    params=other.to_str_params(),
+                    param_visibilities=other._get_param_visibilities(),
+                    priority=other.priority, resources=other.process_resources(),
+                    retry_policy_dict=_get_retry_policy_dict(other))
+            except Exception:  # noqa: BLE001 - reporting must never stop the run
+                logger.exception("could not report %s to the Luigi scheduler", other.task_id)
 
     def report(self, run: WorkerRun) -> None:
         """Send the current counters of every task of the run."""
-        state = run_state(run)
-        tasks = state["tasks"]
-        message = "\n".join(status_line(task_id, counts) for task_id, counts in tasks.items())
-        own = run.scheduler.task_states[self.task.task_id]
+        if self.tracking_url is None and run.tracking is not None and run.tracking.url:
+            self.tracking_url = run.tracking.url
+            print(f"luigi_daisy: follow {', '.join(run.tasks)} at {self.tracking_url}",
+                  file=sys.stderr, flush=True)
+            if self.task.set_tracking_url is not None:
+                self.task.set_tracking_url(self.tracking_url)
+            self._link_others(run)
+        tasks = run_state(run)["tasks"]
+        logs = run.worker_logs() if run.server is not None else {}
+        states = run.scheduler.task_states
+        own = self.task.task_id
         if self.task.set_progress_percentage is not None:
-            self.task.set_progress_percentage(progress_percentage(own))
+            self.task.set_progress_percentage(progress_percentage(states[own]))
         if self.task.set_status_message is not None:
-            self.task.set_status_message(message)
-        if (not self.tracking_url_sent and run.tracking is not None
-                and run.tracking.url is not None and self.task.set_tracking_url is not None):
-            self.task.set_tracking_url(run.tracking.url)
-            self.tracking_url_sent = True
-        scheduler, worker_id = self._scheduler()
-        if scheduler is None:
+            self.task.set_status_message("\n".join(
+                self._message(task_id, tasks[task_id], states[task_id], logs.get(task_id, []))
+                for task_id in tasks))
+        if self.scheduler is None:
             return
-        self.tracking_url = run.tracking.url if run.tracking is not None else None
-        self.claimed = {task.task_id for task in self.hidden if task.task_id not in run.followed}
-        for hidden in self.hidden:
-            if hidden.task_id not in self.claimed:
+        for other in self.others:
+            if other.task_id in run.followed:
                 continue  # the run that claimed it reports it
-            task_state = run.scheduler.task_states[hidden.task_id]
             try:
-                if hidden.task_id not in self.hidden_started:
-                    self._announce(scheduler, worker_id, hidden, RUNNING, self.tracking_url)
-                    self.hidden_started.add(hidden.task_id)
-                scheduler.set_task_progress_percentage(hidden.task_id,
-                                                       progress_percentage(task_state))
-                scheduler.set_task_status_message(
-                    hidden.task_id, status_line(hidden.task_id, tasks[hidden.task_id]))
+                self.scheduler.set_task_progress_percentage(
+                    other.task_id, progress_percentage(states[other.task_id]))
+                self.scheduler.set_task_status_message(other.task_id, self._message(
+                    other.task_id, tasks[other.task_id], states[other.task_id],
+                    logs.get(other.task_id, [])))
             except Exception:  # noqa: BLE001 - reporting must never stop the run
-                logger.exception("could not report %s to the Luigi scheduler", hidden.task_id)
-
-    def finish(self, result: Mapping[str, TaskState]) -> None:
-        """Mark the hidden tasks this run processed as done (or failed) in luigid."""
-        scheduler, worker_id = self._scheduler()
-        if scheduler is None:
-            return
-        for hidden in self.hidden:
-            if hidden.task_id not in self.claimed:
-                continue
-            state = result[hidden.task_id]
-            try:
-                self._announce(scheduler, worker_id, hidden,
-                               DONE if state.succeeded else FAILED, self.tracking_url)
-                scheduler.set_task_progress_percentage(hidden.task_id,
-                                                       progress_percentage(state))
-            except Exception:  # noqa: BLE001
-                logger.exception("could not report %s to the Luigi scheduler", hidden.task_id)
-
-    @staticmethod
-    def _announce(scheduler, worker_id, task, status: str, tracking_url: str | None) -> None:
-        scheduler.add_task(
-            task_id=task.task_id, status=status, runnable=False, worker=worker_id,
-            family=task.get_task_family(), module=task.task_module,
-            params=task.to_str_params(), param_visibilities=task._get_param_visibilities(),
-            priority=task.priority, tracking_url=tracking_url)
+                logger.exception("could not report %s to the Luigi scheduler", other.task_id)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
-from collections.abc import Iterator
 
 import luigi
 from funlib.geometry import Roi
@@ -12,20 +12,35 @@ from luigi.task import flatten
 
 from ..blocks import Block, BlockGrid
 from ..datasets import check_write_alignment
-from ..errors import BlockwiseRunError
+from ..errors import BlockwiseRunError, WorkerSetupError
 from ..launchers.local import LocalLauncher
 from ..ledger import LedgerSet, ledger_path
 from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
 from .config import SECTION, check_section, settings
-from .pipeline import LedgerFollower, TaskLock
+from .pipeline import (
+    LedgerFollower,
+    RunOutcome,
+    TaskLock,
+    luigi_scheduler_of,
+    scheduled_dependents,
+)
 from .progress import LuigidReporter
 from .targets import LedgerTarget, ZarrTarget
 
 logger = logging.getLogger(__name__)
 
 
+def failure_message(task_id: str, state, summary: str) -> str:
+    """Why a blockwise task failed, with the execution summary of its run."""
+    if state.stop_reason and state.failed_blocks:
+        return (f"{task_id} was stopped after its first failure, which every block would "
+                f"repeat.\n{summary}")
+    if state.stop_reason:
+        return f"{task_id} was stopped: {state.stop_reason}.\n{summary}"
+    return (f"{task_id}: {state.failed_count} blocks failed and {state.orphaned_count} were "
+            f"orphaned; rerun to retry them (finished blocks are skipped).\n{summary}")
 
 
 class _SectionDefault:
@@ -74,16 +89,19 @@ class _BlockFunction:
 
     def __call__(self, block: Block) -> None:
         if self.setup_failure is not None:
-            raise RuntimeError(f"setup_worker of {self.task.task_id} failed in this worker:\n"
-                               f"{self.setup_failure}")
+            raise WorkerSetupError(f"setup_worker of {self.task.task_id} failed in this "
+                                   f"worker:\n{self.setup_failure}")
         if not self.worker_ready:
             try:
                 self.task.setup_worker()
                 # outputs made by setup_worker exist only now: check them before writing
                 self.task.check_outputs()
-            except Exception:
+            except Exception as error:
                 self.setup_failure = traceback.format_exc()
-                raise
+                # every block would fail the same way: the worker reports it once
+                raise WorkerSetupError(
+                    f"{self.task.task_id} cannot process any block: "
+                    f"{type(error).__name__}: {error}") from error
             self.worker_ready = True
         self.task.process_block(block)
 
@@ -94,8 +112,10 @@ class BlockwiseTask(luigi.Task):
     Subclasses define the geometry (``total_roi``, ``read_roi``, ``write_roi``) and
     ``process_block(block)``; optionally ``setup_worker()`` (once per worker process,
     before its first block) and ``check_block(block)`` (True skips a block already done).
-    ``requires()`` is plain Luigi: an edge to another ``BlockwiseTask`` becomes a
-    block-level dependency (with ``pipelining`` on), any other edge stays ordinary.
+    ``requires()`` is plain Luigi and so is the DAG Luigi sees; with ``pipelining`` on,
+    the run of a blockwise task also processes the blockwise tasks Luigi scheduled after
+    it, block by block as their inputs are written (see ``luigi_daisy.luigi.pipeline``).
+    A ``setup_worker`` that raises stops the task after its first block.
 
     Completion is recorded in a ledger of finished blocks, so ``complete()`` is one
     query and a rerun resumes where the last one stopped.
@@ -181,39 +201,13 @@ class BlockwiseTask(luigi.Task):
         """The ``BlockwiseTask``s among this task's requirements."""
         return [task for task in flatten(self.requires()) if isinstance(task, BlockwiseTask)]
 
-    @property
-    def priority(self) -> int:
-        """Deeper in a blockwise chain means higher, so Luigi starts downstream runs
-        first and they pull their upstream tasks into one pipelined run."""
-        cached = self.__dict__.get("_blockwise_depth")
-        if cached is None:
-            # Luigi caches task instances, so a diamond computes each depth once
-            cached = 1 + max((task.priority for task in self.blockwise_requires()), default=0)
-            self.__dict__["_blockwise_depth"] = cached
-        return cached
+    def upstream_closure(self) -> list[BlockwiseTask]:
+        """This task and every incomplete blockwise task upstream of it, upstream first.
 
-    def _requires(self) -> list[luigi.Task]:
-        """What Luigi sees of ``requires()`` (its DAG, ``deps()``, the execution summary).
-
-        With pipelining, an incomplete blockwise upstream task is replaced by its own
-        dependencies, so Luigi may start this task while it runs; ``requires()`` itself
-        is unchanged.
+        Luigi runs a task only once its requirements are complete, so inside a Luigi
+        run this is the task alone; called directly, ``run()`` brings its upstream
+        blockwise tasks along.
         """
-        if not settings().pipelining:
-            return super()._requires()
-        return list(self._visible_deps())
-
-    def _visible_deps(self) -> Iterator[luigi.Task]:
-        for task in flatten(self.requires()):
-            if isinstance(task, BlockwiseTask) and not task.complete():
-                yield from task._visible_deps()
-            else:
-                yield task
-
-    def pipelined_closure(self) -> list[BlockwiseTask]:
-        """This task and every incomplete blockwise task upstream of it, upstream first."""
-        if not settings().pipelining:
-            return [self]
         ordered: list[BlockwiseTask] = []
         seen: set[str] = set()
 
@@ -229,12 +223,88 @@ class BlockwiseTask(luigi.Task):
         visit(self)
         return ordered
 
+    def _can_start_with(self, members: dict[str, BlockwiseTask]) -> bool:
+        """Whether every requirement outside the blockwise tasks in ``members`` is
+        complete (a blockwise requirement may join the run itself)."""
+        for upstream in flatten(self.requires()):
+            if upstream.task_id in members:
+                continue
+            if isinstance(upstream, BlockwiseTask):
+                if not upstream.complete() and not upstream._can_start_with(members):
+                    return False
+            elif not upstream.complete():
+                return False
+        return True
+
+    def pipelined_closure(self, downstream: list[BlockwiseTask] = ()) -> list[BlockwiseTask]:
+        """The tasks of this task's run, upstream first.
+
+        This task with its incomplete blockwise upstream tasks, plus (with
+        ``pipelining``) every task of ``downstream`` (blockwise tasks Luigi would run
+        after this one) that reads a task of the run through blockwise edges only and
+        whose other requirements are complete, with its own incomplete blockwise
+        upstream tasks. Luigi runs those later as no-ops: their blocks ran here, each as
+        soon as the blocks it reads were written.
+        """
+        members = {task.task_id: task for task in self.upstream_closure()}
+        if settings().pipelining:
+            waiting = [task for task in downstream
+                       if task.task_id not in members and not task.complete()]
+            grown = True
+            while grown:
+                grown = False
+                for task in list(waiting):
+                    reads_member = any(upstream.task_id in members
+                                       for upstream in task.blockwise_requires())
+                    if reads_member and task._can_start_with(members):
+                        for joining in task.upstream_closure():
+                            members.setdefault(joining.task_id, joining)
+                        waiting.remove(task)
+                        grown = True
+        ordered: list[BlockwiseTask] = []
+        placed: set[str] = set()
+
+        def place(task: BlockwiseTask) -> None:
+            if task.task_id in placed:
+                return
+            placed.add(task.task_id)
+            for upstream in task.blockwise_requires():
+                if upstream.task_id in members:
+                    place(members[upstream.task_id])
+            ordered.append(task)
+
+        for task in members.values():
+            place(task)
+        return ordered
+
     # ------------------------------------------------------------------ running
     def run(self) -> None:
-        """Run the pipelined closure; raise with the execution summary if blocks failed."""
+        """Run this task's pipelined closure; raise with the execution summary if blocks
+        of this task failed.
+
+        Prints the tracking URL once, shows a progress bar per task on a terminal and
+        prints daisy's execution summary at the end.
+        """
         check_section()
         config = settings()
-        closure = self.pipelined_closure()
+        scheduler, luigi_worker = luigi_scheduler_of(self)
+        earlier_failure = RunOutcome(self.ledger_file()).failure_for(luigi_worker)
+        if earlier_failure is not None and not self.complete():
+            # its blocks failed in an upstream task's pipelined run of this command
+            raise BlockwiseRunError(earlier_failure)
+        downstream = []
+        if config.pipelining:
+            # a task that failed in an earlier pipelined run of this command is not
+            # tried again here: Luigi runs it to report that failure
+            downstream = [task for task in scheduled_dependents(scheduler, luigi_worker,
+                                                                 self.task_id)
+                          if isinstance(task, BlockwiseTask) and RunOutcome(
+                              task.ledger_file()).failure_for(luigi_worker) is None]
+        closure = [task for task in self.pipelined_closure(downstream)
+                   if task.task_id == self.task_id or not task.complete()]
+        if self.complete() and len(closure) == 1:
+            logger.info("%s: every block is done already", self.task_id)
+            return
         core_tasks: dict[str, Task] = {}
         for task in closure:
             upstream = [core_tasks[other.task_id] for other in task.blockwise_requires()
@@ -246,12 +316,13 @@ class BlockwiseTask(luigi.Task):
         for task in closure:
             if locks[task.task_id].try_acquire():
                 claimed.append(core_tasks[task.task_id])
+                RunOutcome(task.ledger_file()).clear()
             else:
                 logger.info("task %s is being run by another process; following it",
                             task.task_id)
                 followed[task.task_id] = LedgerFollower(
                     task.task_id, task.ledger_file(), task.geometry(), locks[task.task_id])
-        reporter = LuigidReporter(self, closure)
+        reporter = LuigidReporter(self, closure, scheduler, luigi_worker)
         try:
             ledgers = LedgerSet.open(claimed)
             try:
@@ -259,24 +330,27 @@ class BlockwiseTask(luigi.Task):
                     if task.task_id not in followed:
                         task.check_outputs()
                 run = WorkerRun(list(core_tasks.values()), LocalLauncher(config.log_dir),
-                                ledgers, progress=False, followed=followed,
+                                ledgers, progress=sys.stderr.isatty(), followed=followed,
                                 observers=[reporter.report], tracking=True)
                 result = run_coroutine(run.run)
             finally:
                 ledgers.close()
+            summary = format_summary(result, run.worker_logs())
+            print(summary, flush=True)
+            for task in closure:
+                if task.task_id != self.task_id and task.task_id not in followed:
+                    state = result[task.task_id]
+                    RunOutcome(task.ledger_file()).write(
+                        luigi_worker, state.succeeded, failure_message(task.task_id, state,
+                                                                       summary))
         finally:
             for follower in followed.values():
                 follower.close()
             for lock in locks.values():
                 lock.release()
-        summary = format_summary(result, run.worker_logs())
-        logger.info("%s", summary)
-        reporter.finish(result)
         if not result[self.task_id].succeeded:
-            raise BlockwiseRunError(
-                f"{self.task_id}: {result[self.task_id].failed_count} blocks failed and "
-                f"{result[self.task_id].orphaned_count} were orphaned; rerun to retry "
-                f"them (finished blocks are skipped).\n{summary}")
+            raise BlockwiseRunError(failure_message(self.task_id, result[self.task_id],
+                                                    summary))
 
     def check_outputs(self) -> None:
         """Refuse outputs whose chunks the blocks' write ROIs do not align with."""
