@@ -21,11 +21,13 @@ from .errors import (
     GeometryError,
     LedgerError,
     LuigiDaisyError,
+    PayloadError,
     ProtocolError,
     RefusedByServerError,
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    UnserialisableFunctionError,
 )
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
@@ -62,8 +64,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
     "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
-    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "PayloadError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
+    "UnserialisableFunctionError",
     "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
 ]
