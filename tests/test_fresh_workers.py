@@ -22,10 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import luigi
 import numpy as np
 import pytest
 
 import luigi_daisy as daisy
+from luigi_daisy.errors import ConfigError
+from luigi_daisy.luigi.config import settings
 from luigi_daisy.context import Context
 from luigi_daisy.errors import PayloadError, UnserialisableFunctionError
 from luigi_daisy.launchers.base import Launcher, WorkerHandle, WorkerSpec
@@ -470,3 +473,112 @@ def test_a_connection_closed_by_the_server_is_seen_closed_while_workers_live(
         go_file.touch()
         runner.join(WAIT)
     assert outcome["result"]
+
+
+# --------------------------------------------------------------------------- Luigi
+class CommandLineRecorder(daisy.BlockwiseTask):
+    """Writes the command line of the process that ran each block."""
+
+    out_dir = luigi.Parameter()
+
+    def total_roi(self):
+        return daisy.Roi((0,), (30,))
+
+    def read_roi(self):
+        return daisy.Roi((0,), (10,))
+
+    def write_roi(self):
+        return daisy.Roi((0,), (10,))
+
+    def process_block(self, block):
+        command = Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ")
+        (Path(self.out_dir) / str(block.index)).write_bytes(command)
+
+
+@pytest.fixture
+def luigi_section(tmp_path):
+    """Set ``[luigi_daisy]`` keys in-process for one test; remove them afterwards."""
+    config = luigi.configuration.get_config()
+    added = not config.has_section("luigi_daisy")
+    saved = dict(config.items("luigi_daisy")) if not added else {}
+    if added:
+        config.add_section("luigi_daisy")
+
+    def set_key(key: str, value: str) -> None:
+        config.set("luigi_daisy", key, value)
+
+    set_key("ledger_dir", str(tmp_path / "ledgers"))
+    set_key("log_dir", str(tmp_path / "logs"))
+    try:
+        yield set_key
+    finally:
+        if added:
+            config.remove_section("luigi_daisy")
+        else:
+            for key in list(config.options("luigi_daisy")):
+                if key not in saved:
+                    config.remove_option("luigi_daisy", key)
+            for key, value in saved.items():
+                config.set("luigi_daisy", key, value)
+
+
+@pytest.mark.parametrize("start_method", [None, "spawn", "fork"])
+def test_the_start_method_key_of_luigi_daisy(tmp_path, luigi_section, start_method):
+    if start_method is not None:
+        luigi_section("start_method", start_method)
+    out = tmp_path / f"out_{start_method}"
+    out.mkdir()
+    assert luigi.build([CommandLineRecorder(out_dir=str(out))], local_scheduler=True,
+                       workers=1)
+    commands = [path.read_text() for path in out.iterdir()]
+    assert len(commands) == 3
+    fresh = [" -m luigi_daisy.worker " in command for command in commands]
+    assert all(fresh) if start_method != "fork" else not any(fresh)
+
+
+def test_an_unknown_key_next_to_start_method_is_refused(tmp_path, luigi_section):
+    luigi_section("start_method", "spawn")
+    luigi_section("start_methods", "fork")
+    with pytest.raises(ConfigError, match="start_methods"):
+        settings()
+
+
+def test_a_blockwise_task_defined_in_main_travels_by_value(tmp_path):
+    script = tmp_path / "pipeline_script.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        import luigi
+        import luigi_daisy as daisy
+
+        class Squares(daisy.BlockwiseTask):
+            out_dir = luigi.Parameter()
+
+            def total_roi(self):
+                return daisy.Roi((0,), (40,))
+
+            def read_roi(self):
+                return daisy.Roi((0,), (10,))
+
+            write_roi = read_roi
+
+            def setup_worker(self):
+                self.pid = os.getpid()
+
+            def process_block(self, block):
+                with open(os.path.join(self.out_dir, str(block.index)), "w") as out:
+                    out.write(str(self.pid))
+
+        if __name__ == "__main__":
+            ok = luigi.build([Squares(out_dir="out")], local_scheduler=True, workers=1)
+            print("SUCCEEDED" if ok else "FAILED")
+    """))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "luigi.cfg").write_text(
+        "[luigi_daisy]\nledger_dir = ledgers\nlog_dir = logs\nnum_workers = 2\n")
+    environment = dict(os.environ, LUIGI_CONFIG_PATH=str(tmp_path / "luigi.cfg"))
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), environment.get("PYTHONPATH", "")])
+    completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=WAIT)
+    assert "SUCCEEDED" in completed.stdout, completed.stdout + completed.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 4
