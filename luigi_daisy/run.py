@@ -313,9 +313,8 @@ class WorkerRun:
             Before anything starts, when a task's process function cannot reach its
             workers.
         """
-        for task_id, payload in self.payloads.items():
-            if task_id not in self.followed:
-                self.launcher.prepare(payload)
+        for payload in self.payloads.values():  # followed tasks too: they may be taken over
+            self.launcher.prepare(payload)
         self.server = BlockServer(self.scheduler, host=self.host,
                                   on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
         self.server.start_listening(0)
