@@ -64,8 +64,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
     "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
-    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "PayloadError", "ProtocolError",
-    "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
+    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "PayloadError",
+    "ProtocolError", "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
     "UnserialisableFunctionError",
     "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
