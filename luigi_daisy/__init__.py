@@ -21,11 +21,13 @@ from .errors import (
     GeometryError,
     LedgerError,
     LuigiDaisyError,
+    PayloadError,
     ProtocolError,
     RefusedByServerError,
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    UnserialisableFunctionError,
     WorkerSetupError,
 )
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
@@ -70,9 +72,10 @@ __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseDependencyGraph",
     "BlockwiseRunError", "BlockwiseTask", "Client", "ConfigError", "Context",
     "ContextError", "Coordinate", "DatasetError", "DependencyGraph", "GeometryError",
-    "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "LedgerError", "LedgerTarget", "LuigiDaisyError", "PayloadError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "SerialServer", "Server", "ServerUnreachableError", "Task",
-    "TaskDefinitionError", "TaskState", "WorkerSetupError", "ZarrTarget",
-    "check_write_alignment", "logging", "open_ds", "prepare_ds", "run_blockwise",
+    "TaskDefinitionError", "TaskState", "UnserialisableFunctionError", "WorkerSetupError",
+    "ZarrTarget", "check_write_alignment", "logging", "open_ds", "prepare_ds",
+    "run_blockwise",
 ]

@@ -56,3 +56,12 @@ class BlockwiseRunError(LuigiDaisyError, RuntimeError):
 
 class ServerConfigError(LuigiDaisyError, ValueError):
     """A block server setting (``ServerLimits``) that is out of range."""
+
+
+class UnserialisableFunctionError(TaskDefinitionError):
+    """A task's process function cannot travel to a fresh worker process; the message
+    names the object that could not be pickled and says what to do."""
+
+
+class PayloadError(LuigiDaisyError):
+    """A worker payload that cannot be read: truncated, damaged or readable by others."""

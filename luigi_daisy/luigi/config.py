@@ -38,6 +38,11 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
     launcher = luigi.ChoiceParameter(choices=list(LAUNCHERS), default="local",
                                      description="how worker processes are started")
     log_dir = luigi.Parameter(default="daisy_logs", description="folder of the worker logs")
+    start_method = luigi.ChoiceParameter(
+        choices=["spawn", "fork"], default="spawn",
+        description="spawn: workers are fresh processes that rebuild the task from its "
+                    "family and parameters; fork: forks of the Luigi worker process (a "
+                    "process with threads hands its forks locks no one releases)")
 
 
 KNOWN_KEYS = frozenset(luigi_daisy.get_param_names())

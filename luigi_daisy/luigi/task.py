@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import luigi
 from funlib.geometry import Roi
@@ -104,6 +107,37 @@ class _BlockFunction:
                     f"{type(error).__name__}: {error}") from error
             self.worker_ready = True
         self.task.process_block(block)
+
+
+@dataclass
+class BlockwiseTaskTarget:
+    """What the fresh worker process of a ``BlockwiseTask`` runs: the task rebuilt from
+    its module, task family and Luigi parameters (as strings), then ``setup_worker``
+    once and ``process_block`` per block."""
+
+    module: str
+    family: str
+    str_params: dict[str, str]
+
+    def process_function(self) -> _BlockFunction:
+        """Import the task's module, rebuild the task, wrap it for the worker loop."""
+        importlib.import_module(self.module)
+        task_class = luigi.task_register.Register.get_task_cls(self.family)
+        return _BlockFunction(task_class.from_str_params(self.str_params))
+
+    def describe(self) -> str:
+        """``Family(params)``."""
+        return f"{self.family}({self.str_params})"
+
+    @classmethod
+    def of(cls, task: BlockwiseTask) -> BlockwiseTaskTarget | None:
+        """The target of ``task``, or None when a fresh process could not import its
+        class (defined in ``__main__`` or inside a function): then the task object
+        itself travels, pickled by value."""
+        task_class = type(task)
+        if task_class.__module__ == "__main__" or "<locals>" in task_class.__qualname__:
+            return None
+        return cls(task_class.__module__, task_class.get_task_family(), task.to_str_params())
 
 
 class BlockwiseTask(luigi.Task):
@@ -329,9 +363,13 @@ class BlockwiseTask(luigi.Task):
                 for task in closure:
                     if task.task_id not in followed:
                         task.check_outputs()
-                run = WorkerRun(list(core_tasks.values()), LocalLauncher(config.log_dir),
-                                ledgers, progress=sys.stderr.isatty(), followed=followed,
-                                observers=[reporter.report], tracking=True)
+                targets = {task.task_id: BlockwiseTaskTarget.of(task) for task in closure}
+                launcher = LocalLauncher(config.log_dir, start_method=config.start_method)
+                run = WorkerRun(list(core_tasks.values()), launcher, ledgers,
+                                progress=sys.stderr.isatty(), followed=followed,
+                                observers=[reporter.report], tracking=True,
+                                targets={task_id: target for task_id, target
+                                         in targets.items() if target is not None})
                 result = run_coroutine(run.run)
             finally:
                 ledgers.close()
