@@ -44,9 +44,7 @@ SUITE_FILES = [
     "test_dependency_graph.py",
     "test_scheduler.py",
     "test_server.py",
-    pytest.param("test_worker_spawning.py", marks=pytest.mark.xfail(
-        reason="workers that exit 0 are replaced until the exit-0 fix (issue 9) lands",
-        strict=False)),
+    "test_worker_spawning.py",
 ]
 DOWNLOAD_TIMEOUT = 240
 FILE_TIMEOUT = 240

@@ -384,10 +384,11 @@ def test_a_real_run_survives_a_flood_within_its_limits(tmp_path):
         closed = (server.refused_connections + server.handshake_timeouts
                   + server.shed_connections + server.refused_hellos)
         assert closed == attackers, vars(server)
-        # every kind of closing happened; refused Hellos free their places at once, so
-        # how many attackers met the cap depends on timing, never the total
-        assert min(server.refused_connections, server.handshake_timeouts,
-                   server.shed_connections, server.refused_hellos) >= 1, vars(server)
+        # silent peers time out, partial Hellos are shed, token-less Hellos refused;
+        # refused Hellos free their places at once, so whether any attacker met the cap
+        # depends on timing (under load: none), never the total
+        assert min(server.handshake_timeouts, server.shed_connections,
+                   server.refused_hellos) >= 1, vars(server)
         assert server.connected_workers == workers, "the workers kept their connections"
         gate.touch()
         result = run.result()
