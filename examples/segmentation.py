@@ -170,7 +170,8 @@ def whole_volume_labels(raw: np.ndarray, sigma: float, level: float) -> tuple[np
     match object for object."""
     from scipy import ndimage
     context = context_of(sigma)
-    smoothed = smooth(np.pad(raw, context, constant_values=OUTSIDE), sigma)[(slice(context, -context),) * raw.ndim]
+    padded = np.pad(raw, context, constant_values=OUTSIDE)
+    smoothed = smooth(padded, sigma)[(slice(context, padded.shape[0] - context),) * raw.ndim]
     return ndimage.label(smoothed > level)
 
 
@@ -189,11 +190,15 @@ class SegmentationParameters:
                                  description="foreground where the smoothed volume exceeds it")
     num_workers = luigi.IntParameter(default=2, significant=False,
                                      description="worker processes of each blockwise stage")
+    block_seconds = luigi.FloatParameter(
+        default=0.0, significant=False,
+        description="seconds every block sleeps (to watch a run, or to interrupt one)")
 
     def shared(self) -> dict:
         """The shared parameters, to build the tasks this one requires."""
         return {name: getattr(self, name) for name in
-                ("workdir", "size", "block_size", "seed", "sigma", "level", "num_workers")}
+                ("workdir", "size", "block_size", "seed", "sigma", "level", "num_workers",
+                 "block_seconds")}
 
     def volume_roi(self) -> Roi:
         """World ROI of every array of the segmentation."""
@@ -269,6 +274,7 @@ class Stage(SegmentationParameters, BlockwiseTask):
 
     def process_block(self, block) -> None:
         started = time.time()
+        time.sleep(self.block_seconds)
         self.compute(block)
         line = f"{self.get_task_family()} {started:.6f} {time.time():.6f}\n"
         descriptor = os.open(self.path(f"timings/{os.getpid()}.log"),
