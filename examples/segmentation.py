@@ -537,7 +537,10 @@ def label_colours(labels: np.ndarray) -> np.ndarray:
 def write_picture(path: str, raw: np.ndarray, smoothed: np.ndarray, labels: np.ndarray) -> None:
     """raw | smoothed | labels, one slice each, side by side, as a PNG."""
     from PIL import Image
-    gray = lambda image: np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)  # noqa: E731
+
+    def gray(image: np.ndarray) -> np.ndarray:
+        return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
     gap = np.full((raw.shape[0], 4, 3), 255, dtype=np.uint8)
     picture = np.concatenate([gray(raw), gap, gray(smoothed), gap, label_colours(labels)], axis=1)
     scale = max(1, 256 // raw.shape[0])
@@ -595,7 +598,8 @@ def format_report(summary: dict, workdir: str, middle: int) -> str:
         "Look at it:",
         f"  open {summary['picture']}",
         "  python -c \"from luigi_daisy import open_ds; "
-        f"labels = open_ds('{summary['labels']}').to_ndarray(); print(labels.shape, labels.max())\"",
+        f"labels = open_ds('{summary['labels']}').to_ndarray(); "
+        "print(labels.shape, labels.max())\"",
         "", ""]
     return "\n".join(lines)
 
