@@ -596,7 +596,7 @@ def format_report(summary: dict, workdir: str, middle: int) -> str:
         "  raw.zarr, smoothed.zarr, mask.zarr, fragments.zarr, labels.zarr (zarr arrays)",
         f"  {summary['picture']}: raw | smoothed | labels at z = {middle}",
         "Look at it:",
-        f"  open {summary['picture']}",
+        f"  {summary['picture']} in any image viewer (xdg-open, open, a browser)",
         "  python -c \"from luigi_daisy import open_ds; "
         f"labels = open_ds('{summary['labels']}').to_ndarray(); "
         "print(labels.shape, labels.max())\"",
