@@ -188,6 +188,8 @@ class SegmentationParameters:
     sigma = luigi.FloatParameter(default=2.0, description="sigma of the Gaussian, in voxels")
     level = luigi.FloatParameter(default=105.0,
                                  description="foreground where the smoothed volume exceeds it")
+    # the example's own parameter (passed to every stage), so that a first run uses two
+    # cores; it replaces the [luigi_daisy] num_workers default for these tasks
     num_workers = luigi.IntParameter(default=2, significant=False,
                                      description="worker processes of each blockwise stage")
     block_seconds = luigi.FloatParameter(
