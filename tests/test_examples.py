@@ -29,7 +29,10 @@ def run_luigi(folder: Path, *arguments: str) -> str:
     command = [str(beside)] if beside.exists() else ["luigi"]
     result = subprocess.run(
         command + list(arguments) + ["--local-scheduler", "--retcode-task-failed", "3",
-                                     "--retcode-scheduling-error", "4"],
+                                     "--retcode-scheduling-error", "4",
+                                     # Luigi's pid file per command line, kept here so
+                                     # that a concurrent test suite is not a second copy
+                                     "--lock-pid-dir", str(folder / "luigi-pids")],
         cwd=folder, env=env, capture_output=True, text=True, timeout=RUN_DEADLINE)
     assert result.returncode == 0, result.stderr[-5000:]
     return result.stdout

@@ -58,7 +58,10 @@ def run_luigi(folder: Path, *arguments: str, config_text: str | None = None
     env.pop("LUIGI_CONFIG_PATH", None)
     beside = Path(sys.executable).parent / "luigi"
     command = [str(beside)] if beside.exists() else ["luigi"]
-    return subprocess.run(command + list(arguments) + ["--local-scheduler"], cwd=folder,
+    # Luigi's pid file per command line goes here, so a concurrent test suite running
+    # the same command is not taken for a second copy
+    return subprocess.run(command + list(arguments) + ["--local-scheduler", "--lock-pid-dir",
+                                                       str(folder / "luigi-pids")], cwd=folder,
                           env=env, capture_output=True, text=True, timeout=RUN_DEADLINE)
 
 

@@ -26,6 +26,10 @@ text and checked in another way, never skipped silently:
   once it answers HTTP, and then it is stopped.
 - a command whose comment says ``press Ctrl-C`` is sent SIGINT, as a terminal would,
   once a ledger records a finished block, and must then exit.
+- Luigi's pid files (one per command line, machine-wide, to refuse a second copy of a
+  running command) go to the test's folder (``lock_pid_dir`` in its ``luigi.cfg``), so
+  that another test suite running the README's commands at the same time is not taken
+  for a second copy.
 - the benchmark section's commands take many minutes: they run when
   ``LUIGI_DAISY_README_BENCHMARKS=1`` is set; otherwise the test checks that each names
   an existing script and options its ``--help`` lists, and reports the skip.
@@ -38,7 +42,6 @@ import http.client
 import importlib.metadata
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -143,7 +146,13 @@ def repository_like(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("examples", "benchmarks"):
         (folder / name).symlink_to(REPO / name, target_is_directory=True)
-    shutil.copy(REPO / "luigi.cfg", folder / "luigi.cfg")
+    # Luigi refuses to start a command while the same command line runs anywhere on the
+    # machine (a pid file per command under lock_pid_dir); another checkout's test suite
+    # may run the README's commands right now, so each folder keeps its own pid files
+    config = (REPO / "luigi.cfg").read_text()
+    assert "\n[core]\n" in config, "the shipped luigi.cfg has no [core] section"
+    (folder / "luigi.cfg").write_text(
+        config.replace("\n[core]\n", f"\n[core]\nlock_pid_dir = {folder / 'luigi-pids'}\n", 1))
     return folder
 
 

@@ -57,7 +57,10 @@ def start(folder: Path, log_name: str, *options: str) -> subprocess.Popen:
             luigi_command() + ["--module", "examples.segmentation", "Segmentation",
                                "--size", str(SIZE), "--block-size", str(BLOCK_SIZE),
                                "--workdir", "data", "--local-scheduler",
-                               "--retcode-task-failed", "3", *options],
+                               "--retcode-task-failed", "3", *options,
+                               # Luigi's pid file per command line, kept here so that a
+                               # concurrent test suite is not taken for a second copy
+                               "--lock-pid-dir", str(folder / "luigi-pids")],
             cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     finally:
