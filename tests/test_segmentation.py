@@ -221,3 +221,33 @@ def test_a_killed_segmentation_resumes_with_the_same_partition(tmp_path):
     assert after["SyntheticVolume"] - before["SyntheticVolume"] <= BLOCKS - recorded, \
         (recorded, before, after)
     assert after["Relabel"] == BLOCKS
+
+
+def test_fragment_ids_stay_unique_and_in_uint64_for_sparse_block_ids(tmp_path):
+    """Block ids need not be dense (daisy numbers blocks by the Cantor number of their
+    position): a block's ids are ``block_id * max_objects_per_block + 1 ..``, exactly,
+    up to the largest block id whose ids fit uint64; one more is refused by name."""
+    from examples.segmentation import BlockFragments
+    from luigi_daisy import Block, GeometryError, Roi, prepare_ds
+
+    block_size = 8
+    task = BlockFragments(workdir=str(tmp_path), size=16, block_size=block_size)
+    mask = prepare_ds(str(tmp_path / "mask.zarr"), Roi((0, 0, 0), (16, 16, 16)), (1, 1, 1),
+                      np.uint8, write_size=(block_size,) * 3)
+    pattern = np.zeros((block_size,) * 3, dtype=np.uint8)
+    pattern[0, 0, 0] = pattern[4:, 4:, 4:] = 1  # two objects in the block
+    mask[Roi((0, 0, 0), (block_size,) * 3)] = pattern
+    task.setup_worker()
+    per_block = task.max_objects_per_block
+    largest = (2 ** 64 - 1 - 2) // per_block  # its two ids are the largest that fit
+    for block_id in (0, 7, 10 ** 9 + 7, largest):
+        block = Block(Roi((0, 0, 0), (16, 16, 16)), Roi((0, 0, 0), (block_size,) * 3),
+                      Roi((0, 0, 0), (block_size,) * 3), block_id=block_id, task_id="t")
+        task.compute(block)
+        ids = np.unique(open_ds(str(tmp_path / "fragments.zarr")).to_ndarray(block.write_roi))
+        assert ids.dtype == np.uint64
+        assert [int(i) for i in ids] == [0, block_id * per_block + 1, block_id * per_block + 2]
+    too_large = Block(Roi((0, 0, 0), (16, 16, 16)), Roi((0, 0, 0), (block_size,) * 3),
+                      Roi((0, 0, 0), (block_size,) * 3), block_id=largest + 1, task_id="t")
+    with pytest.raises(GeometryError, match="beyond uint64"):
+        task.compute(too_large)
