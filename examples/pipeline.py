@@ -14,7 +14,8 @@ the raw volume exists, a Report once its mask is complete. ``Smooth -> Threshold
 edge between two blockwise tasks: with ``pipelining`` on (the default), a Threshold block
 starts as soon as the Smooth blocks it reads are written, in one pipelined run.
 
-Run it from the repository root::
+Run it from the repository root, after ``pip install -e .`` (which makes ``examples``
+importable)::
 
     luigi --module examples.pipeline AllReports --local-scheduler --workers 2
     luigi --module examples.pipeline Report --level 0.6 --size 96 --local-scheduler

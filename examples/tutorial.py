@@ -2,11 +2,13 @@
 block on two worker processes, then threshold the smoothed image in a second task that
 starts on each block as soon as the smoothed blocks it reads are written.
 
-Run: python examples/tutorial.py [output folder]
+Run: python examples/tutorial.py [output folder]   (default: tutorial_data)
+
+The arrays and the workers' logs (named in the execution summary when a block fails) stay
+in the output folder; run it again and it starts afresh.
 """
 
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +64,13 @@ def main(folder: Path) -> bool:
         read_write_conflict=False, num_workers=1, upstream_tasks=[smooth_task])
     result = daisy.run_blockwise([threshold_task], log_dir=folder / "daisy_logs")
     print(f"foreground fraction: {np.asarray(mask[:]).mean():.3f}")
+    print(f"output in {folder.resolve()}: raw.zarr, smoothed.zarr, mask.zarr (zarr arrays, "
+          f"e.g. zarr.open_array('{folder / 'mask.zarr'}')[:]), worker logs in "
+          f"{folder / 'daisy_logs'}")
     return bool(result)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        succeeded = main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as temporary:
-            succeeded = main(Path(temporary))
-    raise SystemExit(0 if succeeded else 1)
+    output = Path(sys.argv[1] if len(sys.argv) > 1 else "tutorial_data")
+    output.mkdir(parents=True, exist_ok=True)
+    raise SystemExit(0 if main(output) else 1)

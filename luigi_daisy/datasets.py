@@ -704,17 +704,27 @@ def prepare_ds(
         raise DatasetError(f"{where}: no zarr array there to open with mode {mode!r}")
 
     # ---- create
-    data = zarr.create_array(
-        store=path,
-        shape=shape,
-        dtype=dtype,
-        chunks=tuple(full_chunks) if full_chunks is not None else "auto",
-        fill_value=fill_value,
-        zarr_format=zarr_format,
-        attributes=attributes,
-        overwrite=(mode == "w"),
-        **kwargs,
-    )
+    try:
+        data = zarr.create_array(
+            store=path,
+            shape=shape,
+            dtype=dtype,
+            chunks=tuple(full_chunks) if full_chunks is not None else "auto",
+            fill_value=fill_value,
+            zarr_format=zarr_format,
+            attributes=attributes,
+            overwrite=(mode == "w"),
+            **kwargs,
+        )
+    except zarr.errors.ContainsArrayError:
+        if mode != "a":
+            raise
+        # another process (say, a worker's setup_worker next to ours) created it since we
+        # looked: reuse it if it is compatible, as if it had been there before
+        return prepare_ds(path, total_roi, voxel_size, dtype, write_size, chunk_shape,
+                          num_channels, axis_names, units, types, mode="a",
+                          fill_value=fill_value, zarr_format=zarr_format,
+                          custom_metadata=custom_metadata, **kwargs)
     return Array(data, fill_value=fill_value, path=path,
                  **{key: metadata[key] for key in METADATA_KEYS})
 
