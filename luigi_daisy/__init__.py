@@ -19,6 +19,7 @@ from .errors import (
     ContextError,
     DatasetError,
     GeometryError,
+    LauncherError,
     LedgerError,
     LuigiDaisyError,
     ProtocolError,
@@ -62,7 +63,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
     "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
-    "GeometryError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "GeometryError", "LauncherError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
     "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",

@@ -47,3 +47,7 @@ class ConfigError(LuigiDaisyError, ValueError):
 
 class BlockwiseRunError(LuigiDaisyError, RuntimeError):
     """Some blocks of a blockwise task failed; the message holds the execution summary."""
+
+
+class LauncherError(LuigiDaisyError, RuntimeError):
+    """Workers could not be submitted, queried or cancelled (or a resource is invalid)."""
