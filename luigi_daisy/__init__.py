@@ -22,11 +22,13 @@ from .errors import (
     LauncherError,
     LedgerError,
     LuigiDaisyError,
+    PayloadError,
     ProtocolError,
     RefusedByServerError,
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    UnserialisableFunctionError,
 )
 from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
 from .summary import RunResult
@@ -63,8 +65,10 @@ def __dir__() -> list[str]:
 __all__ = [
     "Array", "Block", "BlockScheduler", "BlockStatus", "BlockwiseRunError", "BlockwiseTask",
     "Client", "ConfigError", "Context", "ContextError", "Coordinate", "DatasetError",
-    "GeometryError", "LauncherError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "ProtocolError",
+    "GeometryError", "LauncherError", "LedgerError", "LedgerTarget", "LuigiDaisyError",
+    "PayloadError", "ProtocolError",
     "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult", "Scheduler",
     "SchedulerError", "ServerUnreachableError", "Task", "TaskDefinitionError", "TaskState",
+    "UnserialisableFunctionError",
     "ZarrTarget", "check_write_alignment", "open_ds", "prepare_ds", "run_blockwise",
 ]

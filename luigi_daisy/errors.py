@@ -49,5 +49,14 @@ class BlockwiseRunError(LuigiDaisyError, RuntimeError):
     """Some blocks of a blockwise task failed; the message holds the execution summary."""
 
 
+class UnserialisableFunctionError(TaskDefinitionError):
+    """A task's process function cannot travel to a fresh worker process; the message
+    names the object that could not be pickled and says what to do."""
+
+
+class PayloadError(LuigiDaisyError):
+    """A worker payload that cannot be read: truncated, damaged or readable by others."""
+
+
 class LauncherError(LuigiDaisyError, RuntimeError):
     """Workers could not be submitted, queried or cancelled (or a resource is invalid)."""

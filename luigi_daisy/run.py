@@ -11,10 +11,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from .blocks import BlockStatus
-from .context import Context
+from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
 from .errors import TaskDefinitionError
-from .launchers.local import LocalLauncher, WorkerProcess
+from .launchers.base import Launcher, WorkerHandle, WorkerSpec
+from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
+from .payload import FunctionTarget, WorkerPayload
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
 from .server import BlockServer
@@ -107,7 +109,7 @@ class WorkerRun:
     tasks:
         Tasks with their upstream tasks, upstream first.
     launcher:
-        Starts worker processes.
+        Starts worker processes (see :mod:`luigi_daisy.launchers.base`).
     ledgers:
         Ledgers of the tasks this run processes (the server writes them).
     host:
@@ -123,13 +125,16 @@ class WorkerRun:
         reports).
     tracking:
         Serve the run's live state over HTTP (``tracking_url``).
+    targets:
+        What the workers of a task run, per task id, when it is not the task's
+        ``process_function`` carried by value (a Luigi task rebuilt from its parameters).
     """
 
-    def __init__(self, tasks: list[Task], launcher: LocalLauncher, ledgers: LedgerSet,
+    def __init__(self, tasks: list[Task], launcher: Launcher, ledgers: LedgerSet,
                  host: str = "127.0.0.1", progress: bool = True,
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
-                 tracking: bool = False) -> None:
+                 tracking: bool = False, targets: Mapping[str, object] | None = None) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -150,7 +155,13 @@ class WorkerRun:
         self.server: BlockServer | None = None
         self.tracking = TrackingPage(self) if tracking else None
         self.started_at = time.monotonic()
-        self.workers: dict[str, list[WorkerProcess]] = {task_id: [] for task_id in self.tasks}
+        targets = dict(targets or {})
+        self.payloads = {
+            task.task_id: WorkerPayload(targets.get(task.task_id)
+                                        or FunctionTarget(task.process_function), task.task_id)
+            for task in tasks}
+        self.workers: dict[str, list[WorkerHandle]] = {task_id: [] for task_id in self.tasks}
+        self.stopped_by_choice: dict[str, int] = {task_id: 0 for task_id in self.tasks}
         self.log_files: dict[int, tuple[str, str]] = {}
         self.worker_tasks: dict[int, str] = {}
         self._next_worker_id = 0
@@ -166,11 +177,27 @@ class WorkerRun:
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        worker = self.launcher.start(self.tasks[task_id].process_function,
-                                     self._context(task_id, worker_id, restartable))
+        encoded = self._context(task_id, worker_id, restartable).to_env()
+        environment = {ENV_VARIABLE: encoded, DAISY_ENV_VARIABLE: encoded}
+        if os.environ.get("PYTHONPATH"):
+            environment["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        stdout_path, stderr_path = self.launcher.log_paths(task_id, worker_id)
+        worker = self.launcher.start(WorkerSpec(
+            task_id=task_id, worker_id=worker_id, environment=environment,
+            payload=self.payloads[task_id], stdout_path=stdout_path,
+            stderr_path=stderr_path, job_name=f"luigi_daisy-{task_id}-worker-{worker_id}",
+            private_fds=self._private_fds()))
         self.log_files[worker_id] = (str(worker.stdout_path), str(worker.stderr_path))
         self.worker_tasks[worker_id] = task_id
         self.workers[task_id].append(worker)
+
+    def _private_fds(self) -> tuple[int, ...]:
+        """Descriptors of the run's sockets: the block server's listener and
+        connections, the tracking page's listener. No worker may keep them."""
+        fds = [sock.fileno() for sock in self.server.sockets()]
+        if self.tracking is not None:
+            fds.extend(sock.fileno() for sock in self.tracking.sockets())
+        return tuple(fd for fd in fds if fd >= 0)
 
     def _kill_worker(self, task_id: str, worker_id: int | None) -> None:
         for worker in self.workers[task_id]:
@@ -178,7 +205,13 @@ class WorkerRun:
                 worker.kill()
 
     def _check_workers(self) -> None:
-        """Replace workers that exited while their task still has blocks to do."""
+        """Replace workers that exited while their task still has blocks to do.
+
+        A worker that exits with code 0 has chosen to stop (a worker loop that returned)
+        and is not replaced, as in daisy 1.x; any other exit counts against the task's
+        ``max_worker_restarts``.
+        """
+        self.launcher.poll()
         for task_id, workers in self.workers.items():
             state = self.scheduler.task_states[task_id]
             task = self.tasks[task_id]
@@ -188,6 +221,12 @@ class WorkerRun:
                     continue
                 workers.remove(worker)
                 if state.is_done():
+                    continue
+                if exit_code == 0:
+                    self.stopped_by_choice[task_id] += 1
+                    logger.info("worker %s of %r exited with code 0 while blocks remain: "
+                                "it chose to stop and is not replaced", worker.worker_id,
+                                task_id)
                     continue
                 if exit_code == EXIT_RESTART_ME:
                     logger.warning("worker %s of %r failed several blocks in a row; replacing "
@@ -219,10 +258,13 @@ class WorkerRun:
                 continue
             logs = [paths[1] for worker_id, paths in self.log_files.items()
                     if self.worker_tasks.get(worker_id) == task_id]
+            stopped = self.stopped_by_choice[task_id]
+            chose = (f"; {stopped} exited with code 0 (chose to stop, not replaced)"
+                     if stopped else "")
             reports.append(
                 f"task {task_id!r} has no workers left ({state.worker_restart_count} "
-                f"restarts used of {self.tasks[task_id].max_worker_restarts}); their errors "
-                f"are in {', '.join(logs[-3:]) or 'no log file'}")
+                f"restarts used of {self.tasks[task_id].max_worker_restarts}{chose}); their "
+                f"errors are in {', '.join(logs[-3:]) or 'no log file'}")
         return "; ".join(reports)
 
     def _start_task(self, task_id: str) -> None:
@@ -263,7 +305,17 @@ class WorkerRun:
 
     # ------------------------------------------------------------------ run
     async def run(self) -> RunResult:
-        """Serve blocks until every task is done or can no longer progress."""
+        """Serve blocks until every task is done or can no longer progress.
+
+        Raises
+        ------
+        UnserialisableFunctionError
+            Before anything starts, when a task's process function cannot reach its
+            workers.
+        """
+        for task_id, payload in self.payloads.items():
+            if task_id not in self.followed:
+                self.launcher.prepare(payload)
         self.server = BlockServer(self.scheduler, host=self.host,
                                   on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
         self.server.start_listening(0)
@@ -294,9 +346,10 @@ class WorkerRun:
         finally:
             self.ledgers.flush()
             self.server.close_all()
-            for workers in self.workers.values():
-                for worker in workers:
-                    worker.kill()
+            not_gone = self.launcher.stop_all(5.0)
+            if not_gone:
+                logger.error("workers not confirmed gone after the run: %s",
+                             ", ".join(not_gone))
             bars.close()
             self._observe()
             if self.tracking is not None:
@@ -312,13 +365,11 @@ class WorkerRun:
             if any(not state.is_done() for state in self.scheduler.task_states.values()):
                 break
             await asyncio.sleep(MONITOR_INTERVAL)
-        for workers in self.workers.values():
-            for worker in workers:
-                worker.kill()
-                worker.join(5.0)
+        self.launcher.stop_all(5.0)
         self._reap()
 
     def _reap(self) -> None:
+        self.launcher.poll()
         for workers in self.workers.values():
             workers[:] = [worker for worker in workers if worker.exit_code() is None]
 
@@ -359,7 +410,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   log_dir: str | os.PathLike = "daisy_logs",
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
-                  fresh: bool = False) -> RunResult:
+                  fresh: bool = False, start_method: str = "spawn",
+                  launcher: Launcher | None = None) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -383,6 +435,20 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         finished blocks are recorded there and skipped when the run is repeated.
     fresh:
         Forget what the tasks' ledgers hold and process every block again.
+    start_method:
+        ``"spawn"`` (default): every worker is a fresh Python process,
+        ``python -m luigi_daisy.worker``, that receives the process function pickled
+        with cloudpickle (functions from ``__main__``, lambdas and closures travel;
+        ``multiprocessing.Array`` and its locks travel as to multiprocessing's spawn
+        children). A function that cannot be pickled is refused before the run starts
+        (:class:`~luigi_daisy.errors.UnserialisableFunctionError`).
+        ``"fork"``: workers are forks of this process, as in daisy 1.x. Hazard: a
+        process that has started threads (dask, zarr 3's event loop thread, CUDA, a
+        thread pool) hands its forks the locks those threads held at the fork, and no
+        one ever releases them: a worker can hang on its first read, with no error.
+    launcher:
+        Starts the workers (a :class:`~luigi_daisy.launchers.base.Launcher`); default:
+        ``LocalLauncher(log_dir, start_method)``.
 
     Returns
     -------
@@ -396,7 +462,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             result = run_in_process(ordered, ledgers, progress=progress)
             print(format_summary(result))
             return result
-        run = WorkerRun(ordered, LocalLauncher(log_dir), ledgers, host=host, progress=progress)
+        if launcher is None:
+            launcher = LocalLauncher(log_dir, start_method=start_method)
+        run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

@@ -158,6 +158,14 @@ class BlockServer(TCPServer):
         self.port = sockets[0].getsockname()[1]
         return self.port
 
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets and every worker connection: what a forked worker must
+        close, so that a connection the server closes is seen closed by its peer."""
+        found = list(self._sockets.values())
+        found.extend(connection.stream.socket for connection in self.connections
+                     if connection.stream.socket is not None)
+        return found
+
     @property
     def task_states(self) -> dict[str, TaskState]:
         """The scheduler's per-task counters."""

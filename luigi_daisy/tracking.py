@@ -89,6 +89,10 @@ class TrackingPage:
         self.url = f"http://{host}:{port}/"
         return self.url
 
+    def sockets(self) -> list:
+        """The page's listening sockets (a forked worker closes them)."""
+        return list(self._server._sockets.values()) if self._server is not None else []
+
     def stop(self) -> None:
         """Stop serving."""
         if self._server is not None:

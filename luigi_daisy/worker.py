@@ -1,14 +1,25 @@
-"""The generic worker loop: run a task's process function on block after block."""
+"""The worker entry point, ``python -m luigi_daisy.worker``, and the generic worker loop.
+
+Every launcher starts workers with the same command. A worker reads its context (server
+address, task, worker id, token) from ``LUIGI_DAISY_CONTEXT`` and what to run, a
+:class:`~luigi_daisy.payload.WorkerPayload`, from the pipe named by ``--payload-fd N``
+(a local child) or from the file named by ``LUIGI_DAISY_PAYLOAD_FILE`` (a cluster job).
+``LUIGI_DAISY_PARENT_PID`` asks the kernel to kill the worker when that process dies.
+"""
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
+import os
+import signal
+import sys
 import traceback
 
 from .blocks import Block, BlockStatus
 from .client import Client
-from .context import Context
+from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +87,78 @@ def run_worker(process_function, context: Context) -> int:
         block = client.release_and_acquire(block)
     client.close()
     return 0
+
+
+#: environment variable: pid of the run's process; the worker dies with it
+PARENT_PID_VARIABLE = "LUIGI_DAISY_PARENT_PID"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when ``parent_pid`` (its parent) dies (Linux),
+    so a crashed run leaves no worker behind holding its blocks, sockets or locks."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def configure_worker_logging() -> None:
+    """Line-buffered output and INFO logging to stderr (the worker's ``.err`` file)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker: read the context and the payload, process blocks, return the
+    exit code (0: the worker is done or chose to stop; see :func:`run_worker`)."""
+    from .payload import PAYLOAD_FILE_VARIABLE, read_payload_file, read_payload_from_fd
+
+    parser = argparse.ArgumentParser(
+        prog="python -m luigi_daisy.worker",
+        description="A luigi_daisy worker. Its context comes from the environment "
+                    f"({ENV_VARIABLE}), what it runs from --payload-fd or "
+                    f"{PAYLOAD_FILE_VARIABLE}.")
+    parser.add_argument("--payload-fd", type=int, default=None,
+                        help="read the payload from this inherited pipe")
+    arguments = parser.parse_args(argv)
+    parent_pid = os.environ.get(PARENT_PID_VARIABLE)
+    if parent_pid:
+        die_with_parent(int(parent_pid))
+    configure_worker_logging()
+    context = Context.from_env()
+    os.environ.setdefault(ENV_VARIABLE, context.to_env())
+    os.environ.setdefault(DAISY_ENV_VARIABLE, context.to_env())
+    try:
+        if arguments.payload_fd is not None:
+            payload = read_payload_from_fd(arguments.payload_fd)
+        elif os.environ.get(PAYLOAD_FILE_VARIABLE):
+            payload = read_payload_file(os.environ[PAYLOAD_FILE_VARIABLE])
+        else:
+            parser.error(f"no payload: pass --payload-fd or set {PAYLOAD_FILE_VARIABLE}")
+        process_function = payload.target.process_function()
+        return run_worker(process_function, context)
+    except Exception:  # noqa: BLE001 - whatever ends the worker goes to its log
+        sys.stderr.write(f"worker {context.get('worker_id')} of task "
+                         f"{context.get('task_id')!r} stopped:\n{traceback.format_exc()}")
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,7 @@
 """Launchers start and stop worker processes; they know nothing of the scheduler."""
 
-from .local import LocalLauncher, WorkerProcess
+from .base import Launcher, WorkerHandle, WorkerSpec
+from .local import ForkedWorker, LocalLauncher, SpawnedWorker
 
-__all__ = ["LocalLauncher", "WorkerProcess"]
+__all__ = ["ForkedWorker", "Launcher", "LocalLauncher", "SpawnedWorker", "WorkerHandle",
+           "WorkerSpec"]

@@ -1,37 +1,93 @@
-"""Local launcher: workers are forked processes of the running script.
+"""Local launcher: workers are processes on this machine.
 
-Forking lets process functions defined in ``__main__``, lambdas and closures reach the
-workers without pickling. Each worker writes ``<log_dir>/<task_id>/worker_<id>.out`` and
-``.err``.
+By default (``start_method="spawn"``) each worker is a fresh Python process,
+``python -m luigi_daisy.worker --payload-fd N``, that reads its payload from a pipe.
+With ``start_method="fork"`` workers are forks of the running process, as in daisy 1.x.
+Either way a worker runs in its own process group (a kill ends whatever it started), dies
+with the run, and writes ``<log_dir>/<task_id>/worker_<id>.out`` and ``.err``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
+import threading
+import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context, safe_file_name
+from ..errors import TaskDefinitionError
+from ..payload import WorkerPayload
+from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+START_METHODS = ("spawn", "fork")
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-@dataclass
-class WorkerProcess:
-    """One started worker."""
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    task_id: str
-    worker_id: int
-    process: multiprocessing.process.BaseProcess
-    stdout_path: Path
-    stderr_path: Path
+
+class SpawnedWorker(WorkerHandle):
+    """A worker started as a fresh process."""
+
+    def __init__(self, spec: WorkerSpec, process: subprocess.Popen) -> None:
+        self.task_id = spec.task_id
+        self.worker_id = spec.worker_id
+        self.stdout_path = spec.stdout_path
+        self.stderr_path = spec.stderr_path
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        """Process id."""
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        """None while running, else the exit code (negative: killed by that signal)."""
+        return self.process.poll()
+
+    def kill(self) -> None:
+        """SIGKILL to the worker's process group."""
+        if self.process.poll() is None:
+            _kill_group(self.process.pid)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the worker to exit; True if it did."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def describe(self) -> str:
+        """``"pid 1234"``."""
+        return f"pid {self.process.pid}"
+
+
+class ForkedWorker(WorkerHandle):
+    """A worker forked from the running process."""
+
+    def __init__(self, spec: WorkerSpec, process: multiprocessing.process.BaseProcess) -> None:
+        self.task_id = spec.task_id
+        self.worker_id = spec.worker_id
+        self.stdout_path = spec.stdout_path
+        self.stderr_path = spec.stderr_path
+        self.process = process
 
     @property
     def pid(self) -> int | None:
@@ -43,20 +99,18 @@ class WorkerProcess:
         return self.process.exitcode
 
     def kill(self) -> None:
-        """Stop the worker and whatever it started (SIGKILL to its process group)."""
+        """SIGKILL to the worker's process group."""
         if self.process.exitcode is None and self.process.pid is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_group(self.process.pid)
 
-    def join(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> bool:
         """Wait for the worker to exit; True if it did."""
         self.process.join(timeout)
         return self.process.exitcode is not None
+
+    def describe(self) -> str:
+        """``"pid 1234"``."""
+        return f"pid {self.process.pid}"
 
 
 def _redirect_output(stdout_path: Path, stderr_path: Path) -> None:
@@ -71,40 +125,31 @@ def _redirect_output(stdout_path: Path, stderr_path: Path) -> None:
         os.close(descriptor)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the process
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this worker when the run's process dies (Linux), so a crashed
-    run leaves no worker behind holding its blocks, sockets or file locks."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _worker_main(process_function, context: Context, stdout_path: Path,
-                 stderr_path: Path, parent_pid: int) -> None:
+def _forked_worker_main(spec: WorkerSpec, parent_pid: int) -> None:
     exit_code = 1
     try:
+        # the run's sockets (listener, other workers' connections) are not this worker's
+        for descriptor in spec.private_fds:
+            try:
+                os.close(descriptor)
+            except OSError:
+                pass
         # its own process group: a timeout kills the worker and any subprocess it started
         os.setpgid(0, 0)
-        _die_with_parent(parent_pid)
-        from ..worker import run_worker
-        _redirect_output(stdout_path, stderr_path)
-        encoded = context.to_env()
-        os.environ[ENV_VARIABLE] = encoded
-        os.environ[DAISY_ENV_VARIABLE] = encoded
-        exit_code = run_worker(process_function, context)
+        from ..context import Context
+        from ..worker import configure_worker_logging, die_with_parent, run_worker
+        die_with_parent(parent_pid)
+        _redirect_output(spec.stdout_path, spec.stderr_path)
+        configure_worker_logging()
+        os.environ.update(spec.environment)
+        context = Context.from_env()
+        exit_code = run_worker(spec.payload.target.process_function(), context)
     except BaseException:  # noqa: BLE001 - whatever ends the worker goes to its log
-        with open(stderr_path, "a") as log:
-            log.write(f"worker {context.get('worker_id')} of task {context.get('task_id')!r} "
-                      f"stopped:\n{traceback.format_exc()}")
+        with open(spec.stderr_path, "a") as log:
+            log.write(f"worker {spec.worker_id} of task {spec.task_id!r} stopped:\n"
+                      f"{traceback.format_exc()}")
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -114,34 +159,124 @@ def _worker_main(process_function, context: Context, stdout_path: Path,
         os._exit(exit_code)
 
 
-class LocalLauncher:
-    """Starts workers as forked processes on this machine.
+def _write_all(descriptor: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(descriptor, view)
+            view = view[written:]
+    except BrokenPipeError:
+        pass  # the child died before reading; its exit code tells the run
+    finally:
+        os.close(descriptor)
+
+
+class LocalLauncher(Launcher):
+    """Starts workers as processes on this machine.
 
     Parameters
     ----------
     log_dir:
         Folder for the workers' ``.out`` and ``.err`` files.
+    start_method:
+        ``"spawn"`` (default): every worker is a fresh Python process that receives the
+        process function pickled with cloudpickle. ``"fork"``: workers are forks of this
+        process, as in daisy 1.x; objects reach them by inheritance, unpickled. The
+        hazard of fork: a process that has started threads (dask, zarr 3's event loop,
+        a CUDA context, a thread pool) hands its forks locks that threads held at the
+        fork and that no one in the fork will ever release, so a worker can hang on its
+        first read with no error.
     """
 
-    def __init__(self, log_dir: str | os.PathLike = "daisy_logs") -> None:
+    def __init__(self, log_dir: str | os.PathLike = "daisy_logs",
+                 start_method: str = "spawn") -> None:
+        if start_method not in START_METHODS:
+            raise TaskDefinitionError(
+                f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got "
+                f"{start_method!r}")
         self.log_dir = Path(log_dir)
-        self._context = multiprocessing.get_context("fork")
+        self.start_method = start_method
+        self.workers: list[SpawnedWorker | ForkedWorker] = []
+        self._serialised: dict[int, tuple[WorkerPayload, bytes, list[int]]] = {}
+        self._fork_context = multiprocessing.get_context("fork")
 
-    def log_paths(self, task_id: str, worker_id: int) -> tuple[Path, Path]:
-        """``(stdout, stderr)`` files of a worker."""
-        folder = self.log_dir / safe_file_name(task_id)
-        return folder / f"worker_{worker_id}.out", folder / f"worker_{worker_id}.err"
+    def prepare(self, payload: WorkerPayload) -> None:
+        """Serialise ``payload`` once for all its workers (spawn); nothing for fork."""
+        if self.start_method == "spawn":
+            self._bytes_for_child(payload)
 
-    def start(self, process_function, context: Context) -> WorkerProcess:
-        """Start one worker for ``context['task_id']``."""
-        task_id = context["task_id"]
-        worker_id = int(context["worker_id"])
-        stdout_path, stderr_path = self.log_paths(task_id, worker_id)
-        stdout_path.parent.mkdir(parents=True, exist_ok=True)
-        context.to_env()  # a context that cannot travel fails here, not in the worker
-        process = self._context.Process(
-            target=_worker_main,
-            args=(process_function, context, stdout_path, stderr_path, os.getpid()),
-            name=f"luigi_daisy-{task_id}-worker-{worker_id}", daemon=False)
+    def _bytes_for_child(self, payload: WorkerPayload) -> tuple[bytes, list[int]]:
+        known = self._serialised.get(id(payload))
+        if known is None or known[0] is not payload:
+            data, fds = payload.to_bytes_for_child()
+            known = self._serialised[id(payload)] = (payload, data, fds)
+        return known[1], known[2]
+
+    def start(self, spec: WorkerSpec) -> WorkerHandle:
+        """Start one worker."""
+        spec.stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.start_method == "fork":
+            worker = self._fork(spec)
+        else:
+            worker = self._spawn(spec)
+        self.workers.append(worker)
+        return worker
+
+    def _spawn(self, spec: WorkerSpec) -> SpawnedWorker:
+        data, inherited = self._bytes_for_child(spec.payload)
+        read_end, write_end = os.pipe()
+        try:
+            # a payload that fits the pipe is written without waiting for the child
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, min(max(len(data), 1 << 16), 1 << 20))
+        except OSError:
+            pass
+        from ..worker import PARENT_PID_VARIABLE
+        environment = dict(os.environ)
+        environment.update(spec.environment)
+        environment[PARENT_PID_VARIABLE] = str(os.getpid())
+        try:
+            with open(spec.stdout_path, "ab") as stdout, open(spec.stderr_path, "ab") as stderr:
+                process = subprocess.Popen(
+                    [*self.worker_command(), "--payload-fd", str(read_end)],
+                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=environment,
+                    pass_fds=(read_end, *inherited), close_fds=True, process_group=0)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        try:
+            pipe_size = fcntl.fcntl(write_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        except OSError:
+            pipe_size = 1 << 16
+        if len(data) <= pipe_size:
+            _write_all(write_end, data)
+        else:
+            threading.Thread(target=_write_all, args=(write_end, data), daemon=True,
+                             name=f"luigi_daisy-payload-{spec.worker_id}").start()
+        return SpawnedWorker(spec, process)
+
+    def _fork(self, spec: WorkerSpec) -> ForkedWorker:
+        process = self._fork_context.Process(
+            target=_forked_worker_main, args=(spec, os.getpid()), name=spec.job_name,
+            daemon=False)
         process.start()
-        return WorkerProcess(task_id, worker_id, process, stdout_path, stderr_path)
+        return ForkedWorker(spec, process)
+
+    def poll(self) -> None:
+        """Reap workers that exited (their exit codes are read live)."""
+        for worker in self.workers:
+            worker.exit_code()
+
+    def stop_all(self, timeout: float) -> list[str]:
+        """SIGKILL every running worker's process group and wait up to ``timeout``."""
+        for worker in self.workers:
+            worker.kill()
+        deadline = time.monotonic() + timeout
+        alive = []
+        for worker in self.workers:
+            if not worker.wait(max(0.0, deadline - time.monotonic())):
+                alive.append(f"worker {worker.worker_id} of {worker.task_id!r} "
+                             f"({worker.describe()})")
+        self.workers = [worker for worker in self.workers if worker.exit_code() is None]
+        return alive

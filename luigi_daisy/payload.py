@@ -1,0 +1,359 @@
+"""What a worker process runs, and how it travels to a fresh process.
+
+A :class:`WorkerPayload` holds a *target* (an object whose ``process_function()`` gives
+the function the worker runs: a daisy-style function, or a Luigi ``BlockwiseTask``
+rebuilt from its family and parameters) plus the parent's ``sys.path`` and working
+directory, so that functions pickled by reference import in the child as they did in
+the parent (what multiprocessing's spawn preparation data does).
+
+It is serialised in two frames: the first (plain pickle) holds ``sys.path`` and the
+working directory and is applied before the second (cloudpickle) is loaded. It reaches
+the worker through a pipe of a local child (``--payload-fd N``) or, for cluster jobs, a
+file only its owner can read, named by ``LUIGI_DAISY_PAYLOAD_FILE``; never on a command
+line.
+
+For a local child the target is pickled while multiprocessing's *spawning popen* is set,
+so objects multiprocessing lets travel to its own spawn children (shared-memory arenas of
+``multiprocessing.Array``, named semaphores) travel here too: their file descriptors are
+passed to the child. A lock made in multiprocessing's ``fork`` context (the default on
+Linux before Python 3.14) has no name another process could open; it is moved onto a
+named semaphore before pickling (see :func:`_rehome_fork_semlock`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import types
+from collections import ChainMap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from .errors import PayloadError, UnserialisableFunctionError
+
+#: environment variable naming the payload file of a cluster job
+PAYLOAD_FILE_VARIABLE = "LUIGI_DAISY_PAYLOAD_FILE"
+
+_LENGTH = struct.Struct("<Q")
+_MAX_FRAME = 1 << 34
+
+
+class Target(Protocol):
+    """What a worker runs: ``process_function()`` returns ``f(block)`` or a worker loop
+    without arguments. ``describe()`` names it in errors."""
+
+    def process_function(self) -> Callable[..., Any]:
+        """The function the worker runs (built in the worker)."""
+
+    def describe(self) -> str:
+        """A short name for messages."""
+
+
+@dataclass
+class FunctionTarget:
+    """A daisy-style process function, carried by value (cloudpickle)."""
+
+    function: Callable[..., Any]
+
+    def process_function(self) -> Callable[..., Any]:
+        """The function itself."""
+        return self.function
+
+    def describe(self) -> str:
+        """The function's qualified name."""
+        return _name_of(self.function)
+
+
+@dataclass
+class WorkerPayload:
+    """What one task's workers run, and what they need to import it.
+
+    Parameters
+    ----------
+    target:
+        A :class:`FunctionTarget` or another object with ``process_function()`` and
+        ``describe()`` (the Luigi layer's ``BlockwiseTaskTarget``).
+    task_id:
+        The task, for messages.
+    sys_path, cwd:
+        The parent's import path and working directory (default: this process's).
+    """
+
+    target: Any
+    task_id: str = ""
+    sys_path: list[str] = field(default_factory=lambda: list(sys.path))
+    cwd: str = field(default_factory=os.getcwd)
+
+    def to_bytes(self) -> bytes:
+        """Serialise for a file (no file descriptors can travel with it).
+
+        Raises
+        ------
+        UnserialisableFunctionError
+            Naming the object that cannot be pickled and what to do about it.
+        """
+        return self._serialise(None)
+
+    def to_bytes_for_child(self) -> tuple[bytes, list[int]]:
+        """Serialise for a local child; return the bytes and the file descriptors the
+        child must inherit (shared memory of ``multiprocessing.Array`` and the like)."""
+        spawning = _SpawningChild()
+        return self._serialise(spawning), spawning.fds
+
+    def _serialise(self, spawning: _SpawningChild | None) -> bytes:
+        header = pickle.dumps({"sys_path": self.sys_path, "cwd": self.cwd,
+                               "task_id": self.task_id})
+        try:
+            body = _dumps(self.target, spawning)
+        except Exception as error:  # noqa: BLE001 - any pickling failure is reported
+            raise UnserialisableFunctionError(
+                _unserialisable_message(self, error, spawning)) from error
+        return _LENGTH.pack(len(header)) + header + _LENGTH.pack(len(body)) + body
+
+
+# ---------------------------------------------------------------------- pickling
+class _SpawningChild:
+    """Stands in for multiprocessing's spawning popen while a payload is pickled:
+    records the descriptors the child must inherit (passed with the same numbers)."""
+
+    def __init__(self) -> None:
+        from multiprocessing.popen_spawn_posix import _DupFd
+        self.DupFd = _DupFd  # noqa: N815 - the name multiprocessing.reduction calls
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        """Keep ``fd`` open in the child under the same number."""
+        if fd not in self.fds:
+            self.fds.append(fd)
+        return fd
+
+
+def _dumps(target: Any, spawning: _SpawningChild | None) -> bytes:
+    import cloudpickle
+    from multiprocessing import context, reduction, synchronize
+
+    class PayloadPickler(cloudpickle.Pickler):
+        def __init__(self, file: BinaryIO) -> None:
+            # the C pickler reads dispatch_table once, in __init__
+            self.dispatch_table = ChainMap(reduction.ForkingPickler._extra_reducers,
+                                           cloudpickle.Pickler.dispatch_table)
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+
+        def reducer_override(self, obj: Any) -> Any:
+            if (spawning is not None and isinstance(obj, synchronize.SemLock)
+                    and getattr(obj, "_is_fork_ctx", False)):
+                _rehome_fork_semlock(obj)
+            return super().reducer_override(obj)
+
+    buffer = io.BytesIO()
+    if spawning is None:
+        PayloadPickler(buffer).dump(target)
+        return buffer.getvalue()
+    previous = context.get_spawning_popen()
+    context.set_spawning_popen(spawning)
+    try:
+        PayloadPickler(buffer).dump(target)
+    finally:
+        context.set_spawning_popen(previous)
+    return buffer.getvalue()
+
+
+def _rehome_fork_semlock(lock: Any) -> None:
+    """Move a lock of multiprocessing's fork context onto a named semaphore.
+
+    A fork-context ``SemLock`` is unlinked at creation, so only forks can share it; a
+    spawned child opens a semaphore by name. The lock keeps its Python object (closures
+    and ``multiprocessing.Array`` wrappers hold that) and gets a named semaphore of the
+    same kind and current value. Processes forked from it *before* this call keep the old
+    semaphore. A lock held right now cannot move: its holder would release the old one.
+    """
+    import _multiprocessing
+    from multiprocessing import synchronize, util
+    from multiprocessing.resource_tracker import register
+
+    old = lock._semlock
+    if old._count() > 0 or (old.kind == synchronize.RECURSIVE_MUTEX and old._is_zero()):
+        raise PayloadError(
+            f"a {type(lock).__name__} of multiprocessing's fork context is held right "
+            f"now, so it cannot be handed to a fresh worker process")
+    value = old._get_value()
+    if old.kind == synchronize.SEMAPHORE and old.maxvalue == 1 and value == 0:
+        raise PayloadError(
+            f"a {type(lock).__name__} of multiprocessing's fork context is held right "
+            f"now, so it cannot be handed to a fresh worker process")
+    for _ in range(100):
+        try:
+            new = _multiprocessing.SemLock(old.kind, value, old.maxvalue,
+                                           synchronize.SemLock._make_name(), False)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError("cannot find a name for a semaphore")
+    register(new.name, "semaphore")
+    util.Finalize(lock, synchronize.SemLock._cleanup, (new.name,), exitpriority=0)
+    lock._semlock = new
+    lock._is_fork_ctx = False
+    lock._make_methods()
+
+
+# ---------------------------------------------------------------------- errors
+def _name_of(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name is None:
+        return f"a {type(obj).__module__}.{type(obj).__qualname__} object"
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def _references(obj: Any) -> list[tuple[str, Any]]:
+    """What a function (or callable object) carries with it: ``(description, value)``."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(obj, types.MethodType):
+        found.append((f"the object {_name_of(obj)} is bound to", obj.__self__))
+        obj = obj.__func__
+    if isinstance(obj, types.FunctionType):
+        code = obj.__code__
+        for name, cell in zip(code.co_freevars, obj.__closure__ or ()):
+            try:
+                found.append((f"the closure variable {name!r} of {_name_of(obj)}",
+                              cell.cell_contents))
+            except ValueError:
+                continue
+        names = set(code.co_names)
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                names.update(constant.co_names)
+        for name in sorted(names):
+            if name in obj.__globals__:
+                value = obj.__globals__[name]
+                if not isinstance(value, types.ModuleType):
+                    found.append((f"the global {name!r} used by {_name_of(obj)}", value))
+        for index, default in enumerate(obj.__defaults__ or ()):
+            found.append((f"default argument {index} of {_name_of(obj)}", default))
+    else:
+        for name, value in getattr(obj, "__dict__", {}).items():
+            found.append((f"the attribute {name!r} of {_name_of(obj)}", value))
+    return found
+
+
+def _culprit(obj: Any, spawning: _SpawningChild | None, depth: int = 0
+             ) -> tuple[str, Any, Exception] | None:
+    """The innermost reference of ``obj`` that cannot be pickled, if one can be named."""
+    if depth > 3:
+        return None
+    for description, value in _references(obj):
+        try:
+            _dumps(value, spawning)
+        except Exception as error:  # noqa: BLE001
+            deeper = _culprit(value, spawning, depth + 1)
+            return deeper if deeper is not None else (description, value, error)
+    return None
+
+
+def _unserialisable_message(payload: WorkerPayload, error: Exception,
+                            spawning: _SpawningChild | None) -> str:
+    target = payload.target
+    function = target.function if isinstance(target, FunctionTarget) else target
+    culprit = _culprit(function, spawning)
+    where = f"task {payload.task_id!r}: " if payload.task_id else ""
+    if culprit is not None:
+        description, value, inner = culprit
+        what = (f"{description} (a {type(value).__module__}.{type(value).__qualname__}) "
+                f"cannot travel to a fresh worker process: {inner}")
+    else:
+        what = f"{target.describe()} cannot travel to a fresh worker process: {error}"
+    return (f"{where}{what}. Workers are fresh processes that receive the process "
+            f"function pickled (cloudpickle). Make the object importable (define it at "
+            f"module level), or create it in the worker (inside the process function, "
+            f"or a BlockwiseTask's setup_worker), or run with start_method='fork' "
+            f"(workers forked from this process; see run_blockwise for its hazards).")
+
+
+# ---------------------------------------------------------------------- reading
+def _read_exactly(stream: BinaryIO, count: int) -> bytes:
+    chunks = []
+    while count:
+        chunk = stream.read(count)
+        if not chunk:
+            raise PayloadError("the worker payload ended early (truncated)")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(stream: BinaryIO) -> bytes:
+    (length,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+    if length > _MAX_FRAME:
+        raise PayloadError(f"the worker payload announces a frame of {length} bytes")
+    return _read_exactly(stream, length)
+
+
+def read_payload(stream: BinaryIO) -> WorkerPayload:
+    """Read a payload; restore the parent's ``sys.path`` (and working directory, when
+    it exists here) before the target is unpickled."""
+    header = pickle.loads(_read_frame(stream))
+    body = _read_frame(stream)
+    for entry in reversed(header["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if header["cwd"] and os.path.isdir(header["cwd"]):
+        os.chdir(header["cwd"])
+    target = pickle.loads(body)
+    return WorkerPayload(target, header["task_id"], header["sys_path"], header["cwd"])
+
+
+def read_payload_from_fd(fd: int) -> WorkerPayload:
+    """Read a payload from a pipe (a local child's ``--payload-fd``) and close it."""
+    with os.fdopen(fd, "rb") as stream:
+        return read_payload(stream)
+
+
+def read_payload_file(path: str | os.PathLike) -> WorkerPayload:
+    """Read a payload file; refuse one that others could read or write.
+
+    Raises
+    ------
+    PayloadError
+        The file is missing, not owned by this user, or open to group or others.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise PayloadError(f"cannot open the worker payload file {path}: {error}") from None
+    with os.fdopen(descriptor, "rb") as stream:
+        status = os.fstat(descriptor)
+        if status.st_uid != os.getuid() or status.st_mode & 0o077:
+            raise PayloadError(
+                f"refusing the worker payload file {path}: it must belong to this user "
+                f"and be readable by no one else (mode 0600), found uid {status.st_uid} "
+                f"and mode {status.st_mode & 0o777:o}")
+        return read_payload(stream)
+
+
+def write_payload_file(payload: WorkerPayload, folder: str | os.PathLike) -> Path:
+    """Write ``payload`` to a new file in ``folder`` that only its owner can read.
+
+    ``folder`` is created with mode 0700 if missing and must not be open to others; the
+    file is created with ``O_EXCL`` and mode 0600. Returns the file's path (for
+    ``LUIGI_DAISY_PAYLOAD_FILE``).
+    """
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = folder.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise PayloadError(
+            f"payload folder {folder} must belong to this user and be writable by no one "
+            f"else (found mode {status.st_mode & 0o777:o})")
+    data = payload.to_bytes()
+    descriptor, name = tempfile.mkstemp(prefix="payload-", suffix=".pickle", dir=folder)
+    # mkstemp opens with O_CREAT | O_EXCL and mode 0600
+    with os.fdopen(descriptor, "wb") as stream:
+        stream.write(data)
+    return Path(name)
