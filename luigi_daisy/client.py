@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from funlib.geometry import Roi
 
+from . import watchdog
 from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
 from .errors import (
@@ -124,6 +125,7 @@ class Client:
                 f"cannot reach the block server at {self.host}:{self.port} for task "
                 f"{self.task_id!r}: {error}; is the run still going?") from None
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watchdog.watch(self._socket)
         self._socket.settimeout(None)
         self._handshake(self.context.get("token"))
 
@@ -215,6 +217,7 @@ class Client:
             self._send(Bye())
         except ServerUnreachableError:
             pass
+        watchdog.unwatch(self._socket)
         self._socket.close()
 
     def __enter__(self) -> Client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,8 +19,10 @@ from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
 from .payload import FunctionTarget, WorkerPayload
 from .progress import ProgressBars
+from .protocol import new_token
 from .scheduler import BlockScheduler, ReleaseOutcome
-from .server import BlockServer
+from .server import BlockServer, is_loopback
+from .startup import StartupReport
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
 from .tracking import TrackingPage
@@ -33,6 +36,8 @@ MONITOR_INTERVAL = 0.05
 SHUTDOWN_GRACE = 10.0
 #: seconds between two progress reports to observers
 PROGRESS_INTERVAL = 1.0
+#: seconds the end of a run waits for the launcher to confirm every worker (job) gone
+STOP_TIMEOUT = 60.0
 
 
 def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
@@ -128,13 +133,22 @@ class WorkerRun:
     targets:
         What the workers of a task run, per task id, when it is not the task's
         ``process_function`` carried by value (a Luigi task rebuilt from its parameters).
+    advertise_host:
+        The address workers are told to reach the server at (cluster nodes); default:
+        ``host``, or this machine's name when ``host`` is not loopback.
+    worker_death_timeout:
+        Seconds after which a worker whose server is gone exits on its own.
+    pending_report_after:
+        Seconds after which a worker job still pending is reported (id and reason).
     """
 
     def __init__(self, tasks: list[Task], launcher: Launcher, ledgers: LedgerSet,
                  host: str = "127.0.0.1", progress: bool = True,
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
-                 tracking: bool = False, targets: Mapping[str, object] | None = None) -> None:
+                 tracking: bool = False, targets: Mapping[str, object] | None = None,
+                 advertise_host: str | None = None, worker_death_timeout: float = 60.0,
+                 pending_report_after: float = 60.0) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -142,6 +156,12 @@ class WorkerRun:
         self.tasks = {task.task_id: task for task in tasks}
         self.launcher = launcher
         self.host = host
+        self.advertise_host = advertise_host or default_advertise_host(host)
+        self.worker_death_timeout = worker_death_timeout
+        self.pending_report_after = pending_report_after
+        self.startup: StartupReport | None = None
+        self.ended_workers: dict[str, list[str]] = {task.task_id: [] for task in tasks}
+        self.failure_report: str | None = None
         self.progress = progress
         self.ledgers = ledgers
         self.followed = dict(followed or {})
@@ -168,8 +188,10 @@ class WorkerRun:
 
     # ------------------------------------------------------------------ workers
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
-        context = Context(hostname=self.host, port=str(self.server.port), task_id=task_id,
-                          worker_id=str(worker_id), restartable=str(int(restartable)))
+        context = Context(hostname=self.advertise_host, port=str(self.server.port),
+                          task_id=task_id, worker_id=str(worker_id),
+                          restartable=str(int(restartable)),
+                          worker_death_timeout=f"{self.worker_death_timeout:g}")
         if self.server.token is not None:
             context["token"] = self.server.token
         return context
@@ -220,8 +242,14 @@ class WorkerRun:
                 if exit_code is None:
                     continue
                 workers.remove(worker)
+                # a job that died without closing its connection (node failure) gives
+                # its blocks back now, not when keepalive notices
+                self.server.drop_worker(task_id, worker.worker_id)
                 if state.is_done():
                     continue
+                if exit_code != 0:
+                    self.ended_workers[task_id].append(
+                        f"{worker.describe()} exited with code {exit_code}")
                 if exit_code == 0:
                     self.stopped_by_choice[task_id] += 1
                     logger.info("worker %s of %r exited with code 0 while blocks remain: "
@@ -261,10 +289,14 @@ class WorkerRun:
             stopped = self.stopped_by_choice[task_id]
             chose = (f"; {stopped} exited with code 0 (chose to stop, not replaced)"
                      if stopped else "")
+            ended = self.ended_workers[task_id]
+            ended_text = (f"; workers that ended: {'; '.join(ended[-10:])}"
+                          f"{f' (and {len(ended) - 10} more)' if len(ended) > 10 else ''}"
+                          if ended else "")
             reports.append(
                 f"task {task_id!r} has no workers left ({state.worker_restart_count} "
                 f"restarts used of {self.tasks[task_id].max_worker_restarts}{chose}); their "
-                f"errors are in {', '.join(logs[-3:]) or 'no log file'}")
+                f"errors are in {', '.join(logs[-3:]) or 'no log file'}{ended_text}")
         return "; ".join(reports)
 
     def _start_task(self, task_id: str) -> None:
@@ -316,7 +348,8 @@ class WorkerRun:
         for task_id, payload in self.payloads.items():
             if task_id not in self.followed:
                 self.launcher.prepare(payload)
-        self.server = BlockServer(self.scheduler, host=self.host,
+        # every worker proves the token, on loopback too (a shared login node)
+        self.server = BlockServer(self.scheduler, host=self.host, token=new_token(),
                                   on_worker_timeout=self._kill_worker, ledgers=self.ledgers)
         self.server.start_listening(0)
         if self.tracking is not None:
@@ -327,6 +360,8 @@ class WorkerRun:
             for task_id, state in self.scheduler.task_states.items():
                 if task_id not in self.followed and not state.is_done():
                     self._start_task(task_id)
+            self.startup = StartupReport(self.launcher, self.server, self.workers,
+                                         self.pending_report_after)
             while not self.scheduler.is_done():
                 await asyncio.sleep(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
@@ -334,19 +369,21 @@ class WorkerRun:
                 self.ledgers.flush_if_due(now)
                 self._follow()
                 self._check_workers()
+                self.startup.update(now)
                 bars.update()
                 if now - last_report >= PROGRESS_INTERVAL:
                     last_report = now
                     self._observe()
                 if self._stalled():
-                    logger.error("stopping the run: %s", self._stall_report())
+                    self.failure_report = self._stall_report()
+                    logger.error("stopping the run: %s", self.failure_report)
                     break
             self.server.serve_waiting()
             await self._stop_workers()
         finally:
             self.ledgers.flush()
             self.server.close_all()
-            not_gone = self.launcher.stop_all(5.0)
+            not_gone = self.launcher.stop_all(STOP_TIMEOUT)
             if not_gone:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
@@ -365,7 +402,7 @@ class WorkerRun:
             if any(not state.is_done() for state in self.scheduler.task_states.values()):
                 break
             await asyncio.sleep(MONITOR_INTERVAL)
-        self.launcher.stop_all(5.0)
+        self.launcher.stop_all(STOP_TIMEOUT)
         self._reap()
 
     def _reap(self) -> None:
@@ -378,6 +415,14 @@ class WorkerRun:
         return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
                           if worker_id in self.log_files]
                 for task_id, worker_ids in self.server.failed_workers.items()}
+
+
+def default_advertise_host(host: str) -> str:
+    """The address workers reach a server bound to ``host`` at: ``host`` itself when it
+    is loopback, else this machine's name."""
+    if is_loopback(host):
+        return host
+    return socket.gethostname()
 
 
 def run_coroutine(coroutine_function):
@@ -411,7 +456,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   host: str = "127.0.0.1",
                   ledger_dir: str | os.PathLike | None = None,
                   fresh: bool = False, start_method: str = "spawn",
-                  launcher: Launcher | None = None) -> RunResult:
+                  launcher: Launcher | None = None, advertise_host: str | None = None,
+                  worker_death_timeout: float = 60.0,
+                  pending_report_after: float = 60.0) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -448,7 +495,17 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         one ever releases them: a worker can hang on its first read, with no error.
     launcher:
         Starts the workers (a :class:`~luigi_daisy.launchers.base.Launcher`); default:
-        ``LocalLauncher(log_dir, start_method)``.
+        ``LocalLauncher(log_dir, start_method)``. Cluster jobs:
+        :class:`~luigi_daisy.launchers.slurm.SlurmLauncher`,
+        :class:`~luigi_daisy.launchers.lsf.LsfLauncher`,
+        :class:`~luigi_daisy.launchers.command.CommandLauncher`.
+    advertise_host:
+        Address the workers reach the server at; default ``host`` when it is loopback,
+        else this machine's name.
+    worker_death_timeout:
+        Seconds after which a worker whose run is gone (killed) exits on its own.
+    pending_report_after:
+        Seconds after which worker jobs still pending are logged with their reason.
 
     Returns
     -------
@@ -464,9 +521,14 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
             return result
         if launcher is None:
             launcher = LocalLauncher(log_dir, start_method=start_method)
-        run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress)
+        run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
+                        advertise_host=advertise_host,
+                        worker_death_timeout=worker_death_timeout,
+                        pending_report_after=pending_report_after)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()
     print(format_summary(result, run.worker_logs()))
+    if run.failure_report:
+        print(f"the run stopped early: {run.failure_report}")
     return result

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LauncherError
+from ..payload import PAYLOAD_FILE_VARIABLE, WorkerPayload, write_payload_file
+from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,9 @@ class JobStatus:
     exit_code: int | None = None
 
 
-@dataclass
-class BatchJob:
-    """One submitted worker job (a ``WorkerHandle``)."""
+@dataclass(eq=False)
+class BatchJob(WorkerHandle):
+    """One submitted worker job."""
 
     launcher: BatchLauncher = field(repr=False)
     task_id: str
@@ -123,11 +125,14 @@ class BatchJob:
                 f"{self.stdout_path}, {self.stderr_path})")
 
 
-class BatchLauncher:
+class BatchLauncher(Launcher):
     """Starts each worker as one batch job.
 
     Parameters
     ----------
+    log_dir:
+        Folder of the jobs' logs and of the payload files (0600, in a 0700 folder); on
+        a cluster it must be on a filesystem the nodes share.
     queue:
         Partition (SLURM) or queue (LSF).
     account:
@@ -149,7 +154,7 @@ class BatchLauncher:
     #: name in ``[luigi_daisy] launcher``
     name = "batch"
 
-    def __init__(self, queue: str | None = None, account: str | None = None,
+    def __init__(self, log_dir: str | os.PathLike = "daisy_logs", queue: str | None = None, account: str | None = None,
                  walltime: str | None = None, cpus_per_worker: int = 1,
                  gpus_per_worker: int = 0, memory_per_worker: str | None = None,
                  job_extra: str | list[str] | None = None, python: str | None = None,
@@ -169,13 +174,15 @@ class BatchLauncher:
         if isinstance(job_extra, str):
             job_extra = shlex.split(job_extra)
         self.job_extra = list(job_extra or [])
+        self.log_dir = Path(log_dir)
         self.python = python or sys.executable
+        self._payload_files: dict[int, Path] = {}
         self.poll_interval = poll_interval
         self.jobs: dict[str, BatchJob] = {}
         self._last_poll = -math.inf
 
     # ------------------------------------------------------------------ subclass part
-    def submit_command(self, spec, job_name: str) -> list[str]:
+    def submit_command(self, spec: WorkerSpec, job_name: str) -> list[str]:
         """The command that submits one worker job."""
         raise NotImplementedError
 
@@ -197,12 +204,12 @@ class BatchLauncher:
         """What each job runs."""
         return [self.python, "-m", "luigi_daisy.worker"]
 
-    def job_name(self, spec) -> str:
+    def job_name(self, spec: WorkerSpec) -> str:
         """``<task>.worker<id>``, only characters every batch system takes."""
-        name = getattr(spec, "job_name", None) or f"{spec.task_id}.worker{spec.worker_id}"
-        return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)[:120]
+        name = f"{spec.task_id}.worker{spec.worker_id}"
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)[-120:]
 
-    def start(self, spec) -> BatchJob:
+    def start(self, spec: WorkerSpec) -> BatchJob:
         """Submit one job for ``spec``; its context travels in the environment."""
         stdout_path, stderr_path = Path(spec.stdout_path), Path(spec.stderr_path)
         stdout_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +225,24 @@ class BatchLauncher:
         logger.debug("submitted %s", job.describe())
         return job
 
-    def job_environment(self, spec) -> dict[str, str]:
-        """Variables the job gets on top of the submitting environment."""
-        return {key: str(value) for key, value in dict(spec.environment).items()}
+    def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
+        """Variables the job gets on top of the submitting environment: the worker's
+        context and the name of its payload file (one file per payload)."""
+        environment = {key: str(value) for key, value in dict(spec.environment).items()}
+        environment[PAYLOAD_FILE_VARIABLE] = str(self._payload_file(spec.payload))
+        return environment
+
+    def _payload_file(self, payload: WorkerPayload) -> Path:
+        path = self._payload_files.get(id(payload))
+        if path is None:
+            path = write_payload_file(payload, self.log_dir / ".payloads")
+            self._payload_files[id(payload)] = path
+        return path
+
+    def _remove_payload_files(self) -> None:
+        for path in self._payload_files.values():
+            path.unlink(missing_ok=True)
+        self._payload_files.clear()
 
     def poll(self, force: bool = False) -> None:
         """Refresh the states of all unfinished jobs (one query, at most every
@@ -284,6 +306,8 @@ class BatchLauncher:
                 logger.warning("%s", error)
             left = [job for job in self.jobs.values() if not job.finished]
             if not left or time.monotonic() >= deadline:
+                if not left:
+                    self._remove_payload_files()
                 return [job.describe() for job in left]
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 1.0)
