@@ -378,6 +378,7 @@ class WorkerRun:
                     self.failure_report = self._stall_report()
                     logger.error("stopping the run: %s", self.failure_report)
                     break
+            self.startup.finish()
             self.server.serve_waiting()
             await self._stop_workers()
         finally:

@@ -35,6 +35,7 @@ class StartupReport:
         self.started_at = time.monotonic()
         self.started = sum(len(handles) for handles in workers.values())
         self.connected_logged = self.started == 0
+        self.most_connected = 0
         self.reported_pending: set[str] = set()
         if self.started:
             name = getattr(launcher, "name", type(launcher).__name__)
@@ -51,10 +52,9 @@ class StartupReport:
         waited = now - self.started_at
         if not self.connected_logged:
             connected = self.server.connected_workers()
+            self.most_connected = max(self.most_connected, connected)
             if connected >= self.started or waited >= self.pending_report_after:
-                self.connected_logged = True
-                logger.info("%d of %d workers connected %.1f s after the start", connected,
-                            self.started, waited)
+                self._log_connected(connected, waited)
         pending_jobs = getattr(self.launcher, "pending_jobs", None)
         if pending_jobs is None:
             return
@@ -67,3 +67,13 @@ class StartupReport:
                 self.pending_report_after,
                 ", ".join(f"{job.job_id} ({job.job_name}: {job.reason or 'no reason given'})"
                           for job in fresh[:20]) + (" ..." if len(fresh) > 20 else ""))
+
+    def finish(self) -> None:
+        """Log the connected count now if the run ended before it was logged."""
+        if not self.connected_logged:
+            self._log_connected(self.most_connected, time.monotonic() - self.started_at)
+
+    def _log_connected(self, connected: int, waited: float) -> None:
+        self.connected_logged = True
+        logger.info("%d of %d workers connected %.1f s after the start", connected,
+                    self.started, waited)

@@ -121,7 +121,7 @@ class BatchJob(WorkerHandle):
     def describe(self) -> str:
         """Job id, name, state and log files, for messages."""
         reason = f", {self.reason}" if self.reason and self.reason != "None" else ""
-        return (f"job {self.job_id} ({self.job_name}, {self.state}{reason}; logs "
+        return (f"{self.launcher.name} job {self.job_id} ({self.job_name}, {self.state}{reason}; logs "
                 f"{self.stdout_path}, {self.stderr_path})")
 
 
@@ -289,6 +289,10 @@ class BatchLauncher(Launcher):
             except LauncherError as error:
                 logger.warning("%s", error)
 
+    def cancel_all(self) -> None:
+        """Ask the batch system to end every unfinished job, without waiting."""
+        self.cancel(list(self.jobs.values()))
+
     def stop_all(self, timeout: float) -> list[str]:
         """Cancel every unfinished job and wait until the batch system says they
         ended; return descriptions of the jobs not confirmed gone within ``timeout``."""
@@ -297,7 +301,7 @@ class BatchLauncher(Launcher):
             self.poll(force=True)
         except LauncherError as error:
             logger.warning("%s", error)
-        self.cancel(list(self.jobs.values()))
+        self.cancel_all()
         delay = 0.1
         while True:
             try:
