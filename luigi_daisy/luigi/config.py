@@ -37,6 +37,11 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
                                      description="how workers are started: local, slurm, "
                                                  "lsf or command")
     log_dir = luigi.Parameter(default="daisy_logs", description="folder of the worker logs")
+    start_method = luigi.ChoiceParameter(
+        choices=["spawn", "fork"], default="spawn",
+        description="spawn: workers are fresh processes that rebuild the task from its "
+                    "family and parameters; fork: forks of the Luigi worker process (a "
+                    "process with threads hands its forks locks no one releases)")
     # resources of a worker job (defaults of the BlockwiseTask parameters of these names)
     queue = luigi.Parameter(default="", description="SLURM partition or LSF queue")
     account = luigi.Parameter(default="", description="SLURM account or LSF project")

@@ -27,7 +27,7 @@ def make_launcher(name: str, resources: dict, config) -> Launcher:
         The ``[luigi_daisy]`` settings (``log_dir``, templates, ``job_poll_interval``).
     """
     if name == "local":
-        return LocalLauncher(config.log_dir)
+        return LocalLauncher(config.log_dir, start_method=config.start_method)
     common = dict(resources, log_dir=config.log_dir, poll_interval=config.job_poll_interval)
     if name == "slurm":
         return SlurmLauncher(**common)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import luigi
 from funlib.geometry import Roi
@@ -90,6 +92,37 @@ class _BlockFunction:
                 raise
             self.worker_ready = True
         self.task.process_block(block)
+
+
+@dataclass
+class BlockwiseTaskTarget:
+    """What the fresh worker process of a ``BlockwiseTask`` runs: the task rebuilt from
+    its module, task family and Luigi parameters (as strings), then ``setup_worker``
+    once and ``process_block`` per block."""
+
+    module: str
+    family: str
+    str_params: dict[str, str]
+
+    def process_function(self) -> _BlockFunction:
+        """Import the task's module, rebuild the task, wrap it for the worker loop."""
+        importlib.import_module(self.module)
+        task_class = luigi.task_register.Register.get_task_cls(self.family)
+        return _BlockFunction(task_class.from_str_params(self.str_params))
+
+    def describe(self) -> str:
+        """``Family(params)``."""
+        return f"{self.family}({self.str_params})"
+
+    @classmethod
+    def of(cls, task: BlockwiseTask) -> BlockwiseTaskTarget | None:
+        """The target of ``task``, or None when a fresh process could not import its
+        class (defined in ``__main__`` or inside a function): then the task object
+        itself travels, pickled by value."""
+        task_class = type(task)
+        if task_class.__module__ == "__main__" or "<locals>" in task_class.__qualname__:
+            return None
+        return cls(task_class.__module__, task_class.get_task_family(), task.to_str_params())
 
 
 class BlockwiseTask(luigi.Task):
@@ -279,10 +312,13 @@ class BlockwiseTask(luigi.Task):
                 for task in closure:
                     if task.task_id not in followed:
                         task.check_outputs()
+                targets = {task.task_id: BlockwiseTaskTarget.of(task) for task in closure}
                 run = WorkerRun(list(core_tasks.values()),
                                 launcher_for_closure(closure, config), ledgers,
                                 progress=False, followed=followed,
                                 observers=[reporter.report], tracking=True,
+                                targets={task_id: target for task_id, target
+                                         in targets.items() if target is not None},
                                 host=config.host,
                                 advertise_host=config.advertise_host or None,
                                 worker_death_timeout=config.worker_death_timeout,
