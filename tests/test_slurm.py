@@ -347,3 +347,129 @@ def test_sigkilled_run_jobs_end_within_worker_death_timeout(cluster, tmp_path):
     assert sum("luigi_daisy worker exits: the block server closed the connection" in text
                for text in logs) == 2, logs
     assert sum("ServerUnreachableError" in text for text in logs) == 1, logs
+
+
+# ---------------------------------------------------------------------------- pending jobs
+def test_jobs_pending_too_long_are_reported_with_their_reason(cluster, tmp_path, caplog):
+    task = daisy.Task("late", total_roi=Roi((0,), (20,)), read_roi=Roi((0,), (10,)),
+                      write_roi=Roi((0,), (10,)),
+                      process_function=functools.partial(record_job, str(tmp_path)),
+                      num_workers=1)
+    with caplog.at_level("INFO", logger="luigi_daisy"):
+        # SLURM holds the job back for 3 s: it stays PENDING with reason BeginTime
+        result = daisy.run_blockwise(
+            [task], progress=False, ledger_dir=tmp_path / "ledgers",
+            launcher=launcher(tmp_path, job_extra="--begin=now+3"),
+            pending_report_after=0.5)
+    assert result["late"].succeeded
+    (job_id,) = job_records(cluster, "late.worker")
+    pending = [record.getMessage() for record in caplog.records
+               if "still pending" in record.getMessage()]
+    assert len(pending) == 1, pending
+    assert f"{job_id} (late.worker0: BeginTime)" in pending[0]
+    started = [record.getMessage() for record in caplog.records
+               if "workers for 1 tasks with the slurm launcher" in record.getMessage()]
+    connected = [record.getMessage() for record in caplog.records
+                 if "workers connected" in record.getMessage()]
+    assert len(started) == 1 and f"job ids {job_id} to {job_id}" in started[0]
+    assert len(connected) == 1
+
+
+# ---------------------------------------------------------------------------- Luigi
+CHAIN_MODULE = '''\
+import os
+import time
+from pathlib import Path
+
+import luigi
+from luigi_daisy import BlockwiseTask, Roi
+
+
+def note(folder, name):
+    path = Path(folder) / "events"
+    path.mkdir(exist_ok=True)
+    (path / f"{name}.{os.environ['SLURM_JOB_ID']}").touch()
+
+
+class Raw(BlockwiseTask):
+    folder = luigi.Parameter()
+
+    def total_roi(self):
+        return Roi((0,), (200,))
+
+    def read_roi(self):
+        return Roi((0,), (20,))
+
+    def write_roi(self):
+        return Roi((0,), (20,))
+
+    def process_block(self, block):
+        time.sleep(0.3)  # Raw's jobs run for a few seconds
+        note(self.folder, f"Raw-{block.block_id[1]}")
+
+
+class Smoothed(BlockwiseTask):
+    folder = luigi.Parameter()
+
+    def requires(self):
+        return Raw(folder=self.folder)
+
+    def total_roi(self):
+        return Roi((0,), (200,))
+
+    def read_roi(self):
+        return Roi((0,), (20,))
+
+    def write_roi(self):
+        return Roi((0,), (20,))
+
+    def process_block(self, block):
+        # pipelined: the upstream block this one reads is done already
+        done = os.listdir(Path(self.folder) / "events")
+        assert any(name.startswith(f"Raw-{block.block_id[1]}.") for name in done), done
+        note(self.folder, f"Smoothed-{block.block_id[1]}")
+'''
+
+
+def test_two_stage_luigi_chain_runs_pipelined_on_slurm(cluster, tmp_path):
+    (tmp_path / "slurm_chain.py").write_text(CHAIN_MODULE)
+    (tmp_path / "luigi.cfg").write_text(textwrap.dedent(f"""\
+        [luigi_daisy]
+        launcher = slurm
+        job_poll_interval = {POLL}
+        num_workers = 2
+        ledger_dir = {tmp_path / "ledgers"}
+        log_dir = {tmp_path / "logs"}
+        memory_per_worker = 150M
+
+        [Smoothed]
+        queue = other
+        """))
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(tmp_path / "luigi.cfg"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPOSITORY),
+                                           os.environ.get("PYTHONPATH", "")]))
+    luigi_program = Path(sys.executable).parent / "luigi"
+    completed = subprocess.run(
+        [str(luigi_program) if luigi_program.exists() else "luigi", "--module",
+         "slurm_chain", "Smoothed", "--folder", str(tmp_path), "--local-scheduler",
+         "--retcode-task-failed", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    events = os.listdir(tmp_path / "events")
+    for stage in ("Raw", "Smoothed"):
+        assert sorted(int(name.split(".")[0].split("-")[1]) for name in events
+                      if name.startswith(stage + "-")) == list(range(10))
+    raw_jobs = job_records(cluster, "Raw_")
+    smoothed_jobs = job_records(cluster, "Smoothed_")
+    assert len(raw_jobs) == 2 and len(smoothed_jobs) == 2
+    assert {fields["Partition"] for fields in raw_jobs.values()} == {"main"}
+    assert {fields["Partition"] for fields in smoothed_jobs.values()} == {"other"}
+    assert {fields["MinMemoryNode"] for fields in {**raw_jobs, **smoothed_jobs}.values()} \
+        == {"150M"}
+    jobs_that_worked = {name.split(".")[1] for name in events}
+    assert jobs_that_worked <= set(raw_jobs) | set(smoothed_jobs)
+    # one pipelined run: Smoothed's jobs were submitted while Raw's still ran (Luigi's
+    # plain ordering would submit them only after Raw's last job had ended)
+    first_raw_end = min(fields["EndTime"] for fields in raw_jobs.values())
+    last_smoothed_submit = max(fields["SubmitTime"] for fields in smoothed_jobs.values())
+    assert last_smoothed_submit < first_raw_end
