@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -339,12 +340,31 @@ class WorkerRun:
     async def run(self) -> RunResult:
         """Serve blocks until every task is done or can no longer progress.
 
+        However the run ends (done, stalled, Ctrl-C, SIGTERM when this is the main
+        thread and SIGTERM has its default action), the launcher ends every worker and
+        waits until they are gone.
+
         Raises
         ------
         UnserialisableFunctionError
             Before anything starts, when a task's process function cannot reach its
             workers.
+        SystemExit
+            With code 143 after SIGTERM, once every worker is gone.
         """
+        terminated = []
+        restore = _cancel_on_sigterm(terminated)
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if terminated:
+                logger.error("the run was stopped by SIGTERM; its workers are gone")
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+        finally:
+            restore()
+
+    async def _run(self) -> RunResult:
         for task_id, payload in self.payloads.items():
             if task_id not in self.followed:
                 self.launcher.prepare(payload)
@@ -416,6 +436,26 @@ class WorkerRun:
         return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
                           if worker_id in self.log_files]
                 for task_id, worker_ids in self.server.failed_workers.items()}
+
+
+def _cancel_on_sigterm(terminated: list) -> Callable[[], None]:
+    """Make SIGTERM cancel the running task (so the run's cleanup runs), when this is
+    the main thread and nobody else handles SIGTERM; return what undoes it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
 def default_advertise_host(host: str) -> str:

@@ -312,11 +312,14 @@ def start_stuck_run(tmp_path: Path, name: str, death_timeout: float, workers: in
     return process, log
 
 
-def test_ctrl_c_cancels_every_job_and_waits_for_slurm(cluster, tmp_path):
-    process, log = start_stuck_run(tmp_path, "interrupted", death_timeout=60, workers=3)
-    jobs = list(job_records(cluster, "interrupted.worker"))
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM],
+                         ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_cancels_every_job_and_waits_for_slurm(cluster, tmp_path, stop_signal):
+    name = f"stopped{int(stop_signal)}"
+    process, log = start_stuck_run(tmp_path, name, death_timeout=60, workers=3)
+    jobs = list(job_records(cluster, f"{name}.worker"))
     assert len(jobs) == 3
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     try:
         process.wait(60)
     finally:
@@ -324,6 +327,8 @@ def test_ctrl_c_cancels_every_job_and_waits_for_slurm(cluster, tmp_path):
     # the run returned only after SLURM said every job had ended
     assert cluster.job_ids() == [], (tmp_path / "run.log").read_text()
     assert {cluster.show_job(job)["JobState"] for job in jobs} == {"CANCELLED"}
+    # Ctrl-C ends Python by SIGINT; SIGTERM ends the run with code 143 after cleanup
+    assert process.returncode == (-signal.SIGINT if stop_signal == signal.SIGINT else 143)
 
 
 def test_sigkilled_run_jobs_end_within_worker_death_timeout(cluster, tmp_path):
@@ -473,3 +478,40 @@ def test_two_stage_luigi_chain_runs_pipelined_on_slurm(cluster, tmp_path):
     first_raw_end = min(fields["EndTime"] for fields in raw_jobs.values())
     last_smoothed_submit = max(fields["SubmitTime"] for fields in smoothed_jobs.values())
     assert last_smoothed_submit < first_raw_end
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_a_refused_submission_is_a_clear_error_and_leaves_no_job(cluster, tmp_path):
+    task = daisy.Task("refused", total_roi=Roi((0,), (20,)), read_roi=Roi((0,), (10,)),
+                      write_roi=Roi((0,), (10,)),
+                      process_function=functools.partial(record_job, str(tmp_path)),
+                      num_workers=2)
+    with pytest.raises(daisy.LauncherError, match="invalid partition") as raised:
+        daisy.run_blockwise([task], progress=False, ledger_dir=tmp_path / "ledgers",
+                            launcher=launcher(tmp_path, queue="no_such_partition"))
+    assert "sbatch" in str(raised.value) and "--partition=no_such_partition" in str(
+        raised.value)
+
+
+def test_inherited_allocation_variables_do_not_reach_sbatch(cluster, tmp_path, monkeypatch):
+    """A run inside an allocation: its SLURM_MEM_PER_CPU must not reach the job, where
+    it would sit beside the job's own SLURM_MEM_PER_NODE (srun refuses the pair)."""
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "100")
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")
+    task = daisy.Task("nested", total_roi=Roi((0,), (20,)), read_roi=Roi((0,), (10,)),
+                      write_roi=Roi((0,), (10,)),
+                      process_function=functools.partial(record_memory_variables,
+                                                         str(tmp_path)),
+                      num_workers=1)
+    result = daisy.run_blockwise([task], progress=False, ledger_dir=tmp_path / "ledgers",
+                                 launcher=launcher(tmp_path, memory_per_worker="120M"))
+    assert result["nested"].succeeded
+    (job_id, fields), = job_records(cluster, "nested.worker").items()
+    assert fields["MinMemoryNode"] == "120M"
+    assert set(records(tmp_path / "events", "memory")) == {f"{job_id} None 120"}
+
+
+def record_memory_variables(folder: str, block) -> None:
+    record(Path(folder) / "events", "memory",
+           f"{os.environ['SLURM_JOB_ID']} {os.environ.get('SLURM_MEM_PER_CPU')} "
+           f"{os.environ.get('SLURM_MEM_PER_NODE')}")

@@ -180,6 +180,7 @@ class BatchLauncher(Launcher):
         self.poll_interval = poll_interval
         self.jobs: dict[str, BatchJob] = {}
         self._last_poll = -math.inf
+        self._failed_queries = 0
 
     # ------------------------------------------------------------------ subclass part
     def submit_command(self, spec: WorkerSpec, job_name: str) -> list[str]:
@@ -214,7 +215,7 @@ class BatchLauncher(Launcher):
         stdout_path, stderr_path = Path(spec.stdout_path), Path(spec.stderr_path)
         stdout_path.parent.mkdir(parents=True, exist_ok=True)
         stderr_path.parent.mkdir(parents=True, exist_ok=True)
-        environment = {**os.environ, **self.job_environment(spec)}
+        environment = {**self.submit_environment(), **self.job_environment(spec)}
         job_name = self.job_name(spec)
         command = self.submit_command(spec, job_name)
         result = self._run(command, environment, "submit")
@@ -224,6 +225,10 @@ class BatchLauncher(Launcher):
         self.jobs[job_id] = job
         logger.debug("submitted %s", job.describe())
         return job
+
+    def submit_environment(self) -> dict[str, str]:
+        """The environment the submit command starts from (this process's)."""
+        return dict(os.environ)
 
     def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
         """Variables the job gets on top of the submitting environment: the worker's
@@ -254,7 +259,16 @@ class BatchLauncher(Launcher):
         unfinished = [job for job in self.jobs.values() if not job.finished]
         if not unfinished:
             return
-        statuses = self.query(unfinished)
+        try:
+            statuses = self.query(unfinished)
+        except LauncherError as error:
+            # a batch system that does not answer for a while must not end a long run
+            self._failed_queries += 1
+            if self._failed_queries in (1, 10) or self._failed_queries % 100 == 0:
+                logger.warning("job states unknown (%d queries failed in a row): %s",
+                               self._failed_queries, error)
+            return
+        self._failed_queries = 0
         for job in unfinished:
             status = statuses.get(job.job_id)
             if status is None:

@@ -86,6 +86,14 @@ class SlurmLauncher(BatchLauncher):
         command.append(f"--wrap=exec {shlex.join(self.worker_command())}")
         return command
 
+    def submit_environment(self) -> dict[str, str]:
+        """This process's environment without the ``SLURM_*`` variables of an
+        allocation it may run in (they would leak into the job's options, e.g. a
+        ``SLURM_MEM_PER_CPU`` clashing with ``--mem``); ``SLURM_CONF`` and the user's
+        ``SBATCH_*`` defaults stay."""
+        return {key: value for key, value in os.environ.items()
+                if not key.startswith("SLURM_") or key == "SLURM_CONF"}
+
     def parse_job_id(self, output: str) -> str:
         """``sbatch --parsable`` prints ``<id>`` or ``<id>;<cluster>``."""
         first = output.strip().splitlines()[0] if output.strip() else ""
