@@ -10,6 +10,7 @@ name travel in the submit command's environment, never on its command line: ``ps
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -212,7 +213,10 @@ class BatchLauncher(Launcher):
 
     def start(self, spec: WorkerSpec) -> BatchJob:
         """Submit one job for ``spec``; its context travels in the environment."""
-        stdout_path, stderr_path = Path(spec.stdout_path), Path(spec.stderr_path)
+        # absolute: a job may start in another directory than this process
+        stdout_path = Path(spec.stdout_path).absolute()
+        stderr_path = Path(spec.stderr_path).absolute()
+        spec = dataclasses.replace(spec, stdout_path=stdout_path, stderr_path=stderr_path)
         stdout_path.parent.mkdir(parents=True, exist_ok=True)
         stderr_path.parent.mkdir(parents=True, exist_ok=True)
         environment = {**self.submit_environment(), **self.job_environment(spec)}
@@ -240,7 +244,7 @@ class BatchLauncher(Launcher):
     def _payload_file(self, payload: WorkerPayload) -> Path:
         path = self._payload_files.get(id(payload))
         if path is None:
-            path = write_payload_file(payload, self.log_dir / ".payloads")
+            path = write_payload_file(payload, self.log_dir.absolute() / ".payloads")
             self._payload_files[id(payload)] = path
         return path
 
