@@ -27,15 +27,16 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import types
 from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .errors import PayloadError, UnserialisableFunctionError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 #: environment variable naming the payload file of a cluster job
 PAYLOAD_FILE_VARIABLE = "LUIGI_DAISY_PAYLOAD_FILE"
@@ -344,6 +345,9 @@ def write_payload_file(payload: WorkerPayload, folder: str | os.PathLike) -> Pat
     file is created with ``O_EXCL`` and mode 0600. Returns the file's path (for
     ``LUIGI_DAISY_PAYLOAD_FILE``).
     """
+    import tempfile
+    from pathlib import Path
+
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     status = folder.stat()

@@ -365,9 +365,8 @@ class WorkerRun:
             restore()
 
     async def _run(self) -> RunResult:
-        for task_id, payload in self.payloads.items():
-            if task_id not in self.followed:
-                self.launcher.prepare(payload)
+        for payload in self.payloads.values():  # followed tasks too: they may be taken over
+            self.launcher.prepare(payload)
         # every worker proves the token, on loopback too (a shared login node)
         self.server = BlockServer(self.scheduler, host=self.host, token=new_token(),
                                   on_worker_timeout=self._kill_worker, ledgers=self.ledgers)

@@ -9,7 +9,6 @@ address, task, worker id, token) from ``LUIGI_DAISY_CONTEXT`` and what to run, a
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import os
@@ -123,16 +122,19 @@ def configure_worker_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one worker: read the context and the payload, process blocks, return the
     exit code (0: the worker is done or chose to stop; see :func:`run_worker`)."""
+    from .errors import PayloadError
     from .payload import PAYLOAD_FILE_VARIABLE, read_payload_file, read_payload_from_fd
 
-    parser = argparse.ArgumentParser(
-        prog="python -m luigi_daisy.worker",
-        description="A luigi_daisy worker. Its context comes from the environment "
-                    f"({ENV_VARIABLE}), what it runs from --payload-fd or "
-                    f"{PAYLOAD_FILE_VARIABLE}.")
-    parser.add_argument("--payload-fd", type=int, default=None,
-                        help="read the payload from this inherited pipe")
-    arguments = parser.parse_args(argv)
+    # no argparse: a worker's start is on the critical path of every run
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    payload_fd = None
+    if arguments[:1] == ["--payload-fd"] and len(arguments) == 2 and arguments[1].isdigit():
+        payload_fd = int(arguments[1])
+    elif arguments:
+        sys.stderr.write(f"usage: python -m luigi_daisy.worker [--payload-fd N]\n"
+                         f"(context in {ENV_VARIABLE}; payload from the inherited pipe N "
+                         f"or the file named by {PAYLOAD_FILE_VARIABLE})\n")
+        return 2
     parent_pid = os.environ.get(PARENT_PID_VARIABLE)
     if parent_pid:
         die_with_parent(int(parent_pid))
@@ -142,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(ENV_VARIABLE, context.to_env())
     os.environ.setdefault(DAISY_ENV_VARIABLE, context.to_env())
     try:
-        if arguments.payload_fd is not None:
-            payload = read_payload_from_fd(arguments.payload_fd)
+        if payload_fd is not None:
+            payload = read_payload_from_fd(payload_fd)
         elif os.environ.get(PAYLOAD_FILE_VARIABLE):
             payload = read_payload_file(os.environ[PAYLOAD_FILE_VARIABLE])
         else:
-            parser.error(f"no payload: pass --payload-fd or set {PAYLOAD_FILE_VARIABLE}")
+            raise PayloadError(f"no payload: pass --payload-fd N or set "
+                               f"{PAYLOAD_FILE_VARIABLE}")
         process_function = payload.target.process_function()
         return run_worker(process_function, context)
     except Exception:  # noqa: BLE001 - whatever ends the worker goes to its log
