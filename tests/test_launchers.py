@@ -223,6 +223,9 @@ def test_template_errors_name_the_key():
         CommandLauncher(submit_command="qsub run.sh", cancel_command="qdel {job_id}")
     with pytest.raises(LauncherError, match="job_id"):
         CommandLauncher(submit_command="qsub {worker_command}", cancel_command="qdel")
+    with pytest.raises(LauncherError, match=r"no \{job_extra\}"):
+        CommandLauncher(submit_command="qsub {worker_command}", cancel_command="qdel {job_id}",
+                        job_extra="-p 5")
     with pytest.raises(LauncherError, match="no group"):
         CommandLauncher(submit_command="qsub {worker_command}", cancel_command="qdel {job_id}",
                         job_id_pattern=r"\d+")
@@ -235,12 +238,15 @@ def test_command_launcher_fills_resources_and_reads_job_ids(tmp_path):
     launcher = CommandLauncher(
         submit_command="qsub -N {job_name} -q {queue} -l walltime={walltime_minutes} "
                        "-l mem={memory_mb}mb -l ncpus={cpus} -o {stdout} -e {stderr} -V "
-                       "-- {worker_command}",
+                       "{job_extra} -- {worker_command}",
         cancel_command="qdel {job_id}", job_id_pattern=r"^(?P<job_id>\d+)\.server",
-        queue="batch", walltime="01:30:00", memory_per_worker="2G", cpus_per_worker=2)
+        queue="batch", walltime="01:30:00", memory_per_worker="2G", cpus_per_worker=2,
+        job_extra="-W group_list=lab -p 5")
     command = launcher.submit_command(spec(tmp_path), "Smooth.worker3")
     assert command[:5] == ["qsub", "-N", "Smooth.worker3", "-q", "batch"]
     assert "walltime=90" in command and "mem=2048mb" in command and "ncpus=2" in command
+    extra = command.index("-W")
+    assert command[extra:extra + 5] == ["-W", "group_list=lab", "-p", "5", "--"]
     assert command[command.index("--") + 1] == "/bin/sh"  # records the exit code
     assert command[-3:] == [*launcher.worker_command()][-3:]
     assert launcher.parse_job_id("8812.server.example\n") == "8812"

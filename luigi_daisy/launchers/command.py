@@ -13,6 +13,7 @@ word has its placeholders filled in:
 ``{cpus}``             ``cpus_per_worker``, likewise ``{gpus}``
 ``{memory_mb}``        ``memory_per_worker`` in MB (empty when not set)
 ``{walltime_minutes}`` ``walltime`` in whole minutes (empty when not set)
+``{job_extra}``        ``job_extra``, split into words (as a word of its own)
 ``{job_id}``           (``cancel_command``, ``status_command``) the id read from the
                        submit command's output with ``job_id_pattern``
 =====================  ===================================================================
@@ -42,7 +43,7 @@ from .batch import EXIT_CANCELLED, EXIT_UNKNOWN, BatchJob, BatchLauncher, JobSta
 logger = logging.getLogger(__name__)
 
 PLACEHOLDERS = ("worker_command", "job_name", "stdout", "stderr", "queue", "account", "cpus",
-                "gpus", "memory_mb", "walltime_minutes", "job_id")
+                "gpus", "memory_mb", "walltime_minutes", "job_extra", "job_id")
 
 # the worker's exit code is written to the file named by $0, whatever ended it
 _RECORD_EXIT = '"$@"; code=$?; echo "$code" > "$0.tmp" && mv "$0.tmp" "$0"; exit "$code"'
@@ -117,6 +118,10 @@ class CommandLauncher(BatchLauncher):
         if "worker_command" not in _fields_of(submit_command):
             raise LauncherError(f"submit_command = {submit_command!r} does not contain "
                                 f"{{worker_command}}, so the job would not run a worker")
+        if self.job_extra and "job_extra" not in _fields_of(submit_command):
+            raise LauncherError(f"job_extra = {' '.join(self.job_extra)!r} is set but "
+                                f"submit_command = {submit_command!r} has no {{job_extra}} "
+                                f"to put it in")
         if "job_id" not in _fields_of(cancel_command):
             raise LauncherError(f"cancel_command = {cancel_command!r} does not contain "
                                 f"{{job_id}}, so it cannot name the job to cancel")
@@ -141,7 +146,7 @@ class CommandLauncher(BatchLauncher):
             "memory_mb": "" if self.memory_mb is None else str(self.memory_mb),
             "walltime_minutes": ("" if self.walltime_seconds is None
                                  else str(-(-self.walltime_seconds // 60))),
-            "job_name": job_name, "job_id": job_id,
+            "job_name": job_name, "job_id": job_id, "job_extra": list(self.job_extra),
         }
         if spec is not None:
             values.update(stdout=str(spec.stdout_path), stderr=str(spec.stderr_path),
@@ -162,7 +167,7 @@ class CommandLauncher(BatchLauncher):
         self.exit_file(spec).unlink(missing_ok=True)
         values = self._values(spec, job_name)
         del values["job_id"]
-        return fill(self.submit_template, values, "submit_command") + self.job_extra
+        return fill(self.submit_template, values, "submit_command")
 
     def parse_job_id(self, output: str) -> str:
         """The first ``job_id_pattern`` match in the submit command's output."""
