@@ -1,9 +1,9 @@
 """Workers as real SLURM batch jobs on a single-node SLURM on 127.0.0.1.
 
 The module starts its own SLURM (``tests/slurm/cluster.py``: own munge, ports, state,
-logs) and stops it by pid. Without SLURM's programs, or when it cannot start, the tests
-are skipped with the reason, unless ``LUIGI_DAISY_REQUIRE_SLURM=1`` (set by ``.ci/run``):
-then they fail. After every test ``squeue`` lists no job at all: the run under test must
+logs) and stops it by pid. Missing SLURM programs are installed with apt-get (as root).
+Where that fails, or SLURM cannot start, the tests are skipped with the reason, unless
+``LUIGI_DAISY_REQUIRE_SLURM=1`` (set by ``.ci/run``): then they fail. After every test ``squeue`` lists no job at all: the run under test must
 have ended or cancelled each of its jobs, and waited for SLURM to confirm it.
 
 Workers report what they did through files in ``tmp_path`` (one file per event); every
@@ -30,7 +30,12 @@ from luigi_daisy import Roi
 from luigi_daisy.launchers.slurm import SlurmLauncher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm.cluster import SlurmCluster, SlurmUnavailable, missing_programs  # noqa: E402
+from slurm.cluster import (  # noqa: E402
+    SlurmCluster,
+    SlurmUnavailable,
+    install_packages,
+    missing_programs,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,11 +50,14 @@ def slurm():
     """A running single-node SLURM for this module; ``SLURM_CONF`` points at it."""
     missing = missing_programs()
     if missing:
-        message = (f"SLURM is not installed ({', '.join(missing)} missing; apt-get install "
-                   f"slurmctld slurmd slurm-client munge)")
-        if REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
+        # Debian's packages, installed here when this runs as root (as .ci/run does)
+        reason = install_packages()
+        if reason is not None:
+            message = (f"SLURM is not installed ({', '.join(missing)} missing) and could not "
+                       f"be installed: {reason}")
+            if REQUIRED:
+                pytest.fail(message)
+            pytest.skip(message)
     cluster = SlurmCluster()
     try:
         cluster.start()

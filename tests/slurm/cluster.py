@@ -42,6 +42,31 @@ def missing_programs() -> list[str]:
     return [name for name in programs if shutil.which(name, path=search) is None]
 
 
+def install_packages(timeout: float = 600) -> str | None:
+    """Install SLURM and munge with apt-get when they are missing; None when they are
+    there afterwards, else why not (not root, no apt-get, apt-get failed)."""
+    if not missing_programs():
+        return None
+    if os.geteuid() != 0:
+        return "SLURM is missing and installing it needs root"
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        return "SLURM is missing and there is no apt-get to install it"
+    environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in ([apt_get, "update", "-qq"],
+                    [apt_get, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                    env=environment)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(command)} took longer than {timeout} s"
+        if result.returncode != 0:
+            return (f"{' '.join(command)} exited with {result.returncode}: "
+                    f"{result.stderr.strip()[-1000:]}")
+    missing = missing_programs()
+    return f"still missing after apt-get install: {', '.join(missing)}" if missing else None
+
+
 def _program(name: str) -> str:
     search = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/sbin"
     found = shutil.which(name, path=search)
