@@ -14,7 +14,7 @@ from typing import Protocol
 
 from .blocks import BlockStatus
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
-from .errors import TaskDefinitionError
+from .errors import LauncherError, TaskDefinitionError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
@@ -267,10 +267,19 @@ class WorkerRun:
                                    worker.worker_id, task_id, exit_code, worker.stderr_path)
                 if state.worker_restart_count < task.max_worker_restarts:
                     state.worker_restart_count += 1
-                    self._start_worker(task_id)
+                    self._replace_worker(task_id)
                 elif exit_code == EXIT_RESTART_ME:
                     # out of restarts: the replacement keeps going however many blocks fail
-                    self._start_worker(task_id, restartable=False)
+                    self._replace_worker(task_id, restartable=False)
+
+    def _replace_worker(self, task_id: str, restartable: bool = True) -> None:
+        """Start a replacement; a batch system that refuses it for now (a busy
+        controller) costs the restart, not the run."""
+        try:
+            self._start_worker(task_id, restartable)
+        except LauncherError as error:
+            logger.error("could not start a replacement worker for %r: %s", task_id, error)
+            self.ended_workers[task_id].append(f"a replacement was refused: {error}")
 
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""

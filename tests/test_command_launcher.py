@@ -25,7 +25,12 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_proces
 
 FAKE_BSUB = """\
 #!/bin/sh
-# bsub -J NAME -o OUT -e ERR [-q QUEUE] COMMAND...: COMMAND runs in the background
+# bsub -J NAME -o OUT -e ERR [-q QUEUE] COMMAND...: COMMAND runs in the background;
+# while the file "busy" exists next to it, it refuses every job
+if [ -e "$(dirname "$0")/busy" ]; then
+  echo "Request aborted: the batch system is busy. Job not submitted." >&2
+  exit 255
+fi
 while [ $# -gt 0 ]; do
   case "$1" in
     -J) name=$2; shift 2;;
@@ -165,3 +170,29 @@ def test_cancel_at_the_end_of_a_failed_run(fake_lsf, tmp_path):
     assert not result["failing"].succeeded
     assert time.monotonic() - started < 60
     assert all(job.finished for job in launcher.jobs.values())
+
+
+def test_a_refused_replacement_ends_the_run_with_a_report_not_a_crash(fake_lsf, tmp_path,
+                                                                      capsys):
+    task = daisy.Task("busy", total_roi=Roi((0,), (60,)), read_roi=Roi((0,), (10,)),
+                      write_roi=Roi((0,), (10,)),
+                      process_function=functools.partial(hold_first_block, str(tmp_path)),
+                      num_workers=1, max_retries=0)
+    launcher = lsf_shaped(fake_lsf, tmp_path)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=daisy.run_blockwise(
+        [task], launcher=launcher, progress=False, ledger_dir=tmp_path / "ledgers")))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "held").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (fake_lsf / "busy").touch()
+    subprocess.run([str(fake_lsf / "bkill"), (tmp_path / "held").read_text()], check=True,
+                   timeout=10)
+    thread.join(90)
+    assert not thread.is_alive()
+    state = outcome["result"]["busy"]
+    assert not state.succeeded and state.worker_restart_count == 1
+    printed = capsys.readouterr().out
+    assert "a replacement was refused" in printed and "the batch system is busy" in printed
+    assert len(launcher.jobs) == 1
