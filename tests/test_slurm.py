@@ -3,8 +3,9 @@
 The module starts its own SLURM (``tests/slurm/cluster.py``: own munge, ports, state,
 logs) and stops it by pid. Missing SLURM programs are installed with apt-get (as root).
 Where that fails, or SLURM cannot start, the tests are skipped with the reason, unless
-``LUIGI_DAISY_REQUIRE_SLURM=1`` (set by ``.ci/run``): then they fail. After every test ``squeue`` lists no job at all: the run under test must
-have ended or cancelled each of its jobs, and waited for SLURM to confirm it.
+``LUIGI_DAISY_REQUIRE_SLURM=1`` (set by ``.ci/run``): then they fail. After every test
+``squeue`` lists no job at all: the run under test must have ended or cancelled each of
+its jobs, and waited for SLURM to confirm it.
 
 Workers report what they did through files in ``tmp_path`` (one file per event); every
 wait has a deadline.

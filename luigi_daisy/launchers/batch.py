@@ -122,8 +122,8 @@ class BatchJob(WorkerHandle):
     def describe(self) -> str:
         """Job id, name, state and log files, for messages."""
         reason = f", {self.reason}" if self.reason and self.reason != "None" else ""
-        return (f"{self.launcher.name} job {self.job_id} ({self.job_name}, {self.state}{reason}; logs "
-                f"{self.stdout_path}, {self.stderr_path})")
+        return (f"{self.launcher.name} job {self.job_id} ({self.job_name}, "
+                f"{self.state}{reason}; logs {self.stdout_path}, {self.stderr_path})")
 
 
 class BatchLauncher(Launcher):
@@ -155,8 +155,8 @@ class BatchLauncher(Launcher):
     #: name in ``[luigi_daisy] launcher``
     name = "batch"
 
-    def __init__(self, log_dir: str | os.PathLike = "daisy_logs", queue: str | None = None, account: str | None = None,
-                 walltime: str | None = None, cpus_per_worker: int = 1,
+    def __init__(self, log_dir: str | os.PathLike = "daisy_logs", queue: str | None = None,
+                 account: str | None = None, walltime: str | None = None, cpus_per_worker: int = 1,
                  gpus_per_worker: int = 0, memory_per_worker: str | None = None,
                  job_extra: str | list[str] | None = None, python: str | None = None,
                  poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
@@ -279,7 +279,8 @@ class BatchLauncher(Launcher):
                 # a job can vanish from the batch system's books once it has ended
                 job._unseen_polls += 1
                 if job._unseen_polls >= 2:
-                    job.state = job.state if job.state != "SUBMITTED" else "GONE"
+                    if job.state == "SUBMITTED":
+                        job.state = "GONE"
                     job._exit_code = EXIT_UNKNOWN
                 continue
             job._unseen_polls = 0
