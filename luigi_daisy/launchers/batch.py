@@ -158,7 +158,8 @@ class BatchLauncher(Launcher):
     def __init__(self, log_dir: str | os.PathLike = "daisy_logs", queue: str | None = None,
                  account: str | None = None, walltime: str | None = None,
                  cpus_per_worker: int = 1, gpus_per_worker: int = 0,
-                 memory_per_worker: str | None = None, job_extra: str | list[str] | None = None, python: str | None = None,
+                 memory_per_worker: str | None = None,
+                 job_extra: str | list[str] | None = None, python: str | None = None,
                  poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
         if cpus_per_worker < 1:
             raise LauncherError(f"cpus_per_worker={cpus_per_worker}: a job needs at least 1")
