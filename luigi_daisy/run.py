@@ -411,8 +411,10 @@ class WorkerRun:
             await self._stop_workers()
         finally:
             self.ledgers.flush()
-            self.server.close_all()
+            # workers are ended (jobs cancelled) before their connections close, so a
+            # worker waiting for a block does not fail on the closed connection first
             not_gone = self.launcher.stop_all(STOP_TIMEOUT)
+            self.server.close_all()
             if not_gone:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
