@@ -328,3 +328,35 @@ def test_watchdog_leaves_a_live_connection_and_a_closed_one_alone():
         server_side.close()
         assert not recorder.called.wait(2.0)
         watchdog.stop()
+
+
+# ---------------------------------------------------------------------------- addresses
+def test_workers_are_told_the_machine_name_unless_the_server_is_on_loopback():
+    from luigi_daisy.run import default_advertise_host
+    assert default_advertise_host("127.0.0.1") == "127.0.0.1"
+    assert default_advertise_host("::1") == "::1"
+    assert default_advertise_host("localhost") == "localhost"
+    assert default_advertise_host("0.0.0.0") == socket.gethostname()
+    assert default_advertise_host("10.1.2.3") == socket.gethostname()
+
+
+def test_tasks_with_the_same_resources_share_a_launcher(tmp_path):
+    """One squeue per poll for all tasks that ask for the same jobs."""
+    from types import SimpleNamespace
+
+    from luigi_daisy.launchers.per_task import PerTaskLauncher
+    from luigi_daisy.luigi.launching import RESOURCE_PARAMETERS, launcher_for_closure
+    config = SimpleNamespace(log_dir=str(tmp_path), job_poll_interval=1.0,
+                             start_method="spawn")
+    plain = dict.fromkeys(RESOURCE_PARAMETERS, "")
+    plain.update(cpus_per_worker=1, gpus_per_worker=0)
+    tasks = [SimpleNamespace(task_id=name, launcher="slurm", **dict(plain, **extra))
+             for name, extra in (("a", {}), ("b", {}), ("c", {"queue": "gpu"}))]
+    launcher = launcher_for_closure(tasks, config)
+    assert isinstance(launcher, PerTaskLauncher)
+    assert launcher.launchers["a"] is launcher.launchers["b"]
+    assert launcher.launchers["c"] is not launcher.launchers["a"]
+    assert launcher.launchers["c"].queue == "gpu"
+    assert len(launcher.distinct) == 2
+    single = launcher_for_closure(tasks[:2], config)
+    assert single is not None and not isinstance(single, PerTaskLauncher)
