@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from funlib.geometry import Roi
 
+from . import watchdog
 from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
 from .errors import (
@@ -160,6 +161,7 @@ class Client:
                 f"cannot reach the block server at {self.host}:{self.port} for task "
                 f"{self.task_id!r}: {error}; is the run still going?") from None
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watchdog.watch(self._socket)
         self._socket.settimeout(None)
 
     # ------------------------------------------------------------------ wire
@@ -263,9 +265,11 @@ class Client:
         """
         try:
             self._send(Bye())
+            said_goodbye = True
         except ServerUnreachableError:
-            pass
-        else:
+            said_goodbye = False
+        watchdog.unwatch(self._socket)
+        if said_goodbye:
             try:
                 self._socket.settimeout(CLOSE_TIMEOUT)
                 while self._socket.recv(1 << 16):

@@ -65,3 +65,7 @@ class UnserialisableFunctionError(TaskDefinitionError):
 
 class PayloadError(LuigiDaisyError):
     """A worker payload that cannot be read: truncated, damaged or readable by others."""
+
+
+class LauncherError(LuigiDaisyError, RuntimeError):
+    """Workers could not be submitted, queried or cancelled (or a resource is invalid)."""

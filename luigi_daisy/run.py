@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -12,14 +14,15 @@ from typing import Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
-from .errors import TaskDefinitionError, WorkerSetupError
+from .errors import LauncherError, TaskDefinitionError, WorkerSetupError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
 from .payload import FunctionTarget, WorkerPayload
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
-from .server import BlockServer, ServerLimits
+from .server import BlockServer, ServerLimits, is_loopback
+from .startup import StartupReport
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
 from .tracking import TrackingPage
@@ -33,6 +36,8 @@ MONITOR_INTERVAL = 0.05
 SHUTDOWN_GRACE = 10.0
 #: seconds between two progress reports to observers
 PROGRESS_INTERVAL = 1.0
+#: seconds the end of a run waits for the launcher to confirm every worker (job) gone
+STOP_TIMEOUT = 60.0
 
 
 def warn_uncovered(tasks: Iterable[Task]) -> None:
@@ -150,6 +155,13 @@ class WorkerRun:
     targets:
         What the workers of a task run, per task id, when it is not the task's
         ``process_function`` carried by value (a Luigi task rebuilt from its parameters).
+    advertise_host:
+        The address workers are told to reach the server at (cluster nodes); default:
+        ``host``, or this machine's name when ``host`` is not loopback.
+    worker_death_timeout:
+        Seconds after which a worker whose server is gone exits on its own.
+    pending_report_after:
+        Seconds after which a worker job still pending is reported (id and reason).
     """
 
     def __init__(self, tasks: list[Task], launcher: Launcher, ledgers: LedgerSet,
@@ -157,7 +169,9 @@ class WorkerRun:
                  followed: Mapping[str, FollowedTask] | None = None,
                  observers: list[Callable[[WorkerRun], None]] | None = None,
                  tracking: bool = False, server_limits: ServerLimits | None = None,
-                 stop_event: Any = None, targets: Mapping[str, object] | None = None) -> None:
+                 stop_event: Any = None, targets: Mapping[str, object] | None = None,
+                 advertise_host: str | None = None, worker_death_timeout: float = 60.0,
+                 pending_report_after: float = 60.0) -> None:
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -167,6 +181,12 @@ class WorkerRun:
                        if task_id not in (followed or {}))
         self.launcher = launcher
         self.host = host
+        self.advertise_host = advertise_host or default_advertise_host(host)
+        self.worker_death_timeout = worker_death_timeout
+        self.pending_report_after = pending_report_after
+        self.startup: StartupReport | None = None
+        self.ended_workers: dict[str, list[str]] = {task.task_id: [] for task in tasks}
+        self.failure_report: str | None = None
         self.progress = progress
         self.ledgers = ledgers
         self.followed = dict(followed or {})
@@ -195,8 +215,10 @@ class WorkerRun:
 
     # ------------------------------------------------------------------ workers
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
-        return Context(hostname=self.host, port=str(self.server.port), task_id=task_id,
-                       worker_id=str(worker_id), restartable=str(int(restartable)),
+        return Context(hostname=self.advertise_host, port=str(self.server.port),
+                       task_id=task_id, worker_id=str(worker_id),
+                       restartable=str(int(restartable)),
+                       worker_death_timeout=f"{self.worker_death_timeout:g}",
                        token=self.server.token)
 
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
@@ -248,8 +270,14 @@ class WorkerRun:
                     continue
                 workers.remove(worker)
                 self.server.forget_worker(task_id, worker.worker_id)
+                # a job that died without closing its connection (node failure) gives
+                # its blocks back now, not when keepalive notices
+                self.server.drop_worker(task_id, worker.worker_id)
                 if state.is_done() or state.stop_reason:
                     continue  # nothing left for a new worker (a stopped task hands out none)
+                if exit_code != 0:
+                    self.ended_workers[task_id].append(
+                        f"{worker.describe()} exited with code {exit_code}")
                 if exit_code == 0:
                     self.stopped_by_choice[task_id] += 1
                     logger.info("worker %s of %r exited with code 0 while blocks remain: "
@@ -266,10 +294,19 @@ class WorkerRun:
                                    worker.worker_id, task_id, exit_code, worker.stderr_path)
                 if state.worker_restart_count < task.max_worker_restarts:
                     state.worker_restart_count += 1
-                    self._start_worker(task_id)
+                    self._replace_worker(task_id)
                 elif exit_code == EXIT_RESTART_ME:
                     # out of restarts: the replacement keeps going however many blocks fail
-                    self._start_worker(task_id, restartable=False)
+                    self._replace_worker(task_id, restartable=False)
+
+    def _replace_worker(self, task_id: str, restartable: bool = True) -> None:
+        """Start a replacement; a batch system that refuses it for now (a busy
+        controller) costs the restart, not the run."""
+        try:
+            self._start_worker(task_id, restartable)
+        except LauncherError as error:
+            logger.error("could not start a replacement worker for %r: %s", task_id, error)
+            self.ended_workers[task_id].append(f"a replacement was refused: {error}")
 
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""
@@ -289,10 +326,14 @@ class WorkerRun:
             stopped = self.stopped_by_choice[task_id]
             chose = (f"; {stopped} exited with code 0 (chose to stop, not replaced)"
                      if stopped else "")
+            ended = self.ended_workers[task_id]
+            ended_text = (f"; workers that ended: {'; '.join(ended[-10:])}"
+                          f"{f' (and {len(ended) - 10} more)' if len(ended) > 10 else ''}"
+                          if ended else "")
             reports.append(
                 f"task {task_id!r} has no workers left ({state.worker_restart_count} "
                 f"restarts used of {self.tasks[task_id].max_worker_restarts}{chose}); their "
-                f"errors are in {', '.join(logs[-3:]) or 'no log file'}")
+                f"errors are in {', '.join(logs[-3:]) or 'no log file'}{ended_text}")
         return "; ".join(reports)
 
     def _start_task(self, task_id: str) -> None:
@@ -335,12 +376,31 @@ class WorkerRun:
     async def run(self) -> RunResult:
         """Serve blocks until every task is done or can no longer progress.
 
+        However the run ends (done, stalled, Ctrl-C, SIGTERM when this is the main
+        thread and SIGTERM has its default action), the launcher ends every worker and
+        waits until they are gone.
+
         Raises
         ------
         UnserialisableFunctionError
             Before anything starts, when a task's process function cannot reach its
             workers.
+        SystemExit
+            With code 143 after SIGTERM, once every worker is gone.
         """
+        terminated = []
+        restore = _cancel_on_sigterm(terminated)
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if terminated:
+                logger.error("the run was stopped by SIGTERM; its workers are gone")
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+        finally:
+            restore()
+
+    async def _run(self) -> RunResult:
         for payload in self.payloads.values():  # followed tasks too: they may be taken over
             self.launcher.prepare(payload)
         self.server = BlockServer(self.scheduler, host=self.host,
@@ -355,6 +415,8 @@ class WorkerRun:
             for task_id, state in self.scheduler.task_states.items():
                 if task_id not in self.followed and not state.is_done():
                     self._start_task(task_id)
+            self.startup = StartupReport(self.launcher, self.server, self.workers,
+                                         self.pending_report_after)
             while not self.scheduler.is_done():
                 await asyncio.sleep(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
@@ -362,22 +424,27 @@ class WorkerRun:
                 self.ledgers.flush_if_due(now)
                 self._follow()
                 self._check_workers()
+                self.startup.update(now)
                 bars.update()
                 if now - last_report >= PROGRESS_INTERVAL:
                     last_report = now
                     self._observe()
                 if self._stalled():
-                    logger.error("stopping the run: %s", self._stall_report())
+                    self.failure_report = self._stall_report()
+                    logger.error("stopping the run: %s", self.failure_report)
                     break
                 if self.stop_event is not None and self.stop_event.is_set():
                     logger.warning("stopping the run: its stop_event was set")
                     break
+            self.startup.finish()
             self.server.serve_waiting()
             await self._stop_workers()
         finally:
             self.ledgers.flush()
+            # workers are ended (jobs cancelled) before their connections close, so a
+            # worker waiting for a block does not fail on the closed connection first
+            not_gone = self.launcher.stop_all(STOP_TIMEOUT)
             self.server.close_all()
-            not_gone = self.launcher.stop_all(5.0)
             if not_gone:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
@@ -396,7 +463,7 @@ class WorkerRun:
             if any(not state.is_done() for state in self.scheduler.task_states.values()):
                 break
             await asyncio.sleep(MONITOR_INTERVAL)
-        self.launcher.stop_all(5.0)
+        self.launcher.stop_all(STOP_TIMEOUT)
         self._reap()
 
     def _reap(self) -> None:
@@ -409,6 +476,34 @@ class WorkerRun:
         return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
                           if worker_id in self.log_files]
                 for task_id, worker_ids in self.server.failed_workers.items()}
+
+
+def _cancel_on_sigterm(terminated: list) -> Callable[[], None]:
+    """Make SIGTERM cancel the running task (so the run's cleanup runs), when this is
+    the main thread and nobody else handles SIGTERM; return what undoes it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGTERM)
+
+
+def default_advertise_host(host: str) -> str:
+    """The address workers reach a server bound to ``host`` at: ``host`` itself when it
+    is loopback, else this machine's name."""
+    if is_loopback(host):
+        return host
+    return socket.gethostname()
 
 
 def run_coroutine(coroutine_function):
@@ -457,7 +552,9 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   server_limits: ServerLimits | None = None,
                   stop_event: Any = None, tracking: bool = False,
                   start_method: str = "spawn",
-                  launcher: Launcher | None = None) -> RunResult:
+                  launcher: Launcher | None = None, advertise_host: str | None = None,
+                  worker_death_timeout: float = 60.0,
+                  pending_report_after: float = 60.0) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -506,7 +603,17 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         one ever releases them: a worker can hang on its first read, with no error.
     launcher:
         Starts the workers (a :class:`~luigi_daisy.launchers.base.Launcher`); default:
-        ``LocalLauncher(log_dir, start_method)``.
+        ``LocalLauncher(log_dir, start_method)``. Cluster jobs:
+        :class:`~luigi_daisy.launchers.slurm.SlurmLauncher`,
+        :class:`~luigi_daisy.launchers.lsf.LsfLauncher`,
+        :class:`~luigi_daisy.launchers.command.CommandLauncher`.
+    advertise_host:
+        Address the workers reach the server at; default ``host`` when it is loopback,
+        else this machine's name.
+    worker_death_timeout:
+        Seconds after which a worker whose run is gone (killed) exits on its own.
+    pending_report_after:
+        Seconds after which worker jobs still pending are logged with their reason.
 
     Returns
     -------
@@ -525,9 +632,14 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         observers = [_BlockMapAnnouncer()] if tracking else []
         run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
                         observers=observers, tracking=tracking,
-                        server_limits=server_limits, stop_event=stop_event)
+                        server_limits=server_limits, stop_event=stop_event,
+                        advertise_host=advertise_host,
+                        worker_death_timeout=worker_death_timeout,
+                        pending_report_after=pending_report_after)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()
     print(format_summary(result, run.worker_logs()))
+    if run.failure_report:
+        print(f"the run stopped early: {run.failure_report}")
     return result

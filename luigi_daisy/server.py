@@ -561,6 +561,13 @@ class BlockServer(TCPServer):
                             connection.worker_id, worker_lost=True)
         connection.held.clear()
 
+    def drop_worker(self, task_id: str, worker_id: int) -> None:
+        """Close the connections of a worker its launcher saw end; its blocks go back
+        to the scheduler (a dead node's connection may otherwise look open for long)."""
+        for connection in list(self.connections):
+            if connection.task_id == task_id and connection.worker_id == worker_id:
+                connection.close()
+
     # ------------------------------------------------------------------ time
     def reclaim_expired(self) -> int:
         """Fail and retry blocks held past their task's timeout; stop their workers.

@@ -16,6 +16,7 @@ import signal
 import sys
 import traceback
 
+from . import watchdog
 from .blocks import Block, BlockStatus
 from .client import Client
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(int(parent_pid))
     configure_worker_logging()
     context = Context.from_env()
+    watchdog.start(context)  # a worker whose run is gone exits on its own
     os.environ.setdefault(ENV_VARIABLE, context.to_env())
     os.environ.setdefault(DAISY_ENV_VARIABLE, context.to_env())
     try:

@@ -1,7 +1,13 @@
 """Launchers start and stop worker processes; they know nothing of the scheduler."""
 
 from .base import Launcher, WorkerHandle, WorkerSpec
+from .batch import BatchJob, BatchLauncher
+from .command import CommandLauncher
 from .local import ForkedWorker, LocalLauncher, SpawnedWorker
+from .lsf import LsfLauncher
+from .per_task import PerTaskLauncher
+from .slurm import SlurmLauncher
 
-__all__ = ["ForkedWorker", "Launcher", "LocalLauncher", "SpawnedWorker", "WorkerHandle",
-           "WorkerSpec"]
+__all__ = ["BatchJob", "BatchLauncher", "CommandLauncher", "ForkedWorker", "Launcher",
+           "LocalLauncher", "LsfLauncher", "PerTaskLauncher", "SlurmLauncher",
+           "SpawnedWorker", "WorkerHandle", "WorkerSpec"]

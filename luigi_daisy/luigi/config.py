@@ -9,7 +9,7 @@ import luigi
 from ..errors import ConfigError
 
 SECTION = "luigi_daisy"
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm", "lsf", "command")
 
 
 
@@ -36,13 +36,41 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="run chained blockwise tasks block by block together")
     launcher = luigi.ChoiceParameter(choices=list(LAUNCHERS), default="local",
-                                     description="how worker processes are started")
+                                     description="how workers are started: local, slurm, "
+                                                 "lsf or command")
     log_dir = luigi.Parameter(default="daisy_logs", description="folder of the worker logs")
     start_method = luigi.ChoiceParameter(
         choices=["spawn", "fork"], default="spawn",
         description="spawn: workers are fresh processes that rebuild the task from its "
                     "family and parameters; fork: forks of the Luigi worker process (a "
                     "process with threads hands its forks locks no one releases)")
+    # resources of a worker job (defaults of the BlockwiseTask parameters of these names)
+    queue = luigi.Parameter(default="", description="SLURM partition or LSF queue")
+    account = luigi.Parameter(default="", description="SLURM account or LSF project")
+    walltime = luigi.Parameter(default="", description="wall time per worker job")
+    cpus_per_worker = luigi.IntParameter(default=1, description="CPUs per worker job")
+    gpus_per_worker = luigi.IntParameter(default=0, description="GPUs per worker job")
+    memory_per_worker = luigi.Parameter(default="", description="memory per job, as 16G")
+    job_extra = luigi.Parameter(default="", description="extra submit options, as written")
+    # launcher = command
+    submit_command = luigi.Parameter(default="", description="submit template")
+    cancel_command = luigi.Parameter(default="", description="cancel template")
+    job_id_pattern = luigi.Parameter(default=r"(\S+)",
+                                     description="regex: job id in the submit output")
+    status_command = luigi.Parameter(default="",
+                                     description="template exiting 0 while a job runs")
+    # reaching the server, and the jobs' lives
+    host = luigi.Parameter(default="127.0.0.1",
+                           description="interface the block server listens on")
+    advertise_host = luigi.Parameter(
+        default="", description="address workers reach the server at (default: host when "
+                                "loopback, else this machine's name)")
+    worker_death_timeout = luigi.FloatParameter(
+        default=60.0, description="seconds after which a worker whose run is gone exits")
+    pending_report_after = luigi.FloatParameter(
+        default=60.0, description="seconds after which pending jobs are reported")
+    job_poll_interval = luigi.FloatParameter(
+        default=2.0, description="seconds between two job state queries (squeue, bjobs)")
 
 
 KNOWN_KEYS = frozenset(luigi_daisy.get_param_names())

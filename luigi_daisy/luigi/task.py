@@ -16,12 +16,12 @@ from luigi.task import flatten
 from ..blocks import Block, BlockGrid
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, WorkerSetupError
-from ..launchers.local import LocalLauncher
 from ..ledger import LedgerSet, ledger_path
 from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
-from .config import SECTION, check_section, settings
+from .config import LAUNCHERS, SECTION, check_section, settings
+from .launching import launcher_for_closure
 from .pipeline import (
     LedgerFollower,
     RunOutcome,
@@ -74,6 +74,10 @@ class _ChoiceParameter(_SectionDefault, luigi.ChoiceParameter):
 
 
 class _BoolParameter(_SectionDefault, luigi.BoolParameter):
+    pass
+
+
+class _Parameter(_SectionDefault, luigi.Parameter):
     pass
 
 
@@ -170,6 +174,23 @@ class BlockwiseTask(luigi.Task):
     read_write_conflict = _BoolParameter(
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="whether blocks that read each other's output may not run together")
+    launcher = _ChoiceParameter(
+        choices=list(LAUNCHERS), default="local", significant=False,
+        description="how this task's workers are started: local, slurm, lsf or command")
+    queue = _Parameter(default="", significant=False,
+                       description="SLURM partition or LSF queue of the worker jobs")
+    account = _Parameter(default="", significant=False,
+                         description="SLURM account or LSF project of the worker jobs")
+    walltime = _Parameter(default="", significant=False,
+                          description="wall time per worker job (90, 01:30:00, 1-00:00:00)")
+    cpus_per_worker = _IntParameter(default=1, significant=False,
+                                    description="CPUs per worker job")
+    gpus_per_worker = _IntParameter(default=0, significant=False,
+                                    description="GPUs per worker job")
+    memory_per_worker = _Parameter(default="", significant=False,
+                                   description="memory per worker job, as in 16G")
+    job_extra = _Parameter(default="", significant=False,
+                           description="extra submit options, passed as written")
 
     # ------------------------------------------------------------------ to override
     def total_roi(self) -> Roi:
@@ -364,12 +385,16 @@ class BlockwiseTask(luigi.Task):
                     if task.task_id not in followed:
                         task.check_outputs()
                 targets = {task.task_id: BlockwiseTaskTarget.of(task) for task in closure}
-                launcher = LocalLauncher(config.log_dir, start_method=config.start_method)
-                run = WorkerRun(list(core_tasks.values()), launcher, ledgers,
+                run = WorkerRun(list(core_tasks.values()),
+                                launcher_for_closure(closure, config), ledgers,
                                 progress=sys.stderr.isatty(), followed=followed,
                                 observers=[reporter.report], tracking=True,
                                 targets={task_id: target for task_id, target
-                                         in targets.items() if target is not None})
+                                         in targets.items() if target is not None},
+                                host=config.host,
+                                advertise_host=config.advertise_host or None,
+                                worker_death_timeout=config.worker_death_timeout,
+                                pending_report_after=config.pending_report_after)
                 result = run_coroutine(run.run)
             finally:
                 ledgers.close()
@@ -387,8 +412,10 @@ class BlockwiseTask(luigi.Task):
             for lock in locks.values():
                 lock.release()
         if not result[self.task_id].succeeded:
+            stopped = (f"\nThe run stopped early: {run.failure_report}"
+                       if run.failure_report else "")
             raise BlockwiseRunError(failure_message(self.task_id, result[self.task_id],
-                                                    summary))
+                                                    summary) + stopped)
 
     def check_outputs(self) -> None:
         """Refuse outputs whose chunks the blocks' write ROIs do not align with."""
