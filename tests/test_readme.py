@@ -327,6 +327,11 @@ def test_every_block_is_python_bash_or_sample_output():
     ids=lambda section: section.title)
 def test_readme_section_runs_as_written(section, tmp_path):
     run = SectionRun(repository_like(tmp_path / "repository"))
+    cluster = None
+    if section.title.startswith("SLURM"):
+        # the section's commands submit real jobs: to a single-node SLURM of its own
+        cluster = start_slurm()
+        run.env["SLURM_CONF"] = cluster.environment["SLURM_CONF"]
     try:
         for number, block in enumerate(section.blocks):
             if block.language == "python":
@@ -335,6 +340,30 @@ def test_readme_section_runs_as_written(section, tmp_path):
                 run.run_bash(block)
     finally:
         run.close()
+        if cluster is not None:
+            left = cluster.job_ids()
+            cluster.stop()
+            assert not left, f"jobs outlived the README's SLURM section: {left}"
+
+
+def start_slurm():
+    """A running single-node SLURM (tests/slurm), or a skip with the reason; a failure
+    instead of the skip under ``LUIGI_DAISY_REQUIRE_SLURM=1`` (as in ``.ci/run``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from slurm.cluster import SlurmCluster, SlurmUnavailable, install_packages, missing_programs
+    required = os.environ.get("LUIGI_DAISY_REQUIRE_SLURM") == "1"
+    problem = None
+    if missing_programs():
+        problem = install_packages()
+    if problem is None:
+        cluster = SlurmCluster()
+        try:
+            return cluster.start()
+        except SlurmUnavailable as error:
+            problem = f"SLURM did not start: {error}"
+    if required:
+        pytest.fail(problem)
+    pytest.skip(problem)
 
 
 def test_the_set_up_commands_install_and_run_the_segmentation_and_the_tests():
