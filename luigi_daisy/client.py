@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
 
 from funlib.geometry import Roi
@@ -37,7 +39,10 @@ from .protocol import (
     ALREADY_CONNECTED,
     PROTOCOL_VERSION,
     Acquire,
+    MAX_BATCH_BLOCKS,
     BlockAssigned,
+    BlockResult,
+    BlocksAssigned,
     Bye,
     CannotWork,
     Challenge,
@@ -48,6 +53,7 @@ from .protocol import (
     Refused,
     Release,
     ReleaseAndAcquire,
+    Report,
     Welcome,
     WireBlock,
     encode,
@@ -64,9 +70,21 @@ CLOSE_TIMEOUT = 5.0
 RECONNECT_GRACE = 2.0
 RECONNECT_PAUSE = 0.01
 
-
-
-
+#: blocks a worker keeps in hand beyond the one it processes, unless its context says
+#: otherwise (``prefetch``): measured with ``benchmarks/bench_run.py``, one hides the
+#: round trip and more only keeps blocks from other workers
+DEFAULT_PREFETCH = 1
+#: most blocks the ``prefetch`` context key may ask to keep in hand
+MAX_PREFETCH = 8
+#: most blocks a worker keeps in hand when its blocks are much shorter than a round
+#: trip (a batch); the server caps each frame at ``MAX_BATCH_BLOCKS`` too
+MAX_IN_HAND = 32
+#: a worker takes batches when its blocks take less than this share of a round trip,
+#: and then keeps in hand the blocks of ``BATCH_ROUND_TRIPS`` round trips
+BATCH_BELOW = 0.5
+BATCH_ROUND_TRIPS = 2
+#: weight of the newest measurement in the running block duration and round trip
+_SMOOTHING = 0.2
 
 
 class _WireGeometry:
@@ -81,6 +99,21 @@ class _WireGeometry:
         wire = self.wire
         return (Roi(wire.read_offset, wire.read_shape),
                 Roi(wire.write_offset, wire.write_shape))
+
+
+def _prefetch_of(context: Context) -> int:
+    """The ``prefetch`` key of a worker context: blocks to keep in hand (0 to
+    :data:`MAX_PREFETCH`)."""
+    value = context.get("prefetch", str(DEFAULT_PREFETCH))
+    try:
+        prefetch = int(value)
+    except (TypeError, ValueError):
+        prefetch = -1
+    if not 0 <= prefetch <= MAX_PREFETCH:
+        raise ContextError(
+            f"the worker context's prefetch is {value!r}; it must be an integer from 0 "
+            f"to {MAX_PREFETCH} (blocks a worker keeps in hand)")
+    return prefetch
 
 
 def block_from_wire(wire: WireBlock) -> Block:
@@ -129,6 +162,7 @@ class Client:
             raise ContextError(
                 f"worker context {shown!r} lacks a valid {error}; it needs "
                 f"hostname, port, task_id, worker_id and token") from None
+        self.prefetch = _prefetch_of(self.context)
         token = self.context.get("token")
         if not token:
             raise ContextError(
@@ -153,6 +187,14 @@ class Client:
     def _connect(self, connect_timeout: float) -> None:
         self._decoder = Decoder()
         self._inbox: list[Message] = []
+        self._in_hand: deque[Block] = deque()
+        self._results: list[BlockResult] = []
+        self._asked = 0  # blocks asked for by the Report waiting for its answer
+        self._asked_at = 0.0
+        self._no_more_blocks = False
+        self._handed_at = 0.0
+        self._block_seconds: float | None = None
+        self._round_trip_seconds: float | None = None
         try:
             self._socket = socket.create_connection((self.host, self.port),
                                                     timeout=connect_timeout)
@@ -222,15 +264,128 @@ class Client:
         self._send(ReleaseAndAcquire(wire_of(block), block.error))
         return self._answer_to_block()
 
+    # ------------------------------------------------------------- worker loop
+    def next_block(self, finished: Block | None = None) -> Block | None:
+        """Report ``finished`` (if given) and return the next block, or None when the
+        task is done: the worker loop's one call per block.
+
+        Keeps blocks in hand so the worker never waits for its next one: ``prefetch``
+        of them (from the context), or, when blocks take much less than a round trip,
+        enough for a few round trips, asked for and reported several per frame. The
+        results of finished blocks go to the server with the next request, at once for
+        a failed block, and always before this worker waits for a block.
+        """
+        if finished is not None:
+            self.report(finished)
+        in_hand = self._in_hand
+        if not self._asked and not self._no_more_blocks and len(in_hand) <= self._ahead():
+            self._send_report(min(self._ahead() + 1 - len(in_hand), MAX_BATCH_BLOCKS))
+        elif self._results and (not in_hand or self._results[-1].error is not None
+                                or len(self._results) >= MAX_BATCH_BLOCKS):
+            self._send_report(0)
+        if self._asked:
+            if in_hand:
+                self._poll()
+            else:
+                self._wait_for_answer()
+        if in_hand:
+            self._handed_at = time.perf_counter()
+            return in_hand.popleft()
+        if self._results:
+            self._send_report(0)
+        return None
+
+    def report(self, block: Block) -> None:
+        """Note the outcome of a block from :meth:`next_block` (``block.status`` SUCCESS
+        or FAILED); it goes to the server with the next request, or on :meth:`close`."""
+        elapsed = time.perf_counter() - self._handed_at
+        previous = self._block_seconds
+        self._block_seconds = elapsed if previous is None else (
+            previous + _SMOOTHING * (elapsed - previous))
+        self._results.append(BlockResult(block.index, int(block.status), block.error))
+
+    def _ahead(self) -> int:
+        """How many blocks to keep in hand beyond the one being processed."""
+        if not self.prefetch:
+            return 0
+        block, round_trip = self._block_seconds, self._round_trip_seconds
+        if block is None or round_trip is None or block >= BATCH_BELOW * round_trip:
+            return self.prefetch
+        covered = BATCH_ROUND_TRIPS * round_trip / max(block, 1e-7)
+        return max(self.prefetch, min(MAX_IN_HAND, int(covered)))
+
+    def _send_report(self, want: int) -> None:
+        results, self._results = self._results, []
+        self._send(Report(tuple(results), want))
+        if want:
+            self._asked = want
+            self._asked_at = time.perf_counter()
+
+    def _note_round_trip(self, seconds: float, exact: bool) -> None:
+        """A measured round trip: exact when the worker waited for the answer, an
+        upper bound when it found the answer between two blocks."""
+        previous = self._round_trip_seconds
+        if previous is None:
+            self._round_trip_seconds = seconds
+        elif exact:
+            self._round_trip_seconds = previous + _SMOOTHING * (seconds - previous)
+        else:
+            self._round_trip_seconds = min(previous, seconds)
+
+    def _take_answer(self, message: Message) -> None:
+        if type(message) is BlocksAssigned:
+            if len(message.blocks) > self._asked:
+                raise ProtocolError(
+                    f"the server sent {len(message.blocks)} blocks for a request of "
+                    f"{self._asked}")
+            self._in_hand.extend(map(block_from_wire, message.blocks))
+        elif type(message) is NoMoreBlocks:
+            self._no_more_blocks = True
+        else:
+            raise ProtocolError(
+                f"expected blocks or NoMoreBlocks from the server, got {message!r}")
+        self._asked = 0
+
+    def _wait_for_answer(self) -> None:
+        self._take_answer(self._receive())
+        self._note_round_trip(time.perf_counter() - self._asked_at, exact=True)
+
+    def _poll(self) -> None:
+        """Take the answer to the waiting request if it has arrived (never waits)."""
+        if not self._inbox:
+            try:
+                data = self._socket.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                raise ServerUnreachableError(
+                    f"lost the block server at {self.host}:{self.port}: {error}") from None
+            if not data:
+                raise ServerUnreachableError(
+                    f"the block server at {self.host}:{self.port} closed the connection")
+            self._inbox.extend(self._decoder.feed(data))
+            if not self._inbox:
+                return
+        self._take_answer(self._inbox.pop(0))
+        self._note_round_trip(time.perf_counter() - self._asked_at, exact=False)
+
     def cannot_work(self, block: Block, error: str) -> None:
         """Tell the server this worker cannot process any block of its task (an error
         every block would repeat): ``block`` fails for good and the task stops. Waits
         for the server's answer, so the task is stopped before this worker exits."""
         block.status = BlockStatus.FAILED
         block.error = error
+        if self._results:
+            self._send_report(0)
         self._send(CannotWork(wire_of(block), error))
-        while self._answer_to_block() is not None:
-            pass  # an answer to an earlier request: the task is stopped all the same
+        while True:  # answers to earlier requests come first; the task is stopped anyway
+            answer = self._receive()
+            if type(answer) is NoMoreBlocks:
+                break
+            if type(answer) not in (BlockAssigned, BlocksAssigned):
+                raise ProtocolError(
+                    f"expected blocks or NoMoreBlocks from the server, got {answer!r}")
+        self._asked = 0
 
     @contextlib.contextmanager
     def acquire_block(self) -> Iterator[Block | None]:
@@ -264,7 +419,9 @@ class Client:
         not refused as already connected.
         """
         try:
-            self._send(Bye())
+            if self._results:
+                self._send_report(0)
+            self._send(Bye())  # blocks still in hand go back unstarted
             said_goodbye = True
         except ServerUnreachableError:
             said_goodbye = False

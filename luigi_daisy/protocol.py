@@ -18,11 +18,18 @@ Conversation
     server -> client   BlockAssigned(block)  or  NoMoreBlocks()
     client -> server   ReleaseAndAcquire(block, error)   finished one, give me the next
     client -> server   Release(block, error)             finished one, no answer expected
+    client -> server   Report(results, want)             finished blocks, and want more
+    server -> client   BlocksAssigned(blocks)  or  NoMoreBlocks()    answer to want > 0
     either             Heartbeat()
     client -> server   Bye()                             then the server closes
 
-A connection has at most one ``Acquire`` (or ``ReleaseAndAcquire``) waiting for its
-answer: the block server closes a connection that asks again before the answer came.
+A connection has at most one request (``Acquire``, ``ReleaseAndAcquire`` or a
+``Report`` with ``want > 0``) waiting for its answer: the block server closes a
+connection that asks again before the answer came. ``Report`` is how the worker loop
+keeps blocks in hand (prefetch) and moves several short blocks per frame (batches): it
+carries the results of any number of finished blocks, up to :data:`MAX_BATCH_BLOCKS`,
+and asks for up to as many more. A worker that says ``Bye`` with blocks in hand gives
+them back unstarted.
 A block is released only by the connection it was assigned to; other releases of it
 are ignored.
 
@@ -67,6 +74,10 @@ __all__ = [
     "BlockAssigned",
     "NoMoreBlocks",
     "CannotWork",
+    "BlockResult",
+    "Report",
+    "BlocksAssigned",
+    "MAX_BATCH_BLOCKS",
     "MESSAGE_TYPES",
     "CLIENT_MESSAGES",
     "SERVER_MESSAGES",
@@ -91,6 +102,10 @@ MAX_ERROR_CHARS = 64 * 1024
 MAX_DIMS = 8
 """Most dimensions a block may have on the wire."""
 
+MAX_BATCH_BLOCKS = 64
+"""Most blocks one :class:`BlocksAssigned` carries, and most results and blocks one
+:class:`Report` carries or asks for."""
+
 MAX_NONCE_CHARS = 256
 """Longest nonce accepted in a :class:`Challenge`."""
 
@@ -106,6 +121,7 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
 _STATUS_MAX = 3  # CREATED, PROCESSING, SUCCESS, FAILED
+_RESULT_STATUSES = (2, 3)  # SUCCESS, FAILED
 _HEADER = struct.Struct(">I")
 _HEADER_AND_CODE = struct.Struct(">IB")
 _HEADER_BYTES = _HEADER.size
@@ -673,6 +689,121 @@ class CannotWork(Message):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BlockResult:
+    """The outcome of one block a worker held, in a :class:`Report`.
+
+    Attributes
+    ----------
+    index:
+        Block id within the connection's task (``WireBlock.index``).
+    status:
+        2 SUCCESS or 3 FAILED (the values of ``BlockStatus``).
+    error:
+        Text of the failure (a traceback), or None; truncated like in :class:`Release`.
+    """
+
+    index: int
+    status: int
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            _clean_error(self, "error")
+
+
+_new_result = BlockResult.__new__
+_set_result_index = _set_slot(BlockResult, "index")
+_set_result_status = _set_slot(BlockResult, "status")
+_set_result_error = _set_slot(BlockResult, "error")
+
+
+def _results_from_json(value: object, where: str) -> tuple[BlockResult, ...]:
+    """Validate the list of ``[index, status, error]`` rows of a :class:`Report`."""
+    if type(value) is not list or len(value) > MAX_BATCH_BLOCKS:
+        _fail(where, f"a list of at most {MAX_BATCH_BLOCKS} [index, status, error] rows",
+              value)
+    results = []
+    for position, row in enumerate(value):
+        if type(row) is not list or len(row) != 3:
+            _fail(f"{where}[{position}]", "a list [index, status, error]", row)
+        index, status, error = row
+        _integer(index, f"{where}[{position}].index", 0, _INT64_MAX)
+        if type(status) is not int or status not in _RESULT_STATUSES:
+            _fail(f"{where}[{position}].status", "2 (SUCCESS) or 3 (FAILED)", status)
+        if error is not None:
+            _optional_error(error, f"{where}[{position}].error")
+        result = _new_result(BlockResult)
+        _set_result_index(result, index)
+        _set_result_status(result, status)
+        _set_result_error(result, error)
+        results.append(result)
+    return tuple(results)
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Message):
+    """Client to server: the results of finished blocks, and a request for more.
+
+    The worker loop's message: it keeps blocks in hand (prefetch) and, for blocks much
+    shorter than a round trip, moves several per frame (batches). A block is recorded
+    done when its result arrives, after its function returned.
+
+    Attributes
+    ----------
+    results:
+        Outcomes of blocks this connection holds, at most :data:`MAX_BATCH_BLOCKS`.
+    want:
+        How many more blocks the worker asks for, 0 to :data:`MAX_BATCH_BLOCKS`. Above
+        0, the server answers with :class:`BlocksAssigned` (1 to ``want`` blocks; it may
+        give fewer, for example when other workers need the ready blocks) as soon as a
+        block is ready, or :class:`NoMoreBlocks`; 0 expects no answer.
+    """
+
+    TYPE_CODE: ClassVar[int] = 13
+    results: tuple[BlockResult, ...]
+    want: int
+
+    def _json(self) -> dict[str, Any]:
+        return {"results": [[result.index, result.status, result.error]
+                            for result in self.results],
+                "want": self.want}
+
+    @classmethod
+    def _from_json(cls, body: dict[str, Any]) -> Report:
+        results = _results_from_json(body["results"], "Report.results")
+        want = _integer(body["want"], "Report.want", 0, MAX_BATCH_BLOCKS)
+        if not results and not want:
+            _fail("Report", "results or want > 0", body)
+        return cls(results, want)
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksAssigned(Message):
+    """Server to client: process these blocks, in this order (the answer to a
+    :class:`Report` that wants blocks).
+
+    Attributes
+    ----------
+    blocks:
+        1 to :data:`MAX_BATCH_BLOCKS` blocks, each with status PROCESSING.
+    """
+
+    TYPE_CODE: ClassVar[int] = 14
+    blocks: tuple[WireBlock, ...]
+
+    def _json(self) -> dict[str, Any]:
+        return {"blocks": [_block_json(block) for block in self.blocks]}
+
+    @classmethod
+    def _from_json(cls, body: dict[str, Any]) -> BlocksAssigned:
+        value = body["blocks"]
+        if type(value) is not list or not 1 <= len(value) <= MAX_BATCH_BLOCKS:
+            _fail("BlocksAssigned.blocks", f"a list of 1 to {MAX_BATCH_BLOCKS} blocks", value)
+        return cls(tuple(_block_from_json(item, f"BlocksAssigned.blocks[{position}]")
+                         for position, item in enumerate(value)))
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_CODE: cls
     for cls in (
@@ -688,17 +819,19 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         BlockAssigned,
         NoMoreBlocks,
         CannotWork,
+        Report,
+        BlocksAssigned,
     )
 }
 """Every message class by its type code: the closed set of the protocol."""
 
 CLIENT_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Hello, Acquire, ReleaseAndAcquire, Release, Heartbeat, Bye, CannotWork}
+    {Hello, Acquire, ReleaseAndAcquire, Release, Heartbeat, Bye, CannotWork, Report}
 )
 """Messages a worker may send (what a server's :class:`Decoder` should accept)."""
 
 SERVER_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Challenge, Welcome, Refused, BlockAssigned, NoMoreBlocks, Heartbeat}
+    {Challenge, Welcome, Refused, BlockAssigned, BlocksAssigned, NoMoreBlocks, Heartbeat}
 )
 """Messages a server may send (what a worker's :class:`Decoder` should accept)."""
 

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
+from .client import DEFAULT_PREFETCH, MAX_PREFETCH
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
-from .errors import LauncherError, TaskDefinitionError, WorkerSetupError
+from .errors import ConfigError, LauncherError, TaskDefinitionError, WorkerSetupError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
@@ -171,7 +172,9 @@ class WorkerRun:
                  tracking: bool = False, server_limits: ServerLimits | None = None,
                  stop_event: Any = None, targets: Mapping[str, object] | None = None,
                  advertise_host: str | None = None, worker_death_timeout: float = 60.0,
-                 pending_report_after: float = 60.0) -> None:
+                 pending_report_after: float = 60.0,
+                 prefetch: int = DEFAULT_PREFETCH) -> None:
+        check_prefetch(prefetch)
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -184,6 +187,7 @@ class WorkerRun:
         self.advertise_host = advertise_host or default_advertise_host(host)
         self.worker_death_timeout = worker_death_timeout
         self.pending_report_after = pending_report_after
+        self.prefetch = prefetch
         self.startup: StartupReport | None = None
         self.ended_workers: dict[str, list[str]] = {task.task_id: [] for task in tasks}
         self.failure_report: str | None = None
@@ -219,7 +223,7 @@ class WorkerRun:
                        task_id=task_id, worker_id=str(worker_id),
                        restartable=str(int(restartable)),
                        worker_death_timeout=f"{self.worker_death_timeout:g}",
-                       token=self.server.token)
+                       prefetch=str(self.prefetch), token=self.server.token)
 
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
         worker_id = self._next_worker_id
@@ -498,6 +502,14 @@ def _cancel_on_sigterm(terminated: list) -> Callable[[], None]:
     return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
+def check_prefetch(prefetch: object) -> None:
+    """Refuse a ``prefetch`` that is not an integer from 0 to ``MAX_PREFETCH``."""
+    if type(prefetch) is not int or not 0 <= prefetch <= MAX_PREFETCH:
+        raise ConfigError(
+            f"prefetch={prefetch!r}: give the number of blocks a worker keeps in hand "
+            f"beyond the one it processes, an integer from 0 to {MAX_PREFETCH}")
+
+
 def default_advertise_host(host: str) -> str:
     """The address workers reach a server bound to ``host`` at: ``host`` itself when it
     is loopback, else this machine's name."""
@@ -554,7 +566,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   start_method: str = "spawn",
                   launcher: Launcher | None = None, advertise_host: str | None = None,
                   worker_death_timeout: float = 60.0,
-                  pending_report_after: float = 60.0) -> RunResult:
+                  pending_report_after: float = 60.0,
+                  prefetch: int = DEFAULT_PREFETCH) -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -614,12 +627,20 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Seconds after which a worker whose run is gone (killed) exits on its own.
     pending_report_after:
         Seconds after which worker jobs still pending are logged with their reason.
+    prefetch:
+        Blocks a worker keeps in hand beyond the one it processes (0 to 8; default 1),
+        so that it never waits for its next block. A block in hand counts as
+        processing (conflicts, timeouts, a lost worker's blocks); the server hands
+        them out only while a task has at least as many ready blocks as workers.
+        Workers whose blocks take much less than a round trip keep more in hand and
+        move several per frame. 0: a worker holds only the block it processes.
 
     Returns
     -------
     RunResult
         ``task_id -> TaskState``; true exactly when every block succeeded.
     """
+    check_prefetch(prefetch)
     ordered = collect_tasks(tasks)
     ledgers = LedgerSet.open(ordered, ledger_dir, fresh=fresh)
     try:
@@ -635,7 +656,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                         server_limits=server_limits, stop_event=stop_event,
                         advertise_host=advertise_host,
                         worker_death_timeout=worker_death_timeout,
-                        pending_report_after=pending_report_after)
+                        pending_report_after=pending_report_after, prefetch=prefetch)
         result = run_coroutine(run.run)
     finally:
         ledgers.close()

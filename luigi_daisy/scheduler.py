@@ -493,6 +493,37 @@ class BlockScheduler:
         self._orphan_dependents(progress, index)
         return ReleaseOutcome.FAILED
 
+    def return_unstarted(self, block: Block) -> None:
+        """Take back a block that was handed out but never started (a worker left with
+        it in hand): it is ready again, first in line, and costs no retry."""
+        progress = self._get(block.task_id)
+        index = block.index
+        if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
+            raise SchedulerError(
+                f"block {block.block_id[1]} of task {block.task_id!r} was given back but is "
+                f"not being processed; give back only blocks acquired and not released")
+        state = progress.state
+        state.processing_count -= 1
+        if progress.stopped:
+            state.orphaned_count += 1
+            return
+        progress.ready.appendleft(index)
+        state.ready_count += 1
+        if progress.states is not None:
+            progress.states[index] = READY
+
+    def restart_clock(self, task_id: str, indices, now: float) -> None:
+        """Count the processing time of held blocks from ``now`` (for the task's
+        timeout): a block a worker held in hand behind another starts when that one is
+        released, not when it was handed out."""
+        progress = self._get(task_id)
+        if progress.timeout is None:
+            return
+        processing = progress.processing
+        for index in indices:
+            if index in processing:
+                processing[index] = now
+
     def _finished(self, progress: _TaskProgress, index: int) -> None:
         """Count down the dependencies of every block waiting for this one."""
         position = progress.grid.position_of(index)

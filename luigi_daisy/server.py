@@ -5,6 +5,13 @@ which connection holds which block, gives the blocks of a lost connection back t
 scheduler as failed (so they are retried), reclaims blocks held past their task's
 timeout, and parks ``Acquire`` requests until a block is ready or the task is done.
 
+Workers keep blocks in hand. A worker's ``Report`` returns the results of finished
+blocks and asks for more; the server hands out more than the one block a worker needs
+next (prefetch, or a batch of short blocks) only while its task has at least as many
+ready blocks as started workers, so blocks held in hand never keep another worker
+waiting. A block in hand counts as processing; a worker lost with blocks in hand fails
+the first (the one it was processing) and gives the others back unstarted.
+
 It trusts no one. Every connection, loopback included, proves the run's secret token
 before anything else; its ``Hello`` names a worker id the run started and that is not
 connected already; a block is released only by the connection that holds it. A
@@ -39,6 +46,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Acquire,
     BlockAssigned,
+    BlocksAssigned,
     Bye,
     CannotWork,
     Challenge,
@@ -50,6 +58,7 @@ from .protocol import (
     Refused,
     Release,
     ReleaseAndAcquire,
+    Report,
     Welcome,
     WireBlock,
     encode,
@@ -152,7 +161,7 @@ class WorkerConnection:
     """Server-side record of one worker connection."""
 
     __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "held", "closed",
-                 "buffered", "handshake_timer")
+                 "buffered", "handshake_timer", "wants", "batched", "reports")
 
     def __init__(self, stream: IOStream, address) -> None:
         self.stream = stream
@@ -160,10 +169,17 @@ class WorkerConnection:
         self.nonce = new_nonce()
         self.task_id: str | None = None
         self.worker_id: int | None = None
+        #: blocks this connection holds, in the order they were handed out
         self.held: dict[int, Block] = {}
         self.closed = False
         self.buffered = 0
         self.handshake_timer: object | None = None
+        #: blocks asked for by the request waiting for its answer (0: none waits)
+        self.wants = 0
+        #: whether that request is answered with ``BlocksAssigned`` (a ``Report``)
+        self.batched = False
+        #: whether the worker sent a ``Report``: it processes its blocks in hand in order
+        self.reports = False
 
     @property
     def authenticated(self) -> bool:
@@ -228,8 +244,11 @@ class BlockServer(TCPServer):
         self.limits = limits if limits is not None else ServerLimits()
         self.port: int | None = None
         self.connections: set[WorkerConnection] = set()
-        # parked Acquire requests in arrival order; a dict holds each connection once
+        # parked requests in arrival order (a dict holds each connection once): of
+        # connections holding no block, and of connections asking for more in hand
         self.waiting: dict[str, dict[WorkerConnection, None]] = {
+            task_id: {} for task_id in scheduler.tasks}
+        self.waiting_more: dict[str, dict[WorkerConnection, None]] = {
             task_id: {} for task_id in scheduler.tasks}
         self.holder: dict[tuple[str, int], WorkerConnection] = {}
         self.failed_workers: dict[str, set[int]] = {task_id: set() for task_id in scheduler.tasks}
@@ -345,6 +364,7 @@ class BlockServer(TCPServer):
             if self.connected_workers.get(key) is connection:
                 del self.connected_workers[key]
             self.waiting[connection.task_id].pop(connection, None)
+            self.waiting_more[connection.task_id].pop(connection, None)
         self._connection_lost(connection)
 
     def _handshake_expired(self, connection: WorkerConnection) -> None:
@@ -393,7 +413,9 @@ class BlockServer(TCPServer):
             self._authenticate(connection, message)
             return
         kind = type(message)
-        if kind is ReleaseAndAcquire:
+        if kind is Report:
+            self._report(connection, message)
+        elif kind is ReleaseAndAcquire:
             self._release(connection, message.block, message.error)
             self._acquire(connection)
         elif kind is Acquire:
@@ -405,6 +427,8 @@ class BlockServer(TCPServer):
         elif kind is Heartbeat:
             pass
         elif kind is Bye:
+            if connection.reports:
+                self._give_back_unstarted(connection)
             connection.close()
 
     def _refusal(self, message: Hello, nonce: str) -> str | None:
@@ -457,47 +481,112 @@ class BlockServer(TCPServer):
             self.scheduler.release(block, BlockStatus.SUCCESS, self.clock(), skipped=True)
             self.ledgers.record_done(task_id, block.index)
 
-    def _assign(self, connection: WorkerConnection, block: Block) -> None:
+    def _hold(self, connection: WorkerConnection, block: Block) -> None:
         connection.held[block.index] = block
         self.holder[(block.task_id, block.index)] = connection
-        connection.send(BlockAssigned(wire_block(block)))
 
-    def _acquire(self, connection: WorkerConnection) -> None:
+    def _may_hand_extra(self, task_id: str) -> bool:
+        """Whether a worker may take a block beyond the one it needs next: only while
+        the task has at least as many ready blocks as started workers."""
+        return (self.scheduler.task_states[task_id].ready_count
+                >= max(len(self.expected_workers[task_id]), 1))
+
+    def _take_blocks(self, connection: WorkerConnection, want: int,
+                     first_is_free: bool) -> list[Block]:
+        """Up to ``want`` blocks for ``connection``, now held by it. Beyond the first
+        one (when ``first_is_free``), blocks are taken only while
+        :meth:`_may_hand_extra` says so."""
         task_id = connection.task_id
-        if connection in self.waiting[task_id]:
+        blocks: list[Block] = []
+        while len(blocks) < want:
+            if (blocks or not first_is_free) and not self._may_hand_extra(task_id):
+                break
+            block = self._next_block(task_id)
+            if block is None:
+                break
+            self._hold(connection, block)
+            blocks.append(block)
+        return blocks
+
+    def _answer(self, connection: WorkerConnection, blocks: list[Block]) -> None:
+        if connection.batched:
+            connection.send(BlocksAssigned(tuple(map(wire_block, blocks))))
+        else:
+            connection.send(BlockAssigned(wire_block(blocks[0])))
+
+    def _request(self, connection: WorkerConnection, want: int, batched: bool) -> None:
+        """Answer a request for ``want`` blocks now, or park it until a block is ready."""
+        task_id = connection.task_id
+        if connection.wants:
             raise ProtocolError(
-                "Acquire while an earlier Acquire of this connection still waits for a "
-                "block; ask again only after the answer")
-        block = self._next_block(task_id)
-        if block is not None:
-            self._assign(connection, block)
+                "a request for blocks while an earlier one of this connection still waits "
+                "for its answer; ask again only after the answer")
+        connection.batched = batched
+        first_is_free = not batched or not connection.held
+        blocks = self._take_blocks(connection, want, first_is_free)
+        if blocks:
+            self._answer(connection, blocks)
         elif self.scheduler.task_states[task_id].is_done():
             connection.send(NoMoreBlocks())
         else:
-            self.waiting[task_id][connection] = None
+            connection.wants = want
+            if first_is_free:
+                self.waiting[task_id][connection] = None
+            else:
+                self.waiting_more[task_id][connection] = None
+
+    def _acquire(self, connection: WorkerConnection) -> None:
+        self._request(connection, 1, batched=False)
+
+    def _report(self, connection: WorkerConnection, message: Report) -> None:
+        """Record the results of a ``Report``, then answer or park its request."""
+        connection.reports = True
+        task_id = connection.task_id
+        if message.results:
+            for result in message.results:
+                self._release_index(connection, task_id, result.index, result.status,
+                                    result.error, serve=False)
+            if connection.held:
+                self.scheduler.restart_clock(task_id, connection.held, self.clock())
+            elif connection in self.waiting_more[task_id]:
+                del self.waiting_more[task_id][connection]
+                self.waiting[task_id][connection] = None
+        if message.want:
+            self._request(connection, message.want, batched=True)
+        self._serve_waiting()
 
     def _release(self, connection: WorkerConnection, wire: WireBlock, error: str | None) -> None:
-        block = connection.held.get(wire.index) if wire.task_id == connection.task_id else None
-        if block is None:
-            self.ignored_releases += 1
-            self.warnings.warn(
-                "ignored releases", self.clock(),
-                "worker %s of %r released block %s of %s that it does not hold; ignored",
-                connection.worker_id, connection.task_id, wire.index,
-                clip(repr(wire.task_id)))
+        if wire.task_id != connection.task_id:
+            self._ignore_release(connection, wire.task_id, wire.index)
             return
-        del connection.held[wire.index]
-        del self.holder[(block.task_id, block.index)]
-        status = BlockStatus(wire.status)
+        self._release_index(connection, wire.task_id, wire.index, wire.status, error)
+
+    def _ignore_release(self, connection: WorkerConnection, task_id: object,
+                        index: int) -> None:
+        self.ignored_releases += 1
+        self.warnings.warn(
+            "ignored releases", self.clock(),
+            "worker %s of %r released block %s of %s that it does not hold; ignored",
+            connection.worker_id, connection.task_id, index, clip(repr(task_id)))
+
+    def _release_index(self, connection: WorkerConnection, task_id: str, index: int,
+                       status_code: int, error: str | None, serve: bool = True) -> None:
+        """Take back block ``index`` of the connection's task with its outcome."""
+        block = connection.held.pop(index, None)
+        if block is None:
+            self._ignore_release(connection, task_id, index)
+            return
+        del self.holder[(task_id, index)]
+        status = BlockStatus(status_code)
         if status == BlockStatus.SUCCESS:
-            failure = self.scheduler.tasks[block.task_id].post_check_failure(block)
+            failure = self.scheduler.tasks[task_id].post_check_failure(block)
             if failure is not None:
                 status = BlockStatus.FAILED
                 error = failure
         elif status != BlockStatus.FAILED:
             error = error or f"released with status {status.name}"
             status = BlockStatus.FAILED
-        self._give_back(block, status, error, connection.worker_id)
+        self._give_back(block, status, error, connection.worker_id, serve=serve)
 
     def _cannot_work(self, connection: WorkerConnection, message: CannotWork) -> None:
         """A worker that cannot process any block: its block fails for good, its task
@@ -519,7 +608,7 @@ class BlockServer(TCPServer):
 
     def _give_back(self, block: Block, status: BlockStatus, error: str | None,
                    worker_id: int | None, worker_lost: bool = False,
-                   fatal: bool = False) -> None:
+                   fatal: bool = False, serve: bool = True) -> None:
         block.status = status
         block.error = error
         if status == BlockStatus.FAILED and worker_id is not None:
@@ -531,35 +620,77 @@ class BlockServer(TCPServer):
         elif outcome is ReleaseOutcome.FAILED:
             self.ledgers.record_failed(block.task_id, block.index, error)
             self.failed_by[(block.task_id, block.block_id[1])] = worker_id
-        self._serve_waiting()
+        if serve:
+            self._serve_waiting()
 
     def _serve_waiting(self) -> None:
-        """Give newly ready blocks to parked workers; tell them when a task is done."""
+        """Give newly ready blocks to parked requests, first to workers holding no
+        block, then to workers asking for more in hand; tell them when a task is done."""
         for task_id, waiting in self.waiting.items():
             while waiting:
                 connection = next(iter(waiting))
                 if connection.closed:
                     del waiting[connection]
                     continue
-                block = self._next_block(task_id)
-                if block is None:
+                blocks = self._take_blocks(connection, connection.wants, True)
+                if not blocks:
                     break
                 del waiting[connection]
-                self._assign(connection, block)
-            if waiting and self.scheduler.task_states[task_id].is_done():
-                for connection in waiting:
+                connection.wants = 0
+                self._answer(connection, blocks)
+            more = self.waiting_more[task_id]
+            while more and self._may_hand_extra(task_id):
+                connection = next(iter(more))
+                blocks = [] if connection.closed else self._take_blocks(
+                    connection, connection.wants, False)
+                del more[connection]
+                if blocks:
+                    connection.wants = 0
+                    self._answer(connection, blocks)
+                elif not connection.closed:
+                    more[connection] = None  # to the back: nothing could be taken
+                    break
+            if (waiting or more) and self.scheduler.task_states[task_id].is_done():
+                for connection in (*waiting, *more):
+                    connection.wants = 0
                     connection.send(NoMoreBlocks())
                 waiting.clear()
+                more.clear()
+
+    def _give_back_unstarted(self, connection: WorkerConnection) -> None:
+        """A reporting worker leaves (``Bye``) or was stopped: the blocks it holds in
+        hand were never started; they are ready again at no cost, and a request of it
+        still parked is dropped."""
+        self.waiting[connection.task_id].pop(connection, None)
+        self.waiting_more[connection.task_id].pop(connection, None)
+        connection.wants = 0
+        held = list(connection.held.values())
+        connection.held.clear()
+        for block in held:
+            del self.holder[(block.task_id, block.index)]
+            self.scheduler.return_unstarted(block)
+        if held:
+            self._serve_waiting()
 
     def _connection_lost(self, connection: WorkerConnection) -> None:
-        for block in list(connection.held.values()):
+        """Take back the blocks of a closed connection. The first block of a worker
+        that reports (it processes its blocks in hand in order) failed with its
+        worker and is retried; the others were never started and are ready again at
+        no cost. Every block of other workers failed with them."""
+        held = list(connection.held.values())
+        connection.held.clear()
+        for position, block in enumerate(held):
             del self.holder[(block.task_id, block.index)]
+            if position > 0 and connection.reports:
+                self.scheduler.return_unstarted(block)
+                continue
             logger.warning("worker %s of %r was lost while processing block %s; retrying it",
                            connection.worker_id, block.task_id, block.block_id[1])
             self._give_back(block, BlockStatus.FAILED,
                             f"worker {connection.worker_id} was lost while processing the block",
-                            connection.worker_id, worker_lost=True)
-        connection.held.clear()
+                            connection.worker_id, worker_lost=True, serve=False)
+        if held:
+            self._serve_waiting()
 
     def drop_worker(self, task_id: str, worker_id: int) -> None:
         """Close the connections of a worker its launcher saw end; its blocks go back
@@ -590,6 +721,8 @@ class BlockServer(TCPServer):
             self._give_back(block, BlockStatus.FAILED,
                             f"timeout: the block took longer than {timeout} s",
                             connection.worker_id, worker_lost=True)
+            if connection.reports:  # its other blocks in hand were never started
+                self._give_back_unstarted(connection)
             if self.on_worker_timeout is not None:
                 self.on_worker_timeout(expired.task_id, connection.worker_id)
             connection.close()

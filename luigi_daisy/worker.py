@@ -79,7 +79,7 @@ def run_worker(process_function, context: Context) -> int:
     client = Client(context)
     restartable = context.get("restartable", "1") == "1"
     consecutive_failures = 0
-    block = client.acquire()
+    block = client.next_block()
     while block is not None:
         error = process_one_block(process_function, block)
         if isinstance(error, WorkerSetupError):
@@ -89,12 +89,12 @@ def run_worker(process_function, context: Context) -> int:
         if block.status == BlockStatus.FAILED:
             consecutive_failures += 1
             if restartable and consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                client.release(block)
-                client.close()
+                client.report(block)
+                client.close()  # blocks still in hand go back unstarted
                 return EXIT_RESTART_ME
         else:
             consecutive_failures = 0
-        block = client.release_and_acquire(block)
+        block = client.next_block(block)
     client.close()
     return 0
 

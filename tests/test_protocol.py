@@ -16,6 +16,7 @@ from luigi_daisy import protocol
 from luigi_daisy.errors import LuigiDaisyError, ProtocolError
 from luigi_daisy.protocol import (
     CLIENT_MESSAGES,
+    MAX_BATCH_BLOCKS,
     MAX_DIMS,
     MAX_ERROR_CHARS,
     MAX_FRAME_BYTES,
@@ -24,6 +25,8 @@ from luigi_daisy.protocol import (
     SERVER_MESSAGES,
     Acquire,
     BlockAssigned,
+    BlockResult,
+    BlocksAssigned,
     Bye,
     CannotWork,
     Challenge,
@@ -35,6 +38,7 @@ from luigi_daisy.protocol import (
     Refused,
     Release,
     ReleaseAndAcquire,
+    Report,
     Welcome,
     WireBlock,
     encode,
@@ -92,6 +96,14 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(BlockAssigned, block=wire_blocks()),
     st.builds(NoMoreBlocks),
     st.builds(CannotWork, block=wire_blocks(), error=texts),
+    st.builds(Report,
+              results=st.lists(st.builds(BlockResult, index=st.integers(0, INT64_MAX),
+                                         status=st.sampled_from([2, 3]), error=errors),
+                               min_size=1, max_size=3).map(tuple),
+              want=st.integers(0, MAX_BATCH_BLOCKS)),
+    st.builds(Report, results=st.just(()), want=st.integers(1, MAX_BATCH_BLOCKS)),
+    st.builds(BlocksAssigned,
+              blocks=st.lists(wire_blocks(), min_size=1, max_size=4).map(tuple)),
 )
 
 BLOCK = WireBlock("predict", 7, (-4, 0, 8), (24, 24, 24), (0, 4, 12), (16, 16, 16), 1)
@@ -109,6 +121,9 @@ ONE_OF_EACH: list[Message] = [
     BlockAssigned(dataclasses.replace(BLOCK, number=2**70)),  # daisy's id travels too
     NoMoreBlocks(),
     CannotWork(dataclasses.replace(BLOCK, status=3), "setup_worker failed: ✗"),
+    Report((BlockResult(7, 2), BlockResult(8, 3, "Traceback: ✗")), 2),
+    Report((), 1),
+    BlocksAssigned((BLOCK, dataclasses.replace(BLOCK, index=8, number=12))),
 ]
 
 
@@ -137,7 +152,7 @@ def rejects(data: bytes, *fragments: str) -> ProtocolError:
 
 
 def test_message_set_is_closed_and_codes_are_unique_bytes() -> None:
-    assert len(MESSAGE_TYPES) == 12
+    assert len(MESSAGE_TYPES) == 14
     # dataclass(slots=True) replaces each class, so compare what the module exports
     subclasses = {getattr(protocol, cls.__name__) for cls in Message.__subclasses__()}
     assert set(MESSAGE_TYPES.values()) == subclasses
@@ -370,7 +385,7 @@ def test_empty_frame() -> None:
     rejects(b"\x00\x00\x00\x00", "empty frame")
 
 
-@pytest.mark.parametrize("type_code", [0, 13, 99, 255])
+@pytest.mark.parametrize("type_code", [0, 15, 99, 255])
 def test_unknown_type_code(type_code: int) -> None:
     rejects(frame(type_code, b"{}"), f"unknown message type code {type_code}")
 
@@ -499,6 +514,30 @@ BAD_BODIES: list[tuple[type[Message], object, str]] = [
     (ReleaseAndAcquire, with_block(read_offset="00"), "ReleaseAndAcquire.block.read_offset"),
     (ReleaseAndAcquire, with_block(read_offset=[[0], [0]]),
      "ReleaseAndAcquire.block.read_offset[0]"),
+    # reports and batches
+    (Report, {"results": [], "want": 0}, "Report: expected results or want > 0"),
+    (Report, {"results": [[1, 2, None]]}, "Report.want: missing"),
+    (Report, {"results": [[1, 2, None]], "want": MAX_BATCH_BLOCKS + 1}, "Report.want"),
+    (Report, {"results": [[1, 2, None]], "want": -1}, "Report.want"),
+    (Report, {"results": [[1, 2, None]], "want": True}, "Report.want"),
+    (Report, {"results": None, "want": 1}, "Report.results"),
+    (Report, {"results": [[1, 2, None]] * (MAX_BATCH_BLOCKS + 1), "want": 0},
+     "Report.results"),
+    (Report, {"results": [[1, 2]], "want": 0}, "Report.results[0]"),
+    (Report, {"results": [{"index": 1}], "want": 0}, "Report.results[0]"),
+    (Report, {"results": [[-1, 2, None]], "want": 0}, "Report.results[0].index"),
+    (Report, {"results": [[1, 2, None], [1.5, 2, None]], "want": 0},
+     "Report.results[1].index"),
+    (Report, {"results": [[1, 1, None]], "want": 0}, "Report.results[0].status"),
+    (Report, {"results": [[1, 0, None]], "want": 0}, "Report.results[0].status"),
+    (Report, {"results": [[1, 3, 7]], "want": 0}, "Report.results[0].error"),
+    (Report, {"results": [[1, 3, "x" * (MAX_ERROR_CHARS + 1)]], "want": 0},
+     "Report.results[0].error"),
+    (BlocksAssigned, {"blocks": []}, "BlocksAssigned.blocks"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK] * (MAX_BATCH_BLOCKS + 1)}, "BlocksAssigned.blocks"),
+    (BlocksAssigned, {"blocks": GOOD_BLOCK}, "BlocksAssigned.blocks[0]"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK, GOOD_BLOCK[:5]]}, "BlocksAssigned.blocks[1]"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK], "more": 1}, "BlocksAssigned.more: unknown"),
 ]
 
 
@@ -645,7 +684,8 @@ def test_fuzz_json_bodies(case: dict[str, object]) -> None:
     try:
         decoded = Decoder().feed(frame(case["code"], raw))  # type: ignore[arg-type]
     except ProtocolError as error:
-        assert "a valid block" not in str(error)  # the detailed check names a field
+        # the detailed check names a field (the value shown may hold any text)
+        assert ": expected a valid block, got" not in str(error)
         return
     assert len(decoded) == 1
     assert decode_one(encode(decoded[0])) == decoded[0]
@@ -719,3 +759,33 @@ def test_nonces_and_tokens_are_fresh_hex() -> None:
     assert len(values) == 100
     for value in values:
         assert len(value) == 64 and set(value) <= set(lower_hex)
+
+
+def test_a_full_report_with_one_error_fits_the_default_frame() -> None:
+    """The worker loop sends a failed block's result at once, so a Report carries at
+    most one error text: the largest such frame still fits."""
+    results = tuple(BlockResult((1 << 63) - 1 - i, 2) for i in range(MAX_BATCH_BLOCKS - 1))
+    worst = "\U0010ffff" * (3 * MAX_ERROR_CHARS)
+    report = Report((*results, BlockResult(0, 3, worst)), MAX_BATCH_BLOCKS)
+    assert decode_one(encode(report)) == report
+
+
+def test_a_full_batch_of_the_largest_blocks_fits_the_default_frame() -> None:
+    block = WireBlock("t" * 1000, (1 << 63) - 1, (-(1 << 63),) * MAX_DIMS,
+                      ((1 << 63) - 1,) * MAX_DIMS, (-(1 << 63),) * MAX_DIMS,
+                      ((1 << 63) - 1,) * MAX_DIMS, 1, 2**128 - 1)
+    batch = BlocksAssigned((block,) * MAX_BATCH_BLOCKS)
+    assert decode_one(encode(batch)) == batch
+
+
+def test_report_results_are_truncated_like_release_errors() -> None:
+    result = BlockResult(1, 3, "x" * (2 * MAX_ERROR_CHARS))
+    assert len(result.error) <= MAX_ERROR_CHARS
+    assert decode_one(encode(Report((result,), 0))).results[0].error == result.error
+
+
+def test_the_server_direction_refuses_a_report_and_the_client_a_batch() -> None:
+    with pytest.raises(ProtocolError, match="not allowed in this direction"):
+        Decoder(accept=SERVER_MESSAGES).feed(encode(Report((), 1)))
+    with pytest.raises(ProtocolError, match="not allowed in this direction"):
+        Decoder(accept=CLIENT_MESSAGES).feed(encode(BlocksAssigned((BLOCK,))))

@@ -71,6 +71,10 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
         default=60.0, description="seconds after which pending jobs are reported")
     job_poll_interval = luigi.FloatParameter(
         default=2.0, description="seconds between two job state queries (squeue, bjobs)")
+    # throughput
+    prefetch = luigi.IntParameter(
+        default=1, description="blocks a worker keeps in hand beyond the one it processes "
+                               "(0 to 8); short blocks travel several per frame")
 
 
 KNOWN_KEYS = frozenset(luigi_daisy.get_param_names())

@@ -394,7 +394,8 @@ class BlockwiseTask(luigi.Task):
                                 host=config.host,
                                 advertise_host=config.advertise_host or None,
                                 worker_death_timeout=config.worker_death_timeout,
-                                pending_report_after=config.pending_report_after)
+                                pending_report_after=config.pending_report_after,
+                                prefetch=config.prefetch)
                 result = run_coroutine(run.run)
             finally:
                 ledgers.close()
