@@ -7,7 +7,7 @@ processes, progress bars, shutdown) with ``run_blockwise([...], multiprocessing=
     10^4 blocks: total ROI ``[0, 10000)``, read ROI = write ROI = 1 voxel,
     ``read_write_conflict=False``.
 ``3d``
-    40^3 = 64,000 blocks writing 10^3 voxels each, with 1 voxel of context on every
+    30^3 = 27,000 blocks writing 10^3 voxels each, with 1 voxel of context on every
     side (read ROI 12^3), ``read_write_conflict=True``.
 ``chain``
     two ``1d`` tasks ``a`` -> ``b`` (``b`` lists ``a`` in ``upstream_tasks``), each with
@@ -74,7 +74,7 @@ EXIT_WRONG_RUN = 2
 TARGET_RATIO = 1.5  # luigi_daisy / daisy blocks per second with 2 workers
 
 BLOCKS_1D = 10_000
-SIDE_3D = 40  # blocks along each axis
+SIDE_3D = 30  # blocks along each axis
 WRITE_3D = 10  # voxels of a write block along each axis
 CONTEXT_3D = 1  # voxels of context on each side
 

@@ -277,17 +277,16 @@ class Client:
         """
         if finished is not None:
             self.report(finished)
+        if self._asked:
+            self._poll()
         in_hand = self._in_hand
         if not self._asked and not self._no_more_blocks and len(in_hand) <= self._ahead():
             self._send_report(min(self._ahead() + 1 - len(in_hand), MAX_BATCH_BLOCKS))
         elif self._results and (not in_hand or self._results[-1].error is not None
                                 or len(self._results) >= MAX_BATCH_BLOCKS):
             self._send_report(0)
-        if self._asked:
-            if in_hand:
-                self._poll()
-            else:
-                self._wait_for_answer()
+        if self._asked and not in_hand:
+            self._wait_for_answer()
         if in_hand:
             self._handed_at = time.perf_counter()
             return in_hand.popleft()

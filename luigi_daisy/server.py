@@ -268,6 +268,9 @@ class BlockServer(TCPServer):
         self.refused_connections = 0
         self.handshake_timeouts = 0
         self.shed_connections = 0
+        #: blocks handed out, and the frames that carried them (batches: several each)
+        self.blocks_handed_out = 0
+        self.block_frames = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start_listening(self, port: int = 0) -> int:
@@ -509,6 +512,8 @@ class BlockServer(TCPServer):
         return blocks
 
     def _answer(self, connection: WorkerConnection, blocks: list[Block]) -> None:
+        self.blocks_handed_out += len(blocks)
+        self.block_frames += 1
         if connection.batched:
             connection.send(BlocksAssigned(tuple(map(wire_block, blocks))))
         else:
