@@ -2,9 +2,10 @@
 
 Scripts written for daisy run with ``import luigi_daisy as daisy``.
 
-The block scheduler core (blocks, tasks, scheduler) is imported eagerly; the run
+Geometry, blocks and errors are imported eagerly; the scheduler and tasks, the run
 machinery (tornado, tqdm), zarr datasets and the Luigi layer are imported on first use,
-so a script that only schedules blocks does not pay for them.
+so a worker process, which needs none of them, starts sooner, and a script that only
+schedules blocks does not pay for the rest.
 """
 
 import importlib
@@ -31,13 +32,15 @@ from .errors import (
     UnserialisableFunctionError,
     WorkerSetupError,
 )
-from .scheduler import BlockScheduler, ReleaseOutcome, Scheduler, TaskState
-from .summary import RunResult
-from .task import Task
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BlockScheduler": ".scheduler",
+    "ReleaseOutcome": ".scheduler",
+    "Scheduler": ".scheduler",
+    "TaskState": ".scheduler",
+    "RunResult": ".summary",
+    "Task": ".task",
     "BlockwiseDependencyGraph": ".dependency_graph",
     "DependencyGraph": ".dependency_graph",
     "SerialServer": ".server_api",

@@ -44,7 +44,6 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -1177,9 +1176,11 @@ def verify_proof(token: str | None, nonce: str, proof: str) -> bool:
 
 def new_nonce() -> str:
     """Return a fresh challenge nonce: 32 random bytes as 64 lowercase hex characters."""
+    import secrets  # only servers make nonces and tokens: workers start without it
     return secrets.token_hex(32)
 
 
 def new_token() -> str:
     """Return a fresh run token: 32 random bytes as 64 lowercase hex characters."""
+    import secrets
     return secrets.token_hex(32)

@@ -9,7 +9,6 @@ address, task, worker id, token) from ``LUIGI_DAISY_CONTEXT`` and what to run, a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ EXIT_RESTART_ME = 75
 def takes_block(process_function) -> bool:
     """Whether ``process_function`` is called once per block (True) or is a worker
     loop of its own that makes a ``Client`` (a function without arguments)."""
+    import inspect  # here: a worker's start is on the critical path of every run
     try:
         signature = inspect.signature(process_function)
     except (TypeError, ValueError):
