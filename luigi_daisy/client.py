@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import socket
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator
 
 from funlib.geometry import Roi
@@ -29,6 +27,7 @@ from funlib.geometry import Roi
 from . import watchdog
 from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
+from .hand import DEFAULT_PREFETCH, MAX_PREFETCH, Hand
 from .errors import (
     ContextError,
     ProtocolError,
@@ -39,7 +38,6 @@ from .protocol import (
     ALREADY_CONNECTED,
     PROTOCOL_VERSION,
     Acquire,
-    MAX_BATCH_BLOCKS,
     BlockAssigned,
     BlockResult,
     BlocksAssigned,
@@ -70,21 +68,6 @@ CLOSE_TIMEOUT = 5.0
 RECONNECT_GRACE = 2.0
 RECONNECT_PAUSE = 0.01
 
-#: blocks a worker keeps in hand beyond the one it processes, unless its context says
-#: otherwise (``prefetch``): measured with ``benchmarks/bench_run.py``, one hides the
-#: round trip and more only keeps blocks from other workers
-DEFAULT_PREFETCH = 1
-#: most blocks the ``prefetch`` context key may ask to keep in hand
-MAX_PREFETCH = 8
-#: most blocks a worker keeps in hand when its blocks are much shorter than a round
-#: trip (a batch); the server caps each frame at ``MAX_BATCH_BLOCKS`` too
-MAX_IN_HAND = 32
-#: a worker takes batches when its blocks take less than this share of a round trip,
-#: and then keeps in hand the blocks of ``BATCH_ROUND_TRIPS`` round trips
-BATCH_BELOW = 0.5
-BATCH_ROUND_TRIPS = 2
-#: weight of the newest measurement in the running block duration and round trip
-_SMOOTHING = 0.2
 
 
 class _WireGeometry:
@@ -187,14 +170,9 @@ class Client:
     def _connect(self, connect_timeout: float) -> None:
         self._decoder = Decoder()
         self._inbox: list[Message] = []
-        self._in_hand: deque[Block] = deque()
-        self._results: list[BlockResult] = []
-        self._asked = 0  # blocks asked for by the Report waiting for its answer
+        self._hand: Hand[Block] = Hand(self.prefetch)
         self._asked_at = 0.0
-        self._no_more_blocks = False
         self._handed_at = 0.0
-        self._block_seconds: float | None = None
-        self._round_trip_seconds: float | None = None
         try:
             self._socket = socket.create_connection((self.host, self.port),
                                                     timeout=connect_timeout)
@@ -275,79 +253,51 @@ class Client:
         results of finished blocks go to the server with the next request, at once for
         a failed block, and always before this worker waits for a block.
         """
+        hand = self._hand
         if finished is not None:
             self.report(finished)
-        if self._asked:
+        if hand.asked:
             self._poll()
-        in_hand = self._in_hand
-        if not self._asked and not self._no_more_blocks and len(in_hand) <= self._ahead():
-            self._send_report(min(self._ahead() + 1 - len(in_hand), MAX_BATCH_BLOCKS))
-        elif self._results and (not in_hand or self._results[-1].error is not None
-                                or len(self._results) >= MAX_BATCH_BLOCKS):
-            self._send_report(0)
-        if self._asked and not in_hand:
+        want = hand.to_ask()
+        if want or hand.must_report():
+            self._send_report(want)
+        if hand.must_wait():
             self._wait_for_answer()
-        if in_hand:
+        if hand.blocks:
             self._handed_at = time.perf_counter()
-            return in_hand.popleft()
-        if self._results:
+            return hand.blocks.popleft()
+        if hand.results:
             self._send_report(0)
         return None
 
     def report(self, block: Block) -> None:
         """Note the outcome of a block from :meth:`next_block` (``block.status`` SUCCESS
         or FAILED); it goes to the server with the next request, or on :meth:`close`."""
-        elapsed = time.perf_counter() - self._handed_at
-        previous = self._block_seconds
-        self._block_seconds = elapsed if previous is None else (
-            previous + _SMOOTHING * (elapsed - previous))
-        self._results.append(BlockResult(block.index, int(block.status), block.error))
-
-    def _ahead(self) -> int:
-        """How many blocks to keep in hand beyond the one being processed."""
-        if not self.prefetch:
-            return 0
-        block, round_trip = self._block_seconds, self._round_trip_seconds
-        if block is None or round_trip is None or block >= BATCH_BELOW * round_trip:
-            return self.prefetch
-        covered = BATCH_ROUND_TRIPS * round_trip / max(block, 1e-7)
-        return max(self.prefetch, min(MAX_IN_HAND, int(covered)))
+        self._hand.finished(BlockResult(block.index, int(block.status), block.error),
+                            time.perf_counter() - self._handed_at)
 
     def _send_report(self, want: int) -> None:
-        results, self._results = self._results, []
-        self._send(Report(tuple(results), want))
+        self._send(Report(self._hand.take_results(want), want))
         if want:
-            self._asked = want
             self._asked_at = time.perf_counter()
 
-    def _note_round_trip(self, seconds: float, exact: bool) -> None:
-        """A measured round trip: exact when the worker waited for the answer, an
-        upper bound when it found the answer between two blocks."""
-        previous = self._round_trip_seconds
-        if previous is None:
-            self._round_trip_seconds = seconds
-        elif exact:
-            self._round_trip_seconds = previous + _SMOOTHING * (seconds - previous)
-        else:
-            self._round_trip_seconds = min(previous, seconds)
-
-    def _take_answer(self, message: Message) -> None:
+    def _take_answer(self, message: Message, exact: bool) -> None:
+        hand = self._hand
+        seconds = time.perf_counter() - self._asked_at
         if type(message) is BlocksAssigned:
-            if len(message.blocks) > self._asked:
+            if len(message.blocks) > hand.asked:
                 raise ProtocolError(
                     f"the server sent {len(message.blocks)} blocks for a request of "
-                    f"{self._asked}")
-            self._in_hand.extend(map(block_from_wire, message.blocks))
+                    f"{hand.asked}")
+            hand.answered(list(map(block_from_wire, message.blocks)), seconds, exact)
         elif type(message) is NoMoreBlocks:
-            self._no_more_blocks = True
+            hand.answered(None, seconds, exact)
         else:
             raise ProtocolError(
                 f"expected blocks or NoMoreBlocks from the server, got {message!r}")
-        self._asked = 0
 
     def _wait_for_answer(self) -> None:
-        self._take_answer(self._receive())
-        self._note_round_trip(time.perf_counter() - self._asked_at, exact=True)
+        self._take_answer(self._receive(), exact=True)
 
     def _poll(self) -> None:
         """Take the answer to the waiting request if it has arrived (never waits)."""
@@ -365,8 +315,7 @@ class Client:
             self._inbox.extend(self._decoder.feed(data))
             if not self._inbox:
                 return
-        self._take_answer(self._inbox.pop(0))
-        self._note_round_trip(time.perf_counter() - self._asked_at, exact=False)
+        self._take_answer(self._inbox.pop(0), exact=False)
 
     def cannot_work(self, block: Block, error: str) -> None:
         """Tell the server this worker cannot process any block of its task (an error
@@ -374,7 +323,7 @@ class Client:
         for the server's answer, so the task is stopped before this worker exits."""
         block.status = BlockStatus.FAILED
         block.error = error
-        if self._results:
+        if self._hand.results:
             self._send_report(0)
         self._send(CannotWork(wire_of(block), error))
         while True:  # answers to earlier requests come first; the task is stopped anyway
@@ -384,7 +333,7 @@ class Client:
             if type(answer) not in (BlockAssigned, BlocksAssigned):
                 raise ProtocolError(
                     f"expected blocks or NoMoreBlocks from the server, got {answer!r}")
-        self._asked = 0
+        self._hand.asked = 0
 
     @contextlib.contextmanager
     def acquire_block(self) -> Iterator[Block | None]:
@@ -418,7 +367,7 @@ class Client:
         not refused as already connected.
         """
         try:
-            if self._results:
+            if self._hand.results:
                 self._send_report(0)
             self._send(Bye())  # blocks still in hand go back unstarted
             said_goodbye = True

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
-from .client import DEFAULT_PREFETCH, MAX_PREFETCH
+from .hand import DEFAULT_PREFETCH, MAX_PREFETCH
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
 from .errors import ConfigError, LauncherError, TaskDefinitionError, WorkerSetupError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec

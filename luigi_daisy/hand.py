@@ -1,0 +1,129 @@
+"""``Hand``: what a worker keeps in hand and when it asks for more (sans-I/O).
+
+A worker never waits for its next block: it keeps blocks in hand while it processes
+one, and when its blocks take much less than a round trip to the server it keeps enough
+for a few round trips and moves them several per frame. ``Hand`` makes these decisions
+from events (a block finished, a request sent, an answer arrived) and durations passed
+in; it holds no socket and reads no clock, so the blocking :class:`~luigi_daisy.client.
+Client` and the asyncio workers of ``benchmarks/bench_load.py`` share it.
+
+One request at a time waits for its answer (the server's rule). The results of
+finished blocks go with the next request; they are sent on their own when the hand is
+empty (before the worker waits), when a block failed (its traceback travels at once) or
+when a frame's worth has gathered.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+from .protocol import MAX_BATCH_BLOCKS, BlockResult
+
+#: blocks a worker keeps in hand beyond the one it processes unless told otherwise:
+#: measured with ``benchmarks/bench_run.py``, one hides the round trip
+DEFAULT_PREFETCH = 1
+#: most blocks ``prefetch`` may ask to keep in hand
+MAX_PREFETCH = 8
+#: most blocks in hand when blocks are much shorter than a round trip (a batch)
+MAX_IN_HAND = 32
+#: batches are taken when a block takes less than this share of a round trip, and then
+#: the hand holds the blocks of ``BATCH_ROUND_TRIPS`` round trips
+BATCH_BELOW = 0.5
+BATCH_ROUND_TRIPS = 2
+#: weight of the newest measurement in the running block duration and round trip
+SMOOTHING = 0.2
+
+BlockT = TypeVar("BlockT")
+
+
+class Hand(Generic[BlockT]):
+    """The blocks a worker holds, the results it has not sent, and its request.
+
+    Parameters
+    ----------
+    prefetch:
+        Blocks to keep in hand beyond the one being processed (0: none, no batches).
+    """
+
+    __slots__ = ("prefetch", "blocks", "results", "asked", "no_more_blocks",
+                 "block_seconds", "round_trip_seconds")
+
+    def __init__(self, prefetch: int = DEFAULT_PREFETCH) -> None:
+        self.prefetch = prefetch
+        #: blocks received and not yet started, in the order the server sent them
+        self.blocks: deque[BlockT] = deque()
+        #: results of finished blocks not sent yet
+        self.results: list[BlockResult] = []
+        #: blocks asked for by the request waiting for its answer (0: none waits)
+        self.asked = 0
+        #: the server said the task is done
+        self.no_more_blocks = False
+        #: running estimates, None until measured
+        self.block_seconds: float | None = None
+        self.round_trip_seconds: float | None = None
+
+    # ------------------------------------------------------------------ events
+    def finished(self, result: BlockResult, seconds: float) -> None:
+        """A block finished after ``seconds`` of processing."""
+        previous = self.block_seconds
+        self.block_seconds = seconds if previous is None else (
+            previous + SMOOTHING * (seconds - previous))
+        self.results.append(result)
+
+    def take_results(self, want: int) -> tuple[BlockResult, ...]:
+        """The results to send now with a request for ``want`` blocks (0: none)."""
+        results, self.results = self.results, []
+        if want:
+            self.asked = want
+        return tuple(results)
+
+    def answered(self, blocks: list[BlockT] | None, seconds: float, exact: bool) -> None:
+        """The answer to the waiting request: blocks, or None for ``NoMoreBlocks``.
+
+        ``seconds`` since the request was sent: the round trip when ``exact`` (the
+        worker waited for the answer), an upper bound when the answer was found
+        between two blocks.
+        """
+        if blocks is None:
+            self.no_more_blocks = True
+        else:
+            self.blocks.extend(blocks)
+        self.asked = 0
+        previous = self.round_trip_seconds
+        if previous is None:
+            self.round_trip_seconds = seconds
+        elif exact:
+            self.round_trip_seconds = previous + SMOOTHING * (seconds - previous)
+        else:
+            self.round_trip_seconds = min(previous, seconds)
+
+    # --------------------------------------------------------------- decisions
+    def ahead(self) -> int:
+        """How many blocks to keep in hand beyond the one being processed."""
+        if not self.prefetch:
+            return 0
+        block, round_trip = self.block_seconds, self.round_trip_seconds
+        if block is None or round_trip is None or block >= BATCH_BELOW * round_trip:
+            return self.prefetch
+        covered = BATCH_ROUND_TRIPS * round_trip / max(block, 1e-7)
+        return max(self.prefetch, min(MAX_IN_HAND, int(covered)))
+
+    def to_ask(self) -> int:
+        """How many blocks to ask for now (0: do not ask)."""
+        if self.asked or self.no_more_blocks:
+            return 0
+        ahead = self.ahead()
+        if len(self.blocks) > ahead:
+            return 0
+        return min(ahead + 1 - len(self.blocks), MAX_BATCH_BLOCKS)
+
+    def must_report(self) -> bool:
+        """Whether the results gathered must go now, without a request."""
+        results = self.results
+        return bool(results) and (not self.blocks or results[-1].error is not None
+                                  or len(results) >= MAX_BATCH_BLOCKS)
+
+    def must_wait(self) -> bool:
+        """Whether the worker has nothing to start and must wait for the answer."""
+        return bool(self.asked) and not self.blocks
