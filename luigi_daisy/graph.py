@@ -135,9 +135,15 @@ class ConflictStencil:
         """Iterator over the indices of level-0 blocks, in row-major order (last axis
         fastest, as ``itertools.product``)."""
         grid = self.grid
-        return map(sum, itertools.product(*(
+        *outer, last = (
             range((period - 1) * stride, n * stride, period * stride)
-            for n, stride, period in zip(grid.grid_shape, grid.id_strides, self.periods))))
+            for n, stride, period in zip(grid.grid_shape, grid.id_strides, self.periods))
+        if not outer:
+            return iter(last)
+        # itertools.product holds each axis it is given as a tuple: the last axis, the
+        # longest run of indices, stays a range
+        return (base + offset for base in map(sum, itertools.product(*outer))
+                for offset in last)
 
     def root_count(self) -> int:
         """Number of level-0 blocks."""

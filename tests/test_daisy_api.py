@@ -331,6 +331,24 @@ def test_dependency_graph_of_ten_million_blocks_answers_lazily():
     assert peak < 20 * 2**20, f"answering took {peak / 2**20:.1f} MiB: blocks were built"
 
 
+@pytest.mark.parametrize("grid_shape", [(10**8,), (10**4, 10**4)])
+def test_a_scheduler_of_a_hundred_million_blocks_starts_without_listing_them(grid_shape):
+    # the iterator over blocks that depend on nothing must stay lazy along every axis
+    total = Roi((0,) * len(grid_shape), grid_shape)
+    unit = Roi((0,) * len(grid_shape), (1,) * len(grid_shape))
+    task = daisy.Task("huge", total, unit, unit, process_function=noop,
+                      read_write_conflict=False)
+    tracemalloc.start()
+    try:
+        scheduler = daisy.BlockScheduler([task])
+        first = [scheduler.acquire("huge").index for _ in range(3)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first == [0, 1, 2]
+    assert peak < 20 * 2**20, f"starting took {peak / 2**20:.1f} MiB: blocks were listed"
+
+
 # ---------------------------------------------------------------------------- servers
 def _write_marker(folder: Path):
     def process(block) -> None:
