@@ -18,8 +18,9 @@ For each block duration (``--durations``, milliseconds), this script starts:
   round trip). "Processing" a block is ``asyncio.sleep`` of the block duration (nothing
   at 0 ms).
 
-When every worker is connected and welcomed, the measured window of ``--seconds``
-starts in the server and in all clients at once. Reported per duration:
+When every worker is connected and welcomed, all start working at once; after a
+warm-up (``--warmup``, every worker starts with an empty hand) the measured window of
+``--seconds`` starts in the server and in all clients. Reported per duration:
 
 - blocks per second: blocks the server recorded done in the window, over its length;
 - release -> next block: for every block a worker finished in the window, the time
@@ -103,36 +104,56 @@ def serve(args: argparse.Namespace) -> int:
         port = server.start_listening(0)
         print(json.dumps({"port": port, "token": server.token}), flush=True)
         state = server.task_states[TASK_ID]
+        loop = IOLoop.current()
         finished = asyncio.get_running_loop().create_future()
         marks: dict[str, tuple[float, float, int]] = {}
 
+        def mark(name: str) -> None:
+            marks[name] = (time.monotonic(), cpu_seconds(), state.completed_count)
+            if name == "stop":
+                finished.set_result(None)
+
         def on_command(fd: int, events: int) -> None:
             line = os.read(fd, 64).decode().strip()
-            for command in line.split():
-                marks[command] = (time.monotonic(), cpu_seconds(), state.completed_count)
-            if "stop" in marks or not line:
-                IOLoop.current().remove_handler(fd)
+            if line == "go":  # the window: after the warm-up, for --seconds
+                loop.call_later(args.warmup, mark, "start")
+                loop.call_later(args.warmup + args.seconds, mark, "stop")
+            else:  # end of input: the driver gave up
+                loop.remove_handler(fd)
                 if not finished.done():
                     finished.set_result(None)
 
-        IOLoop.current().add_handler(sys.stdin.fileno(), on_command, IOLoop.READ)
-        try:
-            await finished
-        finally:
-            server.close_all()
+        loop.add_handler(sys.stdin.fileno(), on_command, IOLoop.READ)
+        await finished
         if "start" not in marks or "stop" not in marks:
+            server.close_all()
             return {"error": "the driver stopped the server before the window ended"}
         (start_wall, start_cpu, start_done), (stop_wall, stop_cpu, stop_done) = (
             marks["start"], marks["stop"])
         window = stop_wall - start_wall
-        return {"window_s": window, "blocks": stop_done - start_done,
+        figures = {"window_s": window, "blocks": stop_done - start_done,
                 "blocks_per_s": (stop_done - start_done) / window,
                 "cpu_s": stop_cpu - start_cpu,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "frames": server.block_frames, "handed_out": server.blocks_handed_out,
                 "protocol_errors": server.protocol_errors}
+        print(json.dumps(figures), flush=True)
+        # serve on until the workers have said goodbye and the driver stops this process
+        await asyncio.get_running_loop().create_future()
 
-    print(json.dumps(asyncio.run(main())), flush=True)
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if args.profile_server:
+        import cProfile
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(asyncio.run, main())
+        finally:
+            profiler.dump_stats(args.profile_server)
+    else:
+        asyncio.run(main())
     return 0
 
 
@@ -236,8 +257,8 @@ class SimulatedWorker:
                 if self.block_seconds:
                     await asyncio.sleep(self.block_seconds)
                 released = time.monotonic()
-                if now >= start:
-                    self.busy += min(released, deadline) - now
+                if released > start:
+                    self.busy += min(released, deadline) - max(now, start)
                     self.done += 1
                 hand.finished(BlockResult(block.index, 2), released - now)
         finally:
@@ -266,16 +287,25 @@ async def run_clients(args: argparse.Namespace) -> dict[str, Any]:
                                 SETUP_TIMEOUT)
     if go.strip() != "go":
         return {"error": "the driver did not start the window"}
-    start = time.monotonic()
+    start = time.monotonic() + args.warmup
     deadline = start + args.seconds
+
+    async def measure_cpu() -> float:
+        await asyncio.sleep(args.warmup)
+        at_start = cpu_seconds()
+        await asyncio.sleep(args.seconds)
+        return cpu_seconds() - at_start
+
+    cpu = asyncio.ensure_future(measure_cpu())
     await asyncio.wait_for(
         asyncio.gather(*(worker.work(start, deadline) for worker in workers)),
-        args.seconds + SETUP_TIMEOUT)
+        args.warmup + args.seconds + SETUP_TIMEOUT)
     window = args.seconds
     latencies = [latency for worker in workers for latency in worker.latencies]
     if len(latencies) > SAMPLES_PER_PROCESS:
         latencies = random.sample(latencies, SAMPLES_PER_PROCESS)
     return {"idle": [1 - worker.busy / window for worker in workers],
+            "cpu_s": await cpu,
             "blocks": sum(worker.done for worker in workers),
             "latencies": latencies}
 
@@ -310,14 +340,17 @@ def read_line(process: subprocess.Popen, timeout: float, what: str) -> str:
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
+    """End the children: SIGTERM (the server then writes its profile), SIGKILL for
+    any still running after a few seconds."""
     for process in processes:
         if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(signal.SIGTERM)
     for process in processes:
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            pass
+            process.kill()
+            process.wait(timeout=10)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -332,7 +365,10 @@ def measure(args: argparse.Namespace, duration_ms: float) -> dict[str, Any]:
     try:
         server = subprocess.Popen(
             [sys.executable, script, "--serve", "--workers", str(args.workers),
-             "--blocks", str(args.blocks)],
+             "--blocks", str(args.blocks), "--seconds", str(args.seconds),
+             "--warmup", str(args.warmup),
+             *(["--profile-server", f"{args.profile_server}.{duration_ms:g}ms"]
+               if args.profile_server else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         processes.append(server)
         address = json.loads(read_line(server, SETUP_TIMEOUT, "server address"))
@@ -344,23 +380,21 @@ def measure(args: argparse.Namespace, duration_ms: float) -> dict[str, Any]:
                 [sys.executable, script, "--clients", "--port", str(address["port"]),
                  "--token", address["token"], "--first-id", str(first),
                  "--count", str(count), "--duration-ms", str(duration_ms),
-                 "--seconds", str(args.seconds), "--prefetch", str(args.prefetch)],
+                 "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+                 "--prefetch", str(args.prefetch)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             processes.append(client)
             client_list.append(client)
         for client in client_list:
             if read_line(client, SETUP_TIMEOUT, "ready line").strip() != "ready":
                 raise RuntimeError("a client process did not connect its workers")
-        server.stdin.write("start\n")
-        server.stdin.flush()
-        for client in client_list:
-            client.stdin.write("go\n")
-            client.stdin.flush()
-        results = [json.loads(read_line(client, args.seconds + SETUP_TIMEOUT, "figures"))
+        for process in (server, *client_list):
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        window = args.warmup + args.seconds + SETUP_TIMEOUT
+        served = json.loads(read_line(server, window, "server figures"))
+        results = [json.loads(read_line(client, window, "figures"))
                    for client in client_list]
-        server.stdin.write("stop\n")
-        server.stdin.flush()
-        served = json.loads(read_line(server, SETUP_TIMEOUT, "server figures"))
     finally:
         stop(processes)
     errors = [result["error"] for result in [*results, served] if "error" in result]
@@ -377,6 +411,7 @@ def measure(args: argparse.Namespace, duration_ms: float) -> dict[str, Any]:
         "cpu_s": served["cpu_s"],
         "cpu_share": served["cpu_s"] / served["window_s"],
         "rss_mib": served["peak_rss_mib"],
+        "client_cpu_share": sum(result["cpu_s"] for result in results) / args.seconds,
         "blocks_per_frame": served["handed_out"] / max(served["frames"], 1),
         "protocol_errors": served["protocol_errors"],
     }
@@ -384,14 +419,16 @@ def measure(args: argparse.Namespace, duration_ms: float) -> dict[str, Any]:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = ("block ms", "blocks/s", "release->next p50 ms", "p99 ms", "idle",
-              "server CPU s", "of one core", "server peak RSS MiB", "blocks/frame")
+              "server CPU s", "of one core", "server peak RSS MiB", "blocks/frame",
+              "clients' CPU, cores")
     lines = [header]
     for row in rows:
         lines.append((f"{row['duration_ms']:g}", f"{row['blocks_per_s']:,.0f}",
                       f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
                       f"{100 * row['idle']:.2f}%" if row["duration_ms"] else "n/a",
                       f"{row['cpu_s']:.2f}", f"{100 * row['cpu_share']:.0f}%",
-                      f"{row['rss_mib']:.0f}", f"{row['blocks_per_frame']:.1f}"))
+                      f"{row['rss_mib']:.0f}", f"{row['blocks_per_frame']:.1f}",
+                      f"{row['client_cpu_share']:.2f}"))
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     for line in lines:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
@@ -421,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes the simulated workers are spread over")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="length of the measured window per duration")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of work before each window (every worker starts "
+                             "with an empty hand)")
     parser.add_argument("--blocks", type=int, default=10**7, help="blocks of the task")
     parser.add_argument("--prefetch", type=int, default=1,
                         help="blocks a worker keeps in hand (run_blockwise's prefetch)")
+    parser.add_argument("--profile-server", metavar="PATH",
+                        help="run the server under cProfile; its stats go to "
+                             "PATH.<duration>ms (read them with python -m pstats)")
     internal = parser.add_argument_group("internal (the server and client processes)")
     internal.add_argument("--serve", action="store_true")
     internal.add_argument("--clients", action="store_true")
@@ -439,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         return clients(args)
     durations = [float(value) for value in args.durations.split(",") if value]
     print(f"{args.workers} workers in {args.client_processes} client processes, "
-          f"{args.seconds:g} s windows, prefetch {args.prefetch}, "
+          f"{args.seconds:g} s windows after {args.warmup:g} s of warm-up, prefetch "
+          f"{args.prefetch}, "
           f"{os.cpu_count()} cpus, load average "
           f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}", flush=True)
     rows = []

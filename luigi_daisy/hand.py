@@ -15,6 +15,7 @@ when a frame's worth has gathered.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -27,10 +28,14 @@ DEFAULT_PREFETCH = 1
 MAX_PREFETCH = 8
 #: most blocks in hand when blocks are much shorter than a round trip (a batch)
 MAX_IN_HAND = 32
-#: batches are taken when a block takes less than this share of a round trip, and then
-#: the hand holds the blocks of ``BATCH_ROUND_TRIPS`` round trips
-BATCH_BELOW = 0.5
+#: the hand holds the blocks of this many round trips (at least ``prefetch``), and a
+#: worker asks for more when less than half of that is left, so each request brings
+#: the blocks of about one round trip
 BATCH_ROUND_TRIPS = 2
+#: and at least this many seconds of blocks: a worker whose blocks are shorter asks
+#: about once per half of it, so a thousand workers of 100 ms blocks send the server
+#: a few thousand frames a second, not ten thousand (see benchmarks/bench_load.py)
+BATCH_SECONDS = 0.5
 #: weight of the newest measurement in the running block duration and round trip
 SMOOTHING = 0.2
 
@@ -100,21 +105,27 @@ class Hand(Generic[BlockT]):
 
     # --------------------------------------------------------------- decisions
     def ahead(self) -> int:
-        """How many blocks to keep in hand beyond the one being processed."""
+        """How many blocks to keep in hand beyond the one being processed: enough for
+        :data:`BATCH_ROUND_TRIPS` round trips and :data:`BATCH_SECONDS`, at least
+        ``prefetch``, at most :data:`MAX_IN_HAND`. Long blocks keep ``prefetch``;
+        shorter ones (a busy server has long round trips) keep more, and so travel
+        several per frame."""
         if not self.prefetch:
             return 0
         block, round_trip = self.block_seconds, self.round_trip_seconds
-        if block is None or round_trip is None or block >= BATCH_BELOW * round_trip:
+        if block is None or round_trip is None:
             return self.prefetch
-        covered = BATCH_ROUND_TRIPS * round_trip / max(block, 1e-7)
-        return max(self.prefetch, min(MAX_IN_HAND, int(covered)))
+        wanted_seconds = max(BATCH_ROUND_TRIPS * round_trip, BATCH_SECONDS)
+        covered = math.ceil(wanted_seconds / max(block, 1e-7))
+        return max(self.prefetch, min(MAX_IN_HAND, covered))
 
     def to_ask(self) -> int:
-        """How many blocks to ask for now (0: do not ask)."""
+        """How many blocks to ask for now (0: do not ask): when the hand is down to
+        half of :meth:`ahead` (at least ``prefetch``), enough to fill it again."""
         if self.asked or self.no_more_blocks:
             return 0
         ahead = self.ahead()
-        if len(self.blocks) > ahead:
+        if len(self.blocks) > max(self.prefetch, ahead // 2):
             return 0
         return min(ahead + 1 - len(self.blocks), MAX_BATCH_BLOCKS)
 

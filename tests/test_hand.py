@@ -6,7 +6,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from luigi_daisy.hand import BATCH_BELOW, MAX_IN_HAND, Hand
+import math
+
+from luigi_daisy.hand import BATCH_ROUND_TRIPS, BATCH_SECONDS, MAX_IN_HAND, Hand
 from luigi_daisy.protocol import MAX_BATCH_BLOCKS, BlockResult
 
 OK = 2
@@ -54,7 +56,7 @@ def test_without_prefetch_a_worker_asks_for_one_block_when_its_hand_is_empty():
 
 def test_long_blocks_keep_prefetch_blocks_in_hand():
     hand = Hand(prefetch=1)
-    requests = drive(hand, block_seconds=0.1, round_trip=0.001, blocks=40)
+    requests = drive(hand, block_seconds=BATCH_SECONDS, round_trip=0.001, blocks=40)
     assert requests[0] == 2 and set(requests[1:]) == {1}
     assert hand.ahead() == 1
 
@@ -66,6 +68,21 @@ def test_short_blocks_are_asked_for_in_batches_that_cover_two_round_trips():
     assert sum(requests) >= 2000 and len(requests) < 2000 / 10
 
 
+def test_blocks_as_long_as_a_round_trip_keep_two_round_trips_in_hand():
+    # a busy server: 100 ms blocks, 400 ms round trips
+    hand = Hand(prefetch=1)
+    requests = drive(hand, block_seconds=0.1, round_trip=0.4, blocks=200)
+    assert hand.ahead() == 8
+    assert len(requests) < 200 / 3, "several blocks per request"
+
+
+def test_blocks_shorter_than_half_a_second_are_asked_for_a_few_at_a_time():
+    hand = Hand(prefetch=1)
+    requests = drive(hand, block_seconds=0.1, round_trip=0.001, blocks=200)
+    assert hand.ahead() == 5
+    assert len(requests) < 200 / 2
+
+
 @given(prefetch=st.integers(0, 8), block_seconds=st.floats(1e-7, 10.0),
        round_trip=st.floats(1e-6, 10.0), blocks=st.integers(1, 300))
 def test_requests_stay_within_the_limits(prefetch, block_seconds, round_trip, blocks):
@@ -73,11 +90,12 @@ def test_requests_stay_within_the_limits(prefetch, block_seconds, round_trip, bl
     requests = drive(hand, block_seconds, round_trip, blocks)
     assert all(1 <= want <= MAX_BATCH_BLOCKS for want in requests)
     ahead = hand.ahead()
-    assert prefetch <= ahead <= max(prefetch, MAX_IN_HAND)
     if prefetch == 0:
         assert ahead == 0
-    if block_seconds >= BATCH_BELOW * round_trip:
-        assert ahead == prefetch
+    else:
+        covered = math.ceil(max(BATCH_ROUND_TRIPS * round_trip, BATCH_SECONDS)
+                            / block_seconds)
+        assert ahead == max(prefetch, min(MAX_IN_HAND, covered))
 
 
 def test_a_failed_block_is_reported_at_once():
