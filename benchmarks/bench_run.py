@@ -201,7 +201,8 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def run_child(impl: str, case: str, workers: int, progress: bool, ledger: bool) -> int:
+def run_child(impl: str, case: str, workers: int, progress: bool, ledger: bool,
+              profile: str | None = None) -> int:
     """Run one case in this process and print its result as one JSON line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -223,10 +224,18 @@ def run_child(impl: str, case: str, workers: int, progress: bool, ledger: bool) 
             # (tornado, tqdm) on first use, daisy at `import daisy`
             run_blockwise = package.run_blockwise
             cpu_before = cpu_seconds()
+            profiler = None
+            if profile:
+                import cProfile
+                profiler = cProfile.Profile()
+                profiler.enable()
             called = time.time()
             states = run_blockwise(tasks, multiprocessing=True, progress=progress,
                                    return_states=True, **options)
             returned = time.time()
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile}.{impl}-{case}-{workers}w")
             cpu_after = cpu_seconds()
         problems = state_problems(states, expected)
         per_task, record_problems = read_records(record_dir, expected)
@@ -287,7 +296,7 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 def spawn_case(impl: str, case: str, workers: int, timeout: float,
-               progress: bool, ledger: bool) -> dict[str, Any]:
+               progress: bool, ledger: bool, profile: str | None = None) -> dict[str, Any]:
     """Run one case in a fresh interpreter; return its result or an error record."""
     command = [sys.executable, str(Path(__file__).resolve()), "--case", case,
                "--impl", impl, "--workers-of-case", str(workers)]
@@ -295,6 +304,8 @@ def spawn_case(impl: str, case: str, workers: int, timeout: float,
         command.append("--no-progress")
     if ledger:
         command.append("--ledger")
+    if profile:
+        command += ["--profile", profile]
     base = {"impl": impl, "case": case, "workers": workers}
     # A session of its own, so that a timeout can kill the workers along with the child.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -486,7 +497,7 @@ def run_all(args: argparse.Namespace) -> int:
             for _ in range(args.repeat):
                 for impl in impls:
                     runs[impl].append(spawn_case(impl, case, workers, args.timeout,
-                                                 args.progress, args.ledger))
+                                                 args.progress, args.ledger, args.profile))
             for impl in impls:
                 row = summarize(runs[impl])
                 results[(case, workers, impl)] = row
@@ -532,6 +543,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="luigi_daisy records finished blocks in its ledger "
                              "(run_blockwise(ledger_dir=...)), as daisy's default block "
                              "tracking does")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="profile each run's own process (server, progress bars) with "
+                             "cProfile into PATH.<impl>-<case>-<workers>w (the last "
+                             "repetition's); read with python -m pstats")
     child = parser.add_argument_group("single case (used internally)")
     child.add_argument("--case", choices=CASES)
     child.add_argument("--impl", choices=IMPLS)
@@ -549,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.impl is None or args.workers_of_case is None:
             sys.exit("--case needs --impl and --workers-of-case")
         return run_child(args.impl, args.case, args.workers_of_case, args.progress,
-                         args.ledger)
+                         args.ledger, args.profile)
     return run_all(args)
 
 

@@ -7,10 +7,10 @@ from events (a block finished, a request sent, an answer arrived) and durations 
 in; it holds no socket and reads no clock, so the blocking :class:`~luigi_daisy.client.
 Client` and the asyncio workers of ``benchmarks/bench_load.py`` share it.
 
-One request at a time waits for its answer (the server's rule). The results of
-finished blocks go with the next request; they are sent on their own when the hand is
-empty (before the worker waits), when a block failed (its traceback travels at once) or
-when a frame's worth has gathered.
+One request at a time waits for its answer (the server's rule). The results of short
+blocks go with the next request; they are sent on their own when the hand is empty
+(before the worker waits), when a block failed (its traceback travels at once), when a
+frame's worth has gathered, and after every block of 10 ms or more.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ BATCH_ROUND_TRIPS = 2
 #: about once per half of it, so a thousand workers of 100 ms blocks send the server
 #: a few thousand frames a second, not ten thousand (see benchmarks/bench_load.py)
 BATCH_SECONDS = 0.5
+#: results of blocks that take this long or longer go to the server at once, so that a
+#: worker that dies or hangs has no finished block the server does not know of
+REPORT_AT_ONCE_SECONDS = 0.01
 #: weight of the newest measurement in the running block duration and round trip
 SMOOTHING = 0.2
 
@@ -130,10 +133,15 @@ class Hand(Generic[BlockT]):
         return min(ahead + 1 - len(self.blocks), MAX_BATCH_BLOCKS)
 
     def must_report(self) -> bool:
-        """Whether the results gathered must go now, without a request."""
+        """Whether the results gathered must go now, without a request: before the
+        worker waits, after a failure, when a frame's worth has gathered, and after
+        every block of :data:`REPORT_AT_ONCE_SECONDS` or more."""
         results = self.results
-        return bool(results) and (not self.blocks or results[-1].error is not None
-                                  or len(results) >= MAX_BATCH_BLOCKS)
+        return bool(results) and (
+            not self.blocks or results[-1].error is not None
+            or len(results) >= MAX_BATCH_BLOCKS
+            or (self.block_seconds is not None
+                and self.block_seconds >= REPORT_AT_ONCE_SECONDS))
 
     def must_wait(self) -> bool:
         """Whether the worker has nothing to start and must wait for the answer."""

@@ -9,8 +9,9 @@ Workers keep blocks in hand. A worker's ``Report`` returns the results of finish
 blocks and asks for more; the server hands out more than the one block a worker needs
 next (prefetch, or a batch of short blocks) only while its task has at least as many
 ready blocks as started workers, so blocks held in hand never keep another worker
-waiting. A block in hand counts as processing; a worker lost with blocks in hand fails
-the first (the one it was processing) and gives the others back unstarted.
+waiting. A block in hand counts as processing: a worker lost or stopped with blocks in
+hand fails them all (each is retried), a worker that says ``Bye`` gives them back
+unstarted.
 
 It trusts no one. Every connection, loopback included, proves the run's secret token
 before anything else; its ``Hello`` names a worker id the run started and that is not
@@ -678,17 +679,15 @@ class BlockServer(TCPServer):
             self._serve_waiting()
 
     def _connection_lost(self, connection: WorkerConnection) -> None:
-        """Take back the blocks of a closed connection. The first block of a worker
-        that reports (it processes its blocks in hand in order) failed with its
-        worker and is retried; the others were never started and are ready again at
-        no cost. Every block of other workers failed with them."""
+        """Take back the blocks of a connection that closed without ``Bye``: each failed
+        with its worker and is retried (at least once). A worker with short blocks
+        sends their results several at a time, so any block it held may have been
+        the one that killed it; blocks it finished but had not reported are done
+        again, never skipped."""
         held = list(connection.held.values())
         connection.held.clear()
-        for position, block in enumerate(held):
+        for block in held:
             del self.holder[(block.task_id, block.index)]
-            if position > 0 and connection.reports:
-                self.scheduler.return_unstarted(block)
-                continue
             logger.warning("worker %s of %r was lost while processing block %s; retrying it",
                            connection.worker_id, block.task_id, block.block_id[1])
             self._give_back(block, BlockStatus.FAILED,
@@ -715,9 +714,10 @@ class BlockServer(TCPServer):
         self.warnings.flush(now)
         reclaimed = 0
         for expired in self.scheduler.expired(now):
-            connection = self.holder.pop((expired.task_id, expired.index), None)
-            if connection is None:
-                continue
+            connection = self.holder.get((expired.task_id, expired.index))
+            if connection is None or connection.closed:
+                continue  # its worker is being stopped: its blocks go back when it closes
+            del self.holder[(expired.task_id, expired.index)]
             block = connection.held.pop(expired.index)
             timeout = self.scheduler.tasks[expired.task_id].timeout
             logger.warning("block %s of %r exceeded its timeout of %ss; stopping worker %s",
@@ -726,8 +726,6 @@ class BlockServer(TCPServer):
             self._give_back(block, BlockStatus.FAILED,
                             f"timeout: the block took longer than {timeout} s",
                             connection.worker_id, worker_lost=True)
-            if connection.reports:  # its other blocks in hand were never started
-                self._give_back_unstarted(connection)
             if self.on_worker_timeout is not None:
                 self.on_worker_timeout(expired.task_id, connection.worker_id)
             connection.close()

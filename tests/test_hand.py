@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 import math
 
-from luigi_daisy.hand import BATCH_ROUND_TRIPS, BATCH_SECONDS, MAX_IN_HAND, Hand
+from luigi_daisy.hand import (
+    BATCH_ROUND_TRIPS,
+    BATCH_SECONDS,
+    MAX_IN_HAND,
+    REPORT_AT_ONCE_SECONDS,
+    Hand,
+)
 from luigi_daisy.protocol import MAX_BATCH_BLOCKS, BlockResult
 
 OK = 2
@@ -102,10 +108,18 @@ def test_a_failed_block_is_reported_at_once():
     hand = Hand(prefetch=1)
     hand.answered(["a", "b", "c"], 1e-3, exact=True)
     hand.blocks.popleft()
-    hand.finished(BlockResult(0, OK), 1.0)
+    hand.finished(BlockResult(0, OK), 1e-4)
     assert not hand.must_report()
     hand.blocks.popleft()
-    hand.finished(BlockResult(1, FAILED, "Traceback"), 1.0)
+    hand.finished(BlockResult(1, FAILED, "Traceback"), 1e-4)
+    assert hand.must_report()
+
+
+def test_the_results_of_blocks_of_ten_ms_or_more_go_at_once():
+    hand = Hand(prefetch=1)
+    hand.answered(["a", "b", "c"], 1e-3, exact=True)
+    hand.blocks.popleft()
+    hand.finished(BlockResult(0, OK), REPORT_AT_ONCE_SECONDS)
     assert hand.must_report()
 
 
