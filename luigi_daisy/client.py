@@ -192,17 +192,25 @@ class Client:
             raise ServerUnreachableError(
                 f"lost the block server at {self.host}:{self.port}: {error}") from None
 
+    def _read(self, flags: int = 0) -> bool:
+        """Read what the server sent into the inbox; False when nothing was there
+        (only with ``socket.MSG_DONTWAIT``)."""
+        try:
+            data = self._socket.recv(1 << 16, flags)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            raise ServerUnreachableError(
+                f"lost the block server at {self.host}:{self.port}: {error}") from None
+        if not data:
+            raise ServerUnreachableError(
+                f"the block server at {self.host}:{self.port} closed the connection")
+        self._inbox.extend(self._decoder.feed(data))
+        return True
+
     def _receive(self) -> Message:
         while not self._inbox:
-            try:
-                data = self._socket.recv(1 << 16)
-            except OSError as error:
-                raise ServerUnreachableError(
-                    f"lost the block server at {self.host}:{self.port}: {error}") from None
-            if not data:
-                raise ServerUnreachableError(
-                    f"the block server at {self.host}:{self.port} closed the connection")
-            self._inbox.extend(self._decoder.feed(data))
+            self._read()
         return self._inbox.pop(0)
 
     def _handshake(self, token: str) -> str | None:
@@ -301,21 +309,10 @@ class Client:
 
     def _poll(self) -> None:
         """Take the answer to the waiting request if it has arrived (never waits)."""
-        if not self._inbox:
-            try:
-                data = self._socket.recv(1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                raise ServerUnreachableError(
-                    f"lost the block server at {self.host}:{self.port}: {error}") from None
-            if not data:
-                raise ServerUnreachableError(
-                    f"the block server at {self.host}:{self.port} closed the connection")
-            self._inbox.extend(self._decoder.feed(data))
-            if not self._inbox:
-                return
-        self._take_answer(self._inbox.pop(0), exact=False)
+        if not self._inbox and not self._read(socket.MSG_DONTWAIT):
+            return
+        if self._inbox:
+            self._take_answer(self._inbox.pop(0), exact=False)
 
     def cannot_work(self, block: Block, error: str) -> None:
         """Tell the server this worker cannot process any block of its task (an error
