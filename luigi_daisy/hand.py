@@ -34,8 +34,9 @@ MAX_IN_HAND = 32
 BATCH_ROUND_TRIPS = 2
 #: and at least this many seconds of blocks: a worker whose blocks are shorter asks
 #: about once per half of it, so a thousand workers of 100 ms blocks send the server
-#: a few thousand frames a second, not ten thousand (see benchmarks/bench_load.py)
-BATCH_SECONDS = 0.5
+#: a few thousand frames a second, not twenty thousand (see benchmarks/bench_load.py:
+#: with half a second, 1,000 such workers were idle 0.03% to 2.5% of the time)
+BATCH_SECONDS = 1.0
 #: results of blocks that take this long or longer go to the server at once, so that a
 #: worker that dies or hangs has no finished block the server does not know of
 REPORT_AT_ONCE_SECONDS = 0.01

@@ -632,7 +632,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         so that it never waits for its next block. A block in hand counts as
         processing (conflicts, timeouts, a lost worker's blocks); the server hands
         them out only while a task has at least as many ready blocks as workers.
-        Workers whose blocks are shorter than half a second, or than two round trips
+        Workers whose blocks are shorter than a second, or than two round trips
         to the server, keep that much work in hand (up to 32 blocks) and move blocks
         several per frame. 0: a worker holds only the block it processes.
 

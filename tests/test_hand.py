@@ -75,18 +75,18 @@ def test_short_blocks_are_asked_for_in_batches_that_cover_two_round_trips():
 
 
 def test_blocks_as_long_as_a_round_trip_keep_two_round_trips_in_hand():
-    # a busy server: 100 ms blocks, 400 ms round trips
+    # a busy server: 100 ms blocks, 800 ms round trips
     hand = Hand(prefetch=1)
-    requests = drive(hand, block_seconds=0.1, round_trip=0.4, blocks=200)
-    assert hand.ahead() == 8
+    requests = drive(hand, block_seconds=0.1, round_trip=0.8, blocks=200)
+    assert hand.ahead() == 16
     assert len(requests) < 200 / 3, "several blocks per request"
 
 
-def test_blocks_shorter_than_half_a_second_are_asked_for_a_few_at_a_time():
+def test_blocks_shorter_than_a_second_are_asked_for_a_few_at_a_time():
     hand = Hand(prefetch=1)
     requests = drive(hand, block_seconds=0.1, round_trip=0.001, blocks=200)
-    assert hand.ahead() == 5
-    assert len(requests) < 200 / 2
+    assert hand.ahead() == math.ceil(BATCH_SECONDS / 0.1)
+    assert len(requests) < 200 / 4
 
 
 @given(prefetch=st.integers(0, 8), block_seconds=st.floats(1e-7, 10.0),
