@@ -630,8 +630,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     prefetch:
         Blocks a worker keeps in hand beyond the one it processes (0 to 8; default 1),
         so that it never waits for its next block. A block in hand counts as
-        processing (conflicts, timeouts, a lost worker's blocks); the server hands
-        them out only while a task has at least as many ready blocks as workers.
+        processing (conflicts, timeouts, a lost worker's blocks); a hand holds no
+        more than its worker's share of the task's ready blocks.
         Workers whose blocks are shorter than a second, or than two round trips
         to the server, keep that much work in hand (up to 32 blocks) and move blocks
         several per frame. 0: a worker holds only the block it processes.

@@ -7,9 +7,9 @@ timeout, and parks ``Acquire`` requests until a block is ready or the task is do
 
 Workers keep blocks in hand. A worker's ``Report`` returns the results of finished
 blocks and asks for more; the server hands out more than the one block a worker needs
-next (prefetch, or a batch of short blocks) only while its task has at least as many
-ready blocks as started workers, so blocks held in hand never keep another worker
-waiting. A block in hand counts as processing: a worker lost or stopped with blocks in
+next (prefetch, or a batch of short blocks) only while its hand holds less than its
+share of the ready blocks (ready blocks over started workers), so blocks held in hand
+never keep another worker waiting. A block in hand counts as processing: a worker lost or stopped with blocks in
 hand fails them all (each is retried), a worker that says ``Bye`` gives them back
 unstarted.
 
@@ -489,11 +489,13 @@ class BlockServer(TCPServer):
         connection.held[block.index] = block
         self.holder[(block.task_id, block.index)] = connection
 
-    def _may_hand_extra(self, task_id: str) -> bool:
+    def _may_hand_extra(self, connection: WorkerConnection) -> bool:
         """Whether a worker may take a block beyond the one it needs next: only while
-        the task has at least as many ready blocks as started workers."""
-        return (self.scheduler.task_states[task_id].ready_count
-                >= max(len(self.expected_workers[task_id]), 1))
+        its hand holds less than its share of the ready blocks (ready blocks over
+        started workers), so workers that start later, or ask later, find theirs."""
+        task_id = connection.task_id
+        return (len(connection.held) * max(len(self.expected_workers[task_id]), 1)
+                < self.scheduler.task_states[task_id].ready_count)
 
     def _take_blocks(self, connection: WorkerConnection, want: int,
                      first_is_free: bool) -> list[Block]:
@@ -503,7 +505,7 @@ class BlockServer(TCPServer):
         task_id = connection.task_id
         blocks: list[Block] = []
         while len(blocks) < want:
-            if (blocks or not first_is_free) and not self._may_hand_extra(task_id):
+            if (blocks or not first_is_free) and not self._may_hand_extra(connection):
                 break
             block = self._next_block(task_id)
             if block is None:
@@ -645,18 +647,20 @@ class BlockServer(TCPServer):
                 connection.wants = 0
                 self._answer(connection, blocks)
             more = self.waiting_more[task_id]
-            while more and self._may_hand_extra(task_id):
-                connection = next(iter(more))
+            state = self.scheduler.task_states[task_id]
+            workers = max(len(self.expected_workers[task_id]), 1)
+            # each of them holds a block: none may take more unless ready > workers
+            for connection in list(more) if state.ready_count > workers else ():
                 blocks = [] if connection.closed else self._take_blocks(
                     connection, connection.wants, False)
-                del more[connection]
+                if blocks or connection.closed:
+                    del more[connection]
                 if blocks:
                     connection.wants = 0
                     self._answer(connection, blocks)
-                elif not connection.closed:
-                    more[connection] = None  # to the back: nothing could be taken
+                if state.ready_count <= workers:
                     break
-            if (waiting or more) and self.scheduler.task_states[task_id].is_done():
+            if (waiting or more) and state.is_done():
                 for connection in (*waiting, *more):
                     connection.wants = 0
                     connection.send(NoMoreBlocks())
