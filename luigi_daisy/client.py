@@ -27,13 +27,13 @@ from funlib.geometry import Roi
 from . import watchdog
 from .blocks import Block, BlockStatus, block_from_rois
 from .context import Context
-from .hand import DEFAULT_PREFETCH, MAX_PREFETCH, Hand
 from .errors import (
     ContextError,
     ProtocolError,
     RefusedByServerError,
     ServerUnreachableError,
 )
+from .hand import DEFAULT_PREFETCH, MAX_PREFETCH, Hand
 from .protocol import (
     ALREADY_CONNECTED,
     PROTOCOL_VERSION,
@@ -256,10 +256,10 @@ class Client:
         task is done: the worker loop's one call per block.
 
         Keeps blocks in hand so the worker never waits for its next one: ``prefetch``
-        of them (from the context), or, when blocks take much less than a round trip,
-        enough for a few round trips, asked for and reported several per frame. The
-        results of finished blocks go to the server with the next request, at once for
-        a failed block, and always before this worker waits for a block.
+        of them (from the context), or, for blocks shorter than a second or two round
+        trips, that much work, asked for and reported several per frame (see
+        :class:`~luigi_daisy.hand.Hand`). ``finished.status`` must say SUCCESS or
+        FAILED; any other status fails the block with an error that says so.
         """
         hand = self._hand
         if finished is not None:
@@ -281,7 +281,12 @@ class Client:
     def report(self, block: Block) -> None:
         """Note the outcome of a block from :meth:`next_block` (``block.status`` SUCCESS
         or FAILED); it goes to the server with the next request, or on :meth:`close`."""
-        self._hand.finished(BlockResult(block.index, int(block.status), block.error),
+        status, error = int(block.status), block.error
+        if status not in (BlockStatus.SUCCESS, BlockStatus.FAILED):
+            error = (f"block {block.block_id[1]} of task {block.task_id!r} was reported "
+                     f"with status {BlockStatus(status).name}; set it to SUCCESS or FAILED")
+            status = int(BlockStatus.FAILED)
+        self._hand.finished(BlockResult(block.index, status, error),
                             time.perf_counter() - self._handed_at)
 
     def _send_report(self, want: int) -> None:

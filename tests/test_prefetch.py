@@ -213,6 +213,22 @@ def test_a_block_in_hand_times_out_from_when_the_block_before_it_was_released():
     serve(scenario, line_task("slow", 10, timeout=10.0), clock=lambda: now[0])
 
 
+def test_a_block_reported_without_an_outcome_fails_with_a_clear_error():
+    async def scenario(server: BlockServer) -> None:
+        client = await in_thread(Client, context_for(server, "vague", 0, 0))
+        try:
+            block = await in_thread(client.next_block)
+            assert block.status == BlockStatus.PROCESSING
+            assert await in_thread(client.next_block, block) is None  # not set: failed
+        finally:
+            await in_thread(client.close)
+        state = server.task_states["vague"]
+        assert state.failed_count == 1 and server.protocol_errors == 0
+        assert "was reported with status PROCESSING" in state.failed_blocks[0]
+
+    serve(scenario, line_task("vague", 1, max_retries=0))
+
+
 # ------------------------------------------------------------------------- batches
 
 def process_all(client: Client, seconds_per_block: float) -> list[int]:
