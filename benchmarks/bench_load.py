@@ -241,7 +241,7 @@ class SimulatedWorker:
         try:
             while True:
                 want = hand.to_ask()
-                if want or hand.must_report():
+                if want or hand.results:
                     self.send_report(want)
                 while hand.must_wait():
                     self.answer.clear()

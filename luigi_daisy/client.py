@@ -37,8 +37,6 @@ from .hand import DEFAULT_PREFETCH, MAX_PREFETCH, Hand
 from .protocol import (
     ALREADY_CONNECTED,
     PROTOCOL_VERSION,
-    Acquire,
-    BlockAssigned,
     BlockResult,
     BlocksAssigned,
     Bye,
@@ -49,8 +47,6 @@ from .protocol import (
     Message,
     NoMoreBlocks,
     Refused,
-    Release,
-    ReleaseAndAcquire,
     Report,
     Welcome,
     WireBlock,
@@ -227,28 +223,23 @@ class Client:
             raise ProtocolError(f"expected Welcome from the server, got {answer!r}")
         return None
 
-    def _answer_to_block(self) -> Block | None:
+    # ------------------------------------------------------------------ blocks
+    def acquire(self) -> Block | None:
+        """The next block to process, or None when the task is done (waits if needed)."""
+        self._send(Report((), 1))
         answer = self._receive()
-        if type(answer) is BlockAssigned:
-            return block_from_wire(answer.block)
+        if type(answer) is BlocksAssigned:
+            if len(answer.blocks) != 1:
+                raise ProtocolError(
+                    f"the server sent {len(answer.blocks)} blocks for a request of 1")
+            return block_from_wire(answer.blocks[0])
         if type(answer) is NoMoreBlocks:
             return None
         raise ProtocolError(f"expected a block or NoMoreBlocks from the server, got {answer!r}")
 
-    # ------------------------------------------------------------------ blocks
-    def acquire(self) -> Block | None:
-        """The next block to process, or None when the task is done (waits if needed)."""
-        self._send(Acquire())
-        return self._answer_to_block()
-
     def release(self, block: Block) -> None:
         """Return a processed block; ``block.status`` says SUCCESS or FAILED."""
-        self._send(Release(wire_of(block), block.error))
-
-    def release_and_acquire(self, block: Block) -> Block | None:
-        """Return a processed block and get the next one in the same round trip."""
-        self._send(ReleaseAndAcquire(wire_of(block), block.error))
-        return self._answer_to_block()
+        self._send(Report((self._result_of(block),), 0))
 
     # ------------------------------------------------------------- worker loop
     def next_block(self, finished: Block | None = None) -> Block | None:
@@ -267,27 +258,33 @@ class Client:
         if hand.asked:
             self._poll()
         want = hand.to_ask()
-        if want or hand.must_report():
+        if want or hand.results:
+            # the result travels before the next block starts: a worker that dies in
+            # that block cannot take a finished one with it
             self._send_report(want)
         if hand.must_wait():
             self._wait_for_answer()
         if hand.blocks:
             self._handed_at = time.perf_counter()
             return hand.blocks.popleft()
-        if hand.results:
-            self._send_report(0)
         return None
 
     def report(self, block: Block) -> None:
         """Note the outcome of a block from :meth:`next_block` (``block.status`` SUCCESS
-        or FAILED); it goes to the server with the next request, or on :meth:`close`."""
+        or FAILED); it goes to the server with the next call of :meth:`next_block`,
+        before the next block starts, or on :meth:`close`."""
+        self._hand.finished(self._result_of(block), time.perf_counter() - self._handed_at)
+
+    @staticmethod
+    def _result_of(block: Block) -> BlockResult:
+        """The wire result of a processed block; a status other than SUCCESS or FAILED
+        fails it with an error that says so."""
         status, error = int(block.status), block.error
         if status not in (BlockStatus.SUCCESS, BlockStatus.FAILED):
             error = (f"block {block.block_id[1]} of task {block.task_id!r} was reported "
                      f"with status {BlockStatus(status).name}; set it to SUCCESS or FAILED")
             status = int(BlockStatus.FAILED)
-        self._hand.finished(BlockResult(block.index, status, error),
-                            time.perf_counter() - self._handed_at)
+        return BlockResult(block.index, status, error)
 
     def _send_report(self, want: int) -> None:
         self._send(Report(self._hand.take_results(want), want))
@@ -332,7 +329,7 @@ class Client:
             answer = self._receive()
             if type(answer) is NoMoreBlocks:
                 break
-            if type(answer) not in (BlockAssigned, BlocksAssigned):
+            if type(answer) is not BlocksAssigned:
                 raise ProtocolError(
                     f"expected blocks or NoMoreBlocks from the server, got {answer!r}")
         self._hand.asked = 0

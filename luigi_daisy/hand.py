@@ -7,10 +7,10 @@ from events (a block finished, a request sent, an answer arrived) and durations 
 in; it holds no socket and reads no clock, so the blocking :class:`~luigi_daisy.client.
 Client` and the asyncio workers of ``benchmarks/bench_load.py`` share it.
 
-One request at a time waits for its answer (the server's rule). The results of short
-blocks go with the next request; they are sent on their own when the hand is empty
-(before the worker waits), when a block failed (its traceback travels at once), when a
-frame's worth has gathered, and after every block of 10 ms or more.
+One request at a time waits for its answer (the server's rule). The result of every
+block is sent before the next block starts, with the next request when one is due and
+on its own otherwise: batches save requests and answers, never the results, so a worker
+that dies takes no finished block with it (see :mod:`luigi_daisy.handout`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ BATCH_ROUND_TRIPS = 2
 #: a few thousand frames a second, not twenty thousand (see benchmarks/bench_load.py:
 #: with half a second, 1,000 such workers were idle 0.03% to 2.5% of the time)
 BATCH_SECONDS = 1.0
-#: results of blocks that take this long or longer go to the server at once, so that a
-#: worker that dies or hangs has no finished block the server does not know of
-REPORT_AT_ONCE_SECONDS = 0.01
 #: weight of the newest measurement in the running block duration and round trip
 SMOOTHING = 0.2
 
@@ -64,7 +61,7 @@ class Hand(Generic[BlockT]):
         self.prefetch = prefetch
         #: blocks received and not yet started, in the order the server sent them
         self.blocks: deque[BlockT] = deque()
-        #: results of finished blocks not sent yet
+        #: results of finished blocks not sent yet (sent before the next block starts)
         self.results: list[BlockResult] = []
         #: blocks asked for by the request waiting for its answer (0: none waits)
         self.asked = 0
@@ -134,17 +131,6 @@ class Hand(Generic[BlockT]):
         if len(self.blocks) > max(self.prefetch, ahead // 2):
             return 0
         return min(ahead + 1 - len(self.blocks), MAX_BATCH_BLOCKS)
-
-    def must_report(self) -> bool:
-        """Whether the results gathered must go now, without a request: before the
-        worker waits, after a failure, when a frame's worth has gathered, and after
-        every block of :data:`REPORT_AT_ONCE_SECONDS` or more."""
-        results = self.results
-        return bool(results) and (
-            not self.blocks or results[-1].error is not None
-            or len(results) >= MAX_BATCH_BLOCKS
-            or (self.block_seconds is not None
-                and self.block_seconds >= REPORT_AT_ONCE_SECONDS))
 
     def must_wait(self) -> bool:
         """Whether the worker has nothing to start and must wait for the answer."""

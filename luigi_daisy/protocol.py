@@ -14,24 +14,27 @@ Conversation
     server -> client   Challenge(nonce)                  first frame on every connection
     client -> server   Hello(version, task_id, worker_id, proof)
     server -> client   Welcome()  or  Refused(reason) and close
-    client -> server   Acquire()                         give me a block
-    server -> client   BlockAssigned(block)  or  NoMoreBlocks()
-    client -> server   ReleaseAndAcquire(block, error)   finished one, give me the next
-    client -> server   Release(block, error)             finished one, no answer expected
     client -> server   Report(results, want)             finished blocks, and want more
     server -> client   BlocksAssigned(blocks)  or  NoMoreBlocks()    answer to want > 0
+    client -> server   CannotWork(block, error)          no block of this task can work
+    server -> client   NoMoreBlocks()                    answer to CannotWork
     either             Heartbeat()
     client -> server   Bye()                             then the server closes
 
-A connection has at most one request (``Acquire``, ``ReleaseAndAcquire`` or a
-``Report`` with ``want > 0``) waiting for its answer: the block server closes a
-connection that asks again before the answer came. ``Report`` is how the worker loop
-keeps blocks in hand (prefetch) and moves several short blocks per frame (batches): it
-carries the results of any number of finished blocks, up to :data:`MAX_BATCH_BLOCKS`,
-and asks for up to as many more. A worker that says ``Bye`` with blocks in hand gives
-them back unstarted.
-A block is released only by the connection it was assigned to; other releases of it
-are ignored.
+``Report`` is the one message of the worker's side of the conversation: it carries
+the results of finished blocks, up to :data:`MAX_BATCH_BLOCKS`, and asks for up to as
+many more (``want``). A worker keeps blocks in hand (prefetch, batches of short blocks)
+and processes them in the order they were sent; the result of each block is sent
+before the next one starts, so the server always knows which block was running when a
+worker died. A connection has at most one request (a ``Report`` with ``want > 0``)
+waiting for its answer: the block server closes a connection that asks again before
+the answer came. A worker that says ``Bye`` with blocks in hand gives them back
+unstarted. A block is released only by the connection it was assigned to; other
+results for it are ignored.
+
+Version 2 retired the one-block messages of version 1 (``Acquire``,
+``BlockAssigned``, ``Release``, ``ReleaseAndAcquire``; type codes 5, 6, 7 and 10 are
+not reused).
 
 The module holds no sockets, threads or clocks: :func:`encode` turns a message into the
 bytes of one frame and :class:`Decoder` turns bytes, in whatever chunks they arrive,
@@ -65,12 +68,8 @@ __all__ = [
     "Hello",
     "Welcome",
     "Refused",
-    "Acquire",
-    "ReleaseAndAcquire",
-    "Release",
     "Heartbeat",
     "Bye",
-    "BlockAssigned",
     "NoMoreBlocks",
     "CannotWork",
     "BlockResult",
@@ -89,7 +88,7 @@ __all__ = [
     "new_token",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Version sent in :class:`Hello`; the server refuses workers that speak another one."""
 
 MAX_FRAME_BYTES = 1 << 20
@@ -540,79 +539,6 @@ class Refused(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Acquire(Message):
-    """Client to server: give me a block (answered by BlockAssigned or NoMoreBlocks)."""
-
-    TYPE_CODE: ClassVar[int] = 5
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseAndAcquire(Message):
-    """Client to server: here is a finished block, give me the next one.
-
-    Answered like :class:`Acquire`, so a worker needs one round trip per block.
-
-    Attributes
-    ----------
-    block:
-        The finished block; its ``status`` says SUCCESS or FAILED.
-    error:
-        Text of the failure (a traceback), or None. Texts longer than
-        :data:`MAX_ERROR_CHARS` are truncated when the message is built.
-    """
-
-    TYPE_CODE: ClassVar[int] = 6
-    block: WireBlock
-    error: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.error is not None:
-            _clean_error(self, "error")
-
-    def _json(self) -> dict[str, Any]:
-        return {"block": _block_json(self.block), "error": self.error}
-
-    @classmethod
-    def _from_json(cls, body: dict[str, Any]) -> ReleaseAndAcquire:
-        return cls(
-            _block_from_json(body["block"], "ReleaseAndAcquire.block"),
-            _optional_error(body["error"], "ReleaseAndAcquire.error"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Release(Message):
-    """Client to server: here is a finished block; no answer is expected.
-
-    Attributes
-    ----------
-    block:
-        The finished block; its ``status`` says SUCCESS or FAILED.
-    error:
-        Text of the failure (a traceback), or None; truncated like in
-        :class:`ReleaseAndAcquire`.
-    """
-
-    TYPE_CODE: ClassVar[int] = 7
-    block: WireBlock
-    error: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.error is not None:
-            _clean_error(self, "error")
-
-    def _json(self) -> dict[str, Any]:
-        return {"block": _block_json(self.block), "error": self.error}
-
-    @classmethod
-    def _from_json(cls, body: dict[str, Any]) -> Release:
-        return cls(
-            _block_from_json(body["block"], "Release.block"),
-            _optional_error(body["error"], "Release.error"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     """Either direction: I am still alive."""
 
@@ -624,27 +550,6 @@ class Bye(Message):
     """Client to server: this worker is leaving and holds no block."""
 
     TYPE_CODE: ClassVar[int] = 9
-
-
-@dataclass(frozen=True, slots=True)
-class BlockAssigned(Message):
-    """Server to client: process this block.
-
-    Attributes
-    ----------
-    block:
-        The block, with status PROCESSING.
-    """
-
-    TYPE_CODE: ClassVar[int] = 10
-    block: WireBlock
-
-    def _json(self) -> dict[str, Any]:
-        return {"block": _block_json(self.block)}
-
-    @classmethod
-    def _from_json(cls, body: dict[str, Any]) -> BlockAssigned:
-        return cls(_block_from_json(body["block"], "BlockAssigned.block"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,7 +572,7 @@ class CannotWork(Message):
     block:
         The block the worker holds (status FAILED).
     error:
-        Text of the error; truncated like in :class:`Release`.
+        Text of the error; truncated to :data:`MAX_ERROR_CHARS`.
     """
 
     TYPE_CODE: ClassVar[int] = 12
@@ -699,7 +604,7 @@ class BlockResult:
     status:
         2 SUCCESS or 3 FAILED (the values of ``BlockStatus``).
     error:
-        Text of the failure (a traceback), or None; truncated like in :class:`Release`.
+        Text of the failure (a traceback), or None; truncated to :data:`MAX_ERROR_CHARS`.
     """
 
     index: int
@@ -810,12 +715,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Hello,
         Welcome,
         Refused,
-        Acquire,
-        ReleaseAndAcquire,
-        Release,
         Heartbeat,
         Bye,
-        BlockAssigned,
         NoMoreBlocks,
         CannotWork,
         Report,
@@ -825,12 +726,12 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
 """Every message class by its type code: the closed set of the protocol."""
 
 CLIENT_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Hello, Acquire, ReleaseAndAcquire, Release, Heartbeat, Bye, CannotWork, Report}
+    {Hello, Heartbeat, Bye, CannotWork, Report}
 )
 """Messages a worker may send (what a server's :class:`Decoder` should accept)."""
 
 SERVER_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Challenge, Welcome, Refused, BlockAssigned, BlocksAssigned, NoMoreBlocks, Heartbeat}
+    {Challenge, Welcome, Refused, BlocksAssigned, NoMoreBlocks, Heartbeat}
 )
 """Messages a server may send (what a worker's :class:`Decoder` should accept)."""
 

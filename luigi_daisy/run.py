@@ -441,7 +441,7 @@ class WorkerRun:
                     logger.warning("stopping the run: its stop_event was set")
                     break
             self.startup.finish()
-            self.server.serve_waiting()
+            self.server.end_run()
             await self._stop_workers()
         finally:
             self.ledgers.flush()

@@ -473,7 +473,9 @@ class BlockScheduler:
         if fatal:
             progress.retries.pop(index, None)
             state.failed_count += 1
-            state.failed_blocks[index] = block.error
+            state.failed_blocks[block.block_id[1]] = block.error
+            if progress.states is not None:
+                progress.states[index] = FAILED
             self.stop(block.task_id, block.error or "a worker could not process any block")
             return ReleaseOutcome.FAILED
         attempts = progress.retries.get(index, 0)
@@ -511,18 +513,6 @@ class BlockScheduler:
         state.ready_count += 1
         if progress.states is not None:
             progress.states[index] = READY
-
-    def restart_clock(self, task_id: str, indices, now: float) -> None:
-        """Count the processing time of held blocks from ``now`` (for the task's
-        timeout): a block a worker held in hand behind another starts when that one is
-        released, not when it was handed out."""
-        progress = self._get(task_id)
-        if progress.timeout is None:
-            return
-        processing = progress.processing
-        for index in indices:
-            if index in processing:
-                processing[index] = now
 
     def _finished(self, progress: _TaskProgress, index: int) -> None:
         """Count down the dependencies of every block waiting for this one."""

@@ -1,17 +1,10 @@
-"""The block server: a tornado TCP server around one scheduler.
+"""The block server: a tornado TCP server that carries out the hand-out's decisions.
 
-A thin loop: read bytes, decode frames, call the scheduler, write the answer. It tracks
-which connection holds which block, gives the blocks of a lost connection back to the
-scheduler as failed (so they are retried), reclaims blocks held past their task's
-timeout, and parks ``Acquire`` requests until a block is ready or the task is done.
-
-Workers keep blocks in hand. A worker's ``Report`` returns the results of finished
-blocks and asks for more; the server hands out more than the one block a worker needs
-next (prefetch, or a batch of short blocks) only while its hand holds less than its
-share of the ready blocks (ready blocks over started workers), so blocks held in hand
-never keep another worker waiting. A block in hand counts as processing: a worker lost or stopped with blocks in
-hand fails them all (each is retried), a worker that says ``Bye`` gives them back
-unstarted.
+A thin loop: read bytes, decode frames, turn each message into an event for the
+:class:`~luigi_daisy.handout.HandOut` (the sans-I/O state machine of who holds which
+block) and carry out the instructions it returns: frames to workers, records in the
+ledgers, workers stopped. Check functions run on a thread beside the loop, and their
+answers come back as events; ledger commits happen on the ledgers' own writer.
 
 It trusts no one. Every connection, loopback included, proves the run's secret token
 before anything else; its ``Hello`` names a worker id the run started and that is not
@@ -30,6 +23,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tornado.ioloop import IOLoop
@@ -37,16 +31,37 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
-from .blocks import Block, BlockStatus
+from .blocks import Block
 from .errors import ProtocolError, ServerConfigError
+from .handout import (
+    BlocksBecameReady,
+    Event,
+    HandOut,
+    Instruction,
+    PostCheckAnswered,
+    PreCheckAnswered,
+    RecordDone,
+    RecordFailed,
+    Reported,
+    RunEnding,
+    RunPostCheck,
+    RunPreCheck,
+    SendBlocks,
+    SendNoMoreBlocks,
+    StopWorker,
+    Tick,
+    Warn,
+    WorkerCannotWork,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerLost,
+)
 from .ledger import LedgerSet
 from .log_limits import WarningTally, clip
 from .protocol import (
     ALREADY_CONNECTED,
     CLIENT_MESSAGES,
     PROTOCOL_VERSION,
-    Acquire,
-    BlockAssigned,
     BlocksAssigned,
     Bye,
     CannotWork,
@@ -57,8 +72,6 @@ from .protocol import (
     Message,
     NoMoreBlocks,
     Refused,
-    Release,
-    ReleaseAndAcquire,
     Report,
     Welcome,
     WireBlock,
@@ -67,7 +80,7 @@ from .protocol import (
     new_token,
     verify_proof,
 )
-from .scheduler import BlockScheduler, ReleaseOutcome, TaskState
+from .scheduler import BlockScheduler, TaskState
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +172,12 @@ def _keep_alive(stream: IOStream) -> None:
 
 
 class WorkerConnection:
-    """Server-side record of one worker connection."""
+    """Server-side record of one worker connection: its bytes and who it proved to be.
+    Which blocks it holds is the hand-out's business (:class:`~luigi_daisy.handout.
+    HandOut`), where the connection is the worker's key."""
 
-    __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "held", "closed",
-                 "buffered", "handshake_timer", "wants", "batched", "reports")
+    __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "closed",
+                 "buffered", "handshake_timer")
 
     def __init__(self, stream: IOStream, address) -> None:
         self.stream = stream
@@ -170,17 +185,9 @@ class WorkerConnection:
         self.nonce = new_nonce()
         self.task_id: str | None = None
         self.worker_id: int | None = None
-        #: blocks this connection holds, in the order they were handed out
-        self.held: dict[int, Block] = {}
         self.closed = False
         self.buffered = 0
         self.handshake_timer: object | None = None
-        #: blocks asked for by the request waiting for its answer (0: none waits)
-        self.wants = 0
-        #: whether that request is answered with ``BlocksAssigned`` (a ``Report``)
-        self.batched = False
-        #: whether the worker sent a ``Report``: it processes its blocks in hand in order
-        self.reports = False
 
     @property
     def authenticated(self) -> bool:
@@ -197,19 +204,24 @@ class WorkerConnection:
             self.closed = True
 
     def close(self) -> None:
-        """Close the connection (its blocks are released by the read loop)."""
+        """Close the connection (the read loop then tells the hand-out)."""
         self.closed = True
         self.stream.close()
 
 
 class BlockServer(TCPServer):
-    """Hands out the blocks of a :class:`BlockScheduler` to workers over TCP.
+    """Serves the blocks of a :class:`BlockScheduler` to workers over TCP.
+
+    Bytes, limits and authentication are its own; who gets which block is decided by
+    its :class:`~luigi_daisy.handout.HandOut` (``self.handout``), whose instructions it
+    carries out: frames to workers, records in the ledgers, workers stopped, check
+    functions run on a thread beside the loop.
 
     Parameters
     ----------
     scheduler:
         The scheduler whose blocks are served. Check functions of its tasks are called
-        here, by the server, never inside the scheduler.
+        on a thread of the server, never inside the scheduler nor on the loop.
     host:
         Interface to listen on.
     token:
@@ -217,7 +229,7 @@ class BlockServer(TCPServer):
         when none is given. Workers get it in their context (environment), never on a
         command line.
     clock:
-        Source of the time passed to the scheduler and to the warning tally.
+        Source of the time passed to the hand-out and to the warning tally.
     on_worker_timeout:
         Called with ``(task_id, worker_id)`` when a worker held a block past its
         task's timeout; the run stops that worker.
@@ -237,6 +249,7 @@ class BlockServer(TCPServer):
                  limits: ServerLimits | None = None) -> None:
         super().__init__(max_buffer_size=1 << 22)
         self.scheduler = scheduler
+        self.handout = HandOut(scheduler)
         self.host = host
         self.token: str = token or new_token()
         self.clock = clock
@@ -245,33 +258,19 @@ class BlockServer(TCPServer):
         self.limits = limits if limits is not None else ServerLimits()
         self.port: int | None = None
         self.connections: set[WorkerConnection] = set()
-        # parked requests in arrival order (a dict holds each connection once): of
-        # connections holding no block, and of connections asking for more in hand
-        self.waiting: dict[str, dict[WorkerConnection, None]] = {
-            task_id: {} for task_id in scheduler.tasks}
-        self.waiting_more: dict[str, dict[WorkerConnection, None]] = {
-            task_id: {} for task_id in scheduler.tasks}
-        self.holder: dict[tuple[str, int], WorkerConnection] = {}
-        self.failed_workers: dict[str, set[int]] = {task_id: set() for task_id in scheduler.tasks}
-        # ids of the workers the run started and has not seen exit, per task
-        self.expected_workers: dict[str, set[int]] = {
-            task_id: set() for task_id in scheduler.tasks}
-        self.connected_workers: dict[tuple[str, int], WorkerConnection] = {}
         self.buffered_bytes = 0
         # highest total seen, before shedding: the bound plus at most one read chunk
         self.peak_buffered_bytes = 0
         self.warnings = WarningTally(logger)
-        #: ``(task_id, daisy block id) -> worker id`` of the blocks that failed for good
-        self.failed_by: dict[tuple[str, int], int | None] = {}
         self.protocol_errors = 0
         self.refused_hellos = 0
-        self.ignored_releases = 0
         self.refused_connections = 0
         self.handshake_timeouts = 0
         self.shed_connections = 0
-        #: blocks handed out, and the frames that carried them (batches: several each)
-        self.blocks_handed_out = 0
-        self.block_frames = 0
+        #: workers stopped because a block of theirs ran past its task's timeout
+        self.workers_stopped = 0
+        self._checks: ThreadPoolExecutor | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
     def start_listening(self, port: int = 0) -> int:
@@ -300,21 +299,68 @@ class BlockServer(TCPServer):
         """The scheduler's per-task counters."""
         return self.scheduler.task_states
 
+    @property
+    def connected_workers(self) -> dict[tuple[str, int], WorkerConnection]:
+        """``(task_id, worker_id) -> connection`` of the workers connected now."""
+        return self.handout.connected  # type: ignore[return-value]
+
+    @property
+    def failed_workers(self) -> dict[str, set[int]]:
+        """Ids of the workers that failed blocks, per task."""
+        return self.handout.failed_workers
+
+    @property
+    def failed_by(self) -> dict[tuple[str, int], int | None]:
+        """``(task_id, daisy block id) -> worker id`` of the blocks that failed for good."""
+        return self.handout.failed_by
+
+    @property
+    def ignored_releases(self) -> int:
+        """Results of blocks their worker did not hold (ignored)."""
+        return self.handout.ignored_results
+
+    @property
+    def blocks_handed_out(self) -> int:
+        """Blocks handed out so far."""
+        return self.handout.blocks_handed_out
+
+    @property
+    def block_frames(self) -> int:
+        """Frames that carried the blocks handed out (a batch carries several)."""
+        return self.handout.block_frames
+
+    def end_run(self) -> None:
+        """The run ends: workers closed from now on were not lost, and requests that
+        wait are told there are no more blocks."""
+        if not self.handout.ending:
+            self._feed(RunEnding())
+
     def close_all(self) -> None:
         """Stop listening, close every connection and log the warning counts left."""
+        self.end_run()
+        self._closed = True
         self.stop()
         for connection in list(self.connections):
             connection.close()
+        if self._checks is not None:
+            self._checks.shutdown(wait=False, cancel_futures=True)
         self.warnings.flush(self.clock(), force=True)
 
     # ------------------------------------------------------------------ workers
     def expect_worker(self, task_id: str, worker_id: int) -> None:
         """Welcome a connection of ``worker_id`` for ``task_id`` (the run started it)."""
-        self.expected_workers[task_id].add(worker_id)
+        self.handout.expect_worker(task_id, worker_id)
 
     def forget_worker(self, task_id: str, worker_id: int) -> None:
         """Refuse new connections of ``worker_id`` from now on (its process is gone)."""
-        self.expected_workers[task_id].discard(worker_id)
+        self.handout.forget_worker(task_id, worker_id)
+
+    def drop_worker(self, task_id: str, worker_id: int) -> None:
+        """Close the connections of a worker its launcher saw end; its blocks go back
+        to the scheduler (a dead node's connection may otherwise look open for long)."""
+        for connection in list(self.connections):
+            if connection.task_id == task_id and connection.worker_id == worker_id:
+                connection.close()
 
     # ------------------------------------------------------------------ connections
     async def handle_stream(self, stream: IOStream, address) -> None:
@@ -364,12 +410,7 @@ class BlockServer(TCPServer):
             IOLoop.current().remove_timeout(connection.handshake_timer)
             connection.handshake_timer = None
         if connection.authenticated:
-            key = (connection.task_id, connection.worker_id)
-            if self.connected_workers.get(key) is connection:
-                del self.connected_workers[key]
-            self.waiting[connection.task_id].pop(connection, None)
-            self.waiting_more[connection.task_id].pop(connection, None)
-        self._connection_lost(connection)
+            self._feed(WorkerLost(connection))
 
     def _handshake_expired(self, connection: WorkerConnection) -> None:
         connection.handshake_timer = None
@@ -418,21 +459,23 @@ class BlockServer(TCPServer):
             return
         kind = type(message)
         if kind is Report:
-            self._report(connection, message)
-        elif kind is ReleaseAndAcquire:
-            self._release(connection, message.block, message.error)
-            self._acquire(connection)
-        elif kind is Acquire:
-            self._acquire(connection)
-        elif kind is Release:
-            self._release(connection, message.block, message.error)
+            self._feed(Reported(connection, message.results, message.want))
         elif kind is CannotWork:
-            self._cannot_work(connection, message)
+            wire = message.block
+            if wire.task_id != connection.task_id:
+                self.handout.ignored_results += 1
+                self.warnings.warn(
+                    "ignored results", self.clock(),
+                    "worker %s of %r reported block %s of %s, another task; ignored",
+                    connection.worker_id, connection.task_id, wire.index,
+                    clip(repr(wire.task_id)))
+                connection.send(NoMoreBlocks())
+            else:
+                self._feed(WorkerCannotWork(connection, wire.index, message.error))
         elif kind is Heartbeat:
             pass
         elif kind is Bye:
-            if connection.reports:
-                self._give_back_unstarted(connection)
+            self._feed(WorkerLeft(connection))
             connection.close()
 
     def _refusal(self, message: Hello, nonce: str) -> str | None:
@@ -446,10 +489,10 @@ class BlockServer(TCPServer):
         if task_id not in self.scheduler.tasks:
             return (f"unknown task {clip(repr(task_id))}; this server runs "
                     f"{clip(', '.join(map(repr, self.scheduler.tasks)))}")
-        if worker_id not in self.expected_workers[task_id]:
+        if not self.handout.is_expected(task_id, worker_id):
             return (f"worker {worker_id} of task {task_id!r} was not started by this run "
                     f"(or has already exited)")
-        if (task_id, worker_id) in self.connected_workers:
+        if self.handout.is_connected(task_id, worker_id):
             return (f"worker {worker_id} of task {task_id!r} {ALREADY_CONNECTED}; one "
                     f"connection per worker at a time")
         return None
@@ -468,275 +511,84 @@ class BlockServer(TCPServer):
             return
         connection.task_id = message.task_id
         connection.worker_id = message.worker_id
-        self.connected_workers[(message.task_id, message.worker_id)] = connection
+        self._feed(WorkerJoined(connection, message.task_id, message.worker_id))
         if connection.handshake_timer is not None:
             IOLoop.current().remove_timeout(connection.handshake_timer)
             connection.handshake_timer = None
         connection.send(Welcome())
 
-    # ------------------------------------------------------------------ blocks
-    def _next_block(self, task_id: str) -> Block | None:
-        """Acquire a block, skipping those the task's check function finds done."""
-        task = self.scheduler.tasks[task_id]
-        while True:
-            block = self.scheduler.acquire(task_id, self.clock())
-            if block is None or not task.is_done_already(block):
-                return block
-            self.scheduler.release(block, BlockStatus.SUCCESS, self.clock(), skipped=True)
-            self.ledgers.record_done(task_id, block.index)
+    # ------------------------------------------------------------------ instructions
+    def _feed(self, event: Event) -> None:
+        """Give an event to the hand-out and carry out what it says."""
+        self._carry_out(self.handout.handle(event, self.clock()))
 
-    def _hold(self, connection: WorkerConnection, block: Block) -> None:
-        connection.held[block.index] = block
-        self.holder[(block.task_id, block.index)] = connection
+    def _carry_out(self, instructions: list[Instruction]) -> None:
+        for instruction in instructions:
+            kind = type(instruction)
+            if kind is SendBlocks:
+                instruction.worker.send(BlocksAssigned(tuple(map(wire_block,
+                                                                 instruction.blocks))))
+            elif kind is RecordDone:
+                self.ledgers.record_done(instruction.task_id, instruction.index)
+            elif kind is SendNoMoreBlocks:
+                instruction.worker.send(NoMoreBlocks())
+            elif kind is RecordFailed:
+                self.ledgers.record_failed(instruction.task_id, instruction.index,
+                                           instruction.error)
+            elif kind is Warn:
+                self.warnings.warn(instruction.kind, self.clock(), "%s", instruction.text)
+            elif kind is StopWorker:
+                self.workers_stopped += 1
+                if self.on_worker_timeout is not None:
+                    self.on_worker_timeout(instruction.task_id, instruction.worker_id)
+                instruction.worker.close()
+            elif kind is RunPreCheck or kind is RunPostCheck:
+                self._run_check(instruction)
 
-    def _may_hand_extra(self, connection: WorkerConnection) -> bool:
-        """Whether a worker may take a block beyond the one it needs next: only while
-        its hand holds less than its share of the ready blocks (ready blocks over
-        started workers), so workers that start later, or ask later, find theirs."""
-        task_id = connection.task_id
-        return (len(connection.held) * max(len(self.expected_workers[task_id]), 1)
-                < self.scheduler.task_states[task_id].ready_count)
+    def _run_check(self, instruction: RunPreCheck | RunPostCheck) -> None:
+        """Run a task's check function on the server's check thread (never on the
+        loop: a check may query a database or a slow filesystem); its answer comes
+        back to the hand-out on the loop. Checks run one at a time, in order, as
+        they would in daisy's scheduler."""
+        if self._checks is None:
+            self._checks = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="luigi_daisy-checks")
+        block = instruction.block
+        task = self.scheduler.tasks[block.task_id]
+        loop = IOLoop.current()
+        if type(instruction) is RunPreCheck:
+            future = self._checks.submit(task.is_done_already, block)
 
-    def _take_blocks(self, connection: WorkerConnection, want: int,
-                     first_is_free: bool) -> list[Block]:
-        """Up to ``want`` blocks for ``connection``, now held by it. Beyond the first
-        one (when ``first_is_free``), blocks are taken only while
-        :meth:`_may_hand_extra` says so."""
-        task_id = connection.task_id
-        blocks: list[Block] = []
-        while len(blocks) < want:
-            if (blocks or not first_is_free) and not self._may_hand_extra(connection):
-                break
-            block = self._next_block(task_id)
-            if block is None:
-                break
-            self._hold(connection, block)
-            blocks.append(block)
-        return blocks
-
-    def _answer(self, connection: WorkerConnection, blocks: list[Block]) -> None:
-        self.blocks_handed_out += len(blocks)
-        self.block_frames += 1
-        if connection.batched:
-            connection.send(BlocksAssigned(tuple(map(wire_block, blocks))))
+            def answer(done) -> Event:
+                return PreCheckAnswered(block, bool(done))
         else:
-            connection.send(BlockAssigned(wire_block(blocks[0])))
+            worker_id = instruction.worker_id
+            future = self._checks.submit(task.post_check_failure, block)
 
-    def _request(self, connection: WorkerConnection, want: int, batched: bool) -> None:
-        """Answer a request for ``want`` blocks now, or park it until a block is ready."""
-        task_id = connection.task_id
-        if connection.wants:
-            raise ProtocolError(
-                "a request for blocks while an earlier one of this connection still waits "
-                "for its answer; ask again only after the answer")
-        connection.batched = batched
-        first_is_free = not batched or not connection.held
-        blocks = self._take_blocks(connection, want, first_is_free)
-        if blocks:
-            self._answer(connection, blocks)
-        elif self.scheduler.task_states[task_id].is_done():
-            connection.send(NoMoreBlocks())
-        else:
-            connection.wants = want
-            if first_is_free:
-                self.waiting[task_id][connection] = None
-            else:
-                self.waiting_more[task_id][connection] = None
+            def answer(failure) -> Event:
+                return PostCheckAnswered(block, worker_id, failure)
 
-    def _acquire(self, connection: WorkerConnection) -> None:
-        self._request(connection, 1, batched=False)
+        def answered(finished) -> None:
+            if self._closed or finished.cancelled():
+                return
+            self._feed(answer(finished.result()))
 
-    def _report(self, connection: WorkerConnection, message: Report) -> None:
-        """Record the results of a ``Report``, then answer or park its request."""
-        connection.reports = True
-        task_id = connection.task_id
-        if message.results:
-            for result in message.results:
-                self._release_index(connection, task_id, result.index, result.status,
-                                    result.error, serve=False)
-            if connection.held:
-                self.scheduler.restart_clock(task_id, connection.held, self.clock())
-            elif connection in self.waiting_more[task_id]:
-                del self.waiting_more[task_id][connection]
-                self.waiting[task_id][connection] = None
-        if message.want:
-            self._request(connection, message.want, batched=True)
-        self._serve_waiting()
-
-    def _release(self, connection: WorkerConnection, wire: WireBlock, error: str | None) -> None:
-        if wire.task_id != connection.task_id:
-            self._ignore_release(connection, wire.task_id, wire.index)
-            return
-        self._release_index(connection, wire.task_id, wire.index, wire.status, error)
-
-    def _ignore_release(self, connection: WorkerConnection, task_id: object,
-                        index: int) -> None:
-        self.ignored_releases += 1
-        self.warnings.warn(
-            "ignored releases", self.clock(),
-            "worker %s of %r released block %s of %s that it does not hold; ignored",
-            connection.worker_id, connection.task_id, index, clip(repr(task_id)))
-
-    def _release_index(self, connection: WorkerConnection, task_id: str, index: int,
-                       status_code: int, error: str | None, serve: bool = True) -> None:
-        """Take back block ``index`` of the connection's task with its outcome."""
-        block = connection.held.pop(index, None)
-        if block is None:
-            self._ignore_release(connection, task_id, index)
-            return
-        del self.holder[(task_id, index)]
-        status = BlockStatus(status_code)
-        if status == BlockStatus.SUCCESS:
-            failure = self.scheduler.tasks[task_id].post_check_failure(block)
-            if failure is not None:
-                status = BlockStatus.FAILED
-                error = failure
-        elif status != BlockStatus.FAILED:
-            error = error or f"released with status {status.name}"
-            status = BlockStatus.FAILED
-        self._give_back(block, status, error, connection.worker_id, serve=serve)
-
-    def _cannot_work(self, connection: WorkerConnection, message: CannotWork) -> None:
-        """A worker that cannot process any block: its block fails for good, its task
-        stops (see ``BlockScheduler.stop``) and the worker is told there is no more."""
-        wire = message.block
-        block = connection.held.get(wire.index) if wire.task_id == connection.task_id else None
-        if block is None:
-            logger.warning("worker %s reported a block %s of %r it does not hold; ignored",
-                           connection.worker_id, wire.index, wire.task_id)
-        else:
-            del connection.held[wire.index]
-            del self.holder[(block.task_id, block.index)]
-            if not self.scheduler.task_states[block.task_id].stop_reason:
-                logger.error("worker %s cannot process any block of %r; stopping the task",
-                             connection.worker_id, block.task_id)
-            self._give_back(block, BlockStatus.FAILED, message.error, connection.worker_id,
-                            fatal=True)
-        connection.send(NoMoreBlocks())
-
-    def _give_back(self, block: Block, status: BlockStatus, error: str | None,
-                   worker_id: int | None, worker_lost: bool = False,
-                   fatal: bool = False, serve: bool = True) -> None:
-        block.status = status
-        block.error = error
-        if status == BlockStatus.FAILED and worker_id is not None:
-            self.failed_workers[block.task_id].add(worker_id)
-        outcome = self.scheduler.release(block, status, self.clock(), worker_lost=worker_lost,
-                                         fatal=fatal)
-        if outcome is ReleaseOutcome.COMPLETED:
-            self.ledgers.record_done(block.task_id, block.index)
-        elif outcome is ReleaseOutcome.FAILED:
-            self.ledgers.record_failed(block.task_id, block.index, error)
-            self.failed_by[(block.task_id, block.block_id[1])] = worker_id
-        if serve:
-            self._serve_waiting()
-
-    def _serve_waiting(self) -> None:
-        """Give newly ready blocks to parked requests, first to workers holding no
-        block, then to workers asking for more in hand; tell them when a task is done."""
-        for task_id, waiting in self.waiting.items():
-            while waiting:
-                connection = next(iter(waiting))
-                if connection.closed:
-                    del waiting[connection]
-                    continue
-                blocks = self._take_blocks(connection, connection.wants, True)
-                if not blocks:
-                    break
-                del waiting[connection]
-                connection.wants = 0
-                self._answer(connection, blocks)
-            more = self.waiting_more[task_id]
-            state = self.scheduler.task_states[task_id]
-            workers = max(len(self.expected_workers[task_id]), 1)
-            # each of them holds a block: none may take more unless ready > workers
-            for connection in list(more) if state.ready_count > workers else ():
-                blocks = [] if connection.closed else self._take_blocks(
-                    connection, connection.wants, False)
-                if blocks or connection.closed:
-                    del more[connection]
-                if blocks:
-                    connection.wants = 0
-                    self._answer(connection, blocks)
-                if state.ready_count <= workers:
-                    break
-            if (waiting or more) and state.is_done():
-                for connection in (*waiting, *more):
-                    connection.wants = 0
-                    connection.send(NoMoreBlocks())
-                waiting.clear()
-                more.clear()
-
-    def _give_back_unstarted(self, connection: WorkerConnection) -> None:
-        """A reporting worker leaves (``Bye``) or was stopped: the blocks it holds in
-        hand were never started; they are ready again at no cost, and a request of it
-        still parked is dropped."""
-        self.waiting[connection.task_id].pop(connection, None)
-        self.waiting_more[connection.task_id].pop(connection, None)
-        connection.wants = 0
-        held = list(connection.held.values())
-        connection.held.clear()
-        for block in held:
-            del self.holder[(block.task_id, block.index)]
-            self.scheduler.return_unstarted(block)
-        if held:
-            self._serve_waiting()
-
-    def _connection_lost(self, connection: WorkerConnection) -> None:
-        """Take back the blocks of a connection that closed without ``Bye``: each failed
-        with its worker and is retried (at least once). A worker with short blocks
-        sends their results several at a time, so any block it held may have been
-        the one that killed it; blocks it finished but had not reported are done
-        again, never skipped."""
-        held = list(connection.held.values())
-        connection.held.clear()
-        for block in held:
-            del self.holder[(block.task_id, block.index)]
-            logger.warning("worker %s of %r was lost while processing block %s; retrying it",
-                           connection.worker_id, block.task_id, block.block_id[1])
-            self._give_back(block, BlockStatus.FAILED,
-                            f"worker {connection.worker_id} was lost while processing the block",
-                            connection.worker_id, worker_lost=True, serve=False)
-        if held:
-            self._serve_waiting()
-
-    def drop_worker(self, task_id: str, worker_id: int) -> None:
-        """Close the connections of a worker its launcher saw end; its blocks go back
-        to the scheduler (a dead node's connection may otherwise look open for long)."""
-        for connection in list(self.connections):
-            if connection.task_id == task_id and connection.worker_id == worker_id:
-                connection.close()
+        loop.add_future(future, answered)
 
     # ------------------------------------------------------------------ time
     def reclaim_expired(self) -> int:
-        """Fail and retry blocks held past their task's timeout; stop their workers.
+        """Fail and retry blocks that run past their task's timeout and stop their
+        workers (the rest of their hands go back free); return how many.
 
         Called periodically by the run; it also writes the summaries of warnings that
         were counted rather than logged.
         """
-        now = self.clock()
-        self.warnings.flush(now)
-        reclaimed = 0
-        for expired in self.scheduler.expired(now):
-            connection = self.holder.get((expired.task_id, expired.index))
-            if connection is None or connection.closed:
-                continue  # its worker is being stopped: its blocks go back when it closes
-            del self.holder[(expired.task_id, expired.index)]
-            block = connection.held.pop(expired.index)
-            timeout = self.scheduler.tasks[expired.task_id].timeout
-            logger.warning("block %s of %r exceeded its timeout of %ss; stopping worker %s",
-                           block.block_id[1], expired.task_id, timeout, connection.worker_id)
-            self.scheduler.task_states[expired.task_id].timeout_reclaim_count += 1
-            self._give_back(block, BlockStatus.FAILED,
-                            f"timeout: the block took longer than {timeout} s",
-                            connection.worker_id, worker_lost=True)
-            if self.on_worker_timeout is not None:
-                self.on_worker_timeout(expired.task_id, connection.worker_id)
-            connection.close()
-            reclaimed += 1
-        return reclaimed
+        self.warnings.flush(self.clock())
+        stopped = self.workers_stopped
+        self._feed(Tick())
+        return self.workers_stopped - stopped
 
     def serve_waiting(self) -> None:
         """Hand blocks made ready outside a release (blocks another run finished) to
         parked workers, and tell those of finished tasks that nothing more will come."""
-        self._serve_waiting()
+        self._feed(BlocksBecameReady())

@@ -163,7 +163,7 @@ def run_report(run: WorkerRun, rates: RateMeter) -> dict:
                 "address": ":".join(map(str, connection.address))
                 if isinstance(connection.address, tuple) else str(connection.address),
                 "blocks": sorted(displayed_block_id(run, connection.task_id, index)
-                                 for index in connection.held),
+                                 for index in run.server.handout.held_by(connection)),
                 "log": _worker_log(run, connection.worker_id),
             })
     workers.sort(key=lambda worker: (worker["task_id"], worker["worker_id"] or 0))

@@ -12,7 +12,6 @@ from luigi_daisy.hand import (
     BATCH_ROUND_TRIPS,
     BATCH_SECONDS,
     MAX_IN_HAND,
-    REPORT_AT_ONCE_SECONDS,
     Hand,
 )
 from luigi_daisy.protocol import MAX_BATCH_BLOCKS, BlockResult
@@ -38,7 +37,7 @@ def drive(hand: Hand, block_seconds: float, round_trip: float, blocks: int) -> l
             next_index += len(hand.blocks)
             answer_at = None
         want = hand.to_ask()
-        if want or hand.must_report():
+        if want or hand.results:  # every result goes before the next block starts
             results = hand.take_results(want)
             assert len(results) <= MAX_BATCH_BLOCKS
             if want:
@@ -104,23 +103,16 @@ def test_requests_stay_within_the_limits(prefetch, block_seconds, round_trip, bl
         assert ahead == max(prefetch, min(MAX_IN_HAND, covered))
 
 
-def test_a_failed_block_is_reported_at_once():
+def test_a_result_is_never_kept_back_when_the_next_block_starts():
     hand = Hand(prefetch=1)
     hand.answered(["a", "b", "c"], 1e-3, exact=True)
-    hand.blocks.popleft()
-    hand.finished(BlockResult(0, OK), 1e-4)
-    assert not hand.must_report()
-    hand.blocks.popleft()
-    hand.finished(BlockResult(1, FAILED, "Traceback"), 1e-4)
-    assert hand.must_report()
-
-
-def test_the_results_of_blocks_of_ten_ms_or_more_go_at_once():
-    hand = Hand(prefetch=1)
-    hand.answered(["a", "b", "c"], 1e-3, exact=True)
-    hand.blocks.popleft()
-    hand.finished(BlockResult(0, OK), REPORT_AT_ONCE_SECONDS)
-    assert hand.must_report()
+    for index in range(3):
+        hand.blocks.popleft()
+        hand.finished(BlockResult(index, OK), 1e-6)
+        # Client.next_block sends whatever results exist before returning a block
+        results = hand.take_results(hand.to_ask())
+        assert [result.index for result in results] == [index]
+        assert not hand.results
 
 
 def test_one_request_at_a_time_and_none_after_the_last_block():

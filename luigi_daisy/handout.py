@@ -1,0 +1,622 @@
+"""The hand-out: who holds which block, as a sans-I/O state machine.
+
+The block server turns bytes into events and carries out instructions; everything in
+between is decided here. No sockets, threads or clocks: the time comes in with every
+event, workers are opaque hashable keys (the server's connections, or integers in
+tests), and user code (check functions) runs outside, answered by an event. Modelled on
+dask's ``WorkerState.handle_stimulus``: :meth:`HandOut.handle` takes one event and
+returns the instructions it causes.
+
+The rules it keeps:
+
+- **A worker processes its hand in the order it was sent.** Its *head*, the oldest
+  block it has not reported, is the one running; the others in hand are not started.
+  The worker's result of a block is written to the socket before its next block starts
+  (see :class:`~luigi_daisy.client.Client`), so a block whose function returned is
+  never run again because its worker died afterwards.
+- **Only the block that was running is charged.** A worker lost (closed without
+  ``Bye``) or stopped for a timeout fails its head, which is retried (at least once:
+  ``worker_lost``); the rest of its hand goes back first in line, unstarted and free.
+  A worker that says ``Bye`` gives its whole hand back free.
+- **A timeout counts from the moment the block started**: when it was handed to a
+  worker with an empty hand, or when the result of the block before it arrived.
+- **Blocks in hand never keep another worker waiting**: beyond the one block a worker
+  needs next, a worker gets more only while its hand holds less than its share of the
+  ready blocks (ready blocks over the task's started workers).
+- **Check functions run beside the hand-out**: a pre check (is the block done
+  already?) and a post check (did the block really succeed?) are instructions; their
+  answers are events. A block under a check belongs to no worker.
+- **A block is recorded done only after its function returned** and its post check
+  (if any) passed; failed-for-good blocks are recorded failed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Union
+
+from .blocks import Block, BlockStatus
+from .errors import ProtocolError
+from .protocol import BlockResult
+from .scheduler import BlockScheduler, ReleaseOutcome
+
+_SUCCESS = int(BlockStatus.SUCCESS)
+_FAILED = int(BlockStatus.FAILED)
+
+
+# ----------------------------------------------------------------------------- events
+
+@dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    """A worker the run started proved the token and was welcomed."""
+
+    worker: Hashable
+    task_id: str
+    worker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """A worker's ``Report``: results of blocks it held, in the order they finished,
+    and a request for ``want`` more blocks (0: none)."""
+
+    worker: Hashable
+    results: tuple[BlockResult, ...] = ()
+    want: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCannotWork:
+    """A worker cannot process any block of its task (its setup failed): block
+    ``index`` fails for good and the task stops."""
+
+    worker: Hashable
+    index: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLeft:
+    """A worker said ``Bye``: whatever it still holds was never started."""
+
+    worker: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """A worker's connection closed without ``Bye`` (it died, or was stopped)."""
+
+    worker: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: look for blocks running past their task's timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreCheckAnswered:
+    """The answer of a task's pre check for a block of :class:`RunPreCheck`."""
+
+    block: Block
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PostCheckAnswered:
+    """The answer of a task's post check for a block of :class:`RunPostCheck`: None
+    when it passed, else why the block failed."""
+
+    block: Block
+    worker_id: int | None
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksBecameReady:
+    """Blocks became ready outside this machine (another run finished their
+    dependencies): serve the requests that wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnding:
+    """The run ends: workers closed from now on were not lost, their blocks go back
+    without warnings or charges, and requests that wait are told the task is done
+    where it is."""
+
+
+Event = Union[WorkerJoined, Reported, WorkerCannotWork, WorkerLeft, WorkerLost, Tick,
+              PreCheckAnswered, PostCheckAnswered, BlocksBecameReady, RunEnding]
+
+
+# ------------------------------------------------------------------------ instructions
+
+@dataclass(frozen=True, slots=True)
+class SendBlocks:
+    """Send these blocks to the worker, to be processed in this order."""
+
+    worker: Hashable
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendNoMoreBlocks:
+    """Tell the worker its task has no more blocks for it."""
+
+    worker: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDone:
+    """Record block ``index`` of ``task_id`` as done (its function returned, its checks
+    passed, or its pre check found it done)."""
+
+    task_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailed:
+    """Record block ``index`` of ``task_id`` as failed for good."""
+
+    task_id: str
+    index: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    """Close the worker's connection and end its process (it held a block past the
+    task's timeout)."""
+
+    worker: Hashable
+    task_id: str
+    worker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunPreCheck:
+    """Ask the task's pre check whether ``block`` is done already; answer with
+    :class:`PreCheckAnswered`."""
+
+    block: Block
+
+
+@dataclass(frozen=True, slots=True)
+class RunPostCheck:
+    """Ask the task's post check whether ``block`` really succeeded; answer with
+    :class:`PostCheckAnswered`."""
+
+    block: Block
+    worker_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Something the run's user should hear of; ``kind`` groups repeated warnings."""
+
+    kind: str
+    text: str
+
+
+Instruction = Union[SendBlocks, SendNoMoreBlocks, RecordDone, RecordFailed, StopWorker,
+                    RunPreCheck, RunPostCheck, Warn]
+
+
+# ------------------------------------------------------------------------------ state
+
+class WorkerHand:
+    """What the hand-out knows of one connected worker."""
+
+    __slots__ = ("key", "task_id", "worker_id", "hand", "head_since", "wants", "stopped")
+
+    def __init__(self, key: Hashable, task_id: str, worker_id: int) -> None:
+        self.key = key
+        self.task_id = task_id
+        self.worker_id = worker_id
+        #: blocks sent and not reported, in the order they were sent: the first runs
+        self.hand: dict[int, Block] = {}
+        #: when the first block of the hand started
+        self.head_since = 0.0
+        #: blocks asked for by the request that waits for its answer (0: none waits)
+        self.wants = 0
+        #: stopped for a timeout; its blocks went back already
+        self.stopped = False
+
+    def __repr__(self) -> str:
+        return (f"WorkerHand(worker {self.worker_id} of {self.task_id!r}, "
+                f"hand={list(self.hand)}, wants={self.wants})")
+
+
+class HandOut:
+    """Who holds which block: events in, instructions out.
+
+    Parameters
+    ----------
+    scheduler:
+        The scheduler whose blocks are handed out. The hand-out is the only caller of
+        its ``acquire``, ``release`` and ``return_unstarted`` while it runs.
+    """
+
+    def __init__(self, scheduler: BlockScheduler) -> None:
+        self.scheduler = scheduler
+        self.task_states = scheduler.task_states
+        task_ids = list(scheduler.tasks)
+        self._timeouts = {task_id: task.timeout for task_id, task in scheduler.tasks.items()}
+        self._pre_checked = {task_id: task.pre_check is not None
+                             for task_id, task in scheduler.tasks.items()}
+        self._post_checked = {task_id: task.post_check is not None
+                              for task_id, task in scheduler.tasks.items()}
+        #: connected workers by key
+        self.workers: dict[Hashable, WorkerHand] = {}
+        #: ids of the workers the run started and has not seen exit, per task
+        self.expected: dict[str, set[int]] = {task_id: set() for task_id in task_ids}
+        #: ``(task_id, worker_id) -> key`` of the connected workers
+        self.connected: dict[tuple[str, int], Hashable] = {}
+        # parked requests in arrival order (a dict holds each worker once): of workers
+        # holding no block, and of workers asking for more in hand
+        self.waiting: dict[str, dict[WorkerHand, None]] = {t: {} for t in task_ids}
+        self.waiting_more: dict[str, dict[WorkerHand, None]] = {t: {} for t in task_ids}
+        #: blocks whose pre check found them not done, ready to hand out
+        self.checked: dict[str, deque[Block]] = {t: deque() for t in task_ids}
+        #: pre checks asked for and not answered, per task
+        self.pre_checks: dict[str, int] = {t: 0 for t in task_ids}
+        #: post checks asked for and not answered
+        self.post_checks = 0
+        #: ids of the workers that failed blocks, per task (for their log files)
+        self.failed_workers: dict[str, set[int]] = {t: set() for t in task_ids}
+        #: ``(task_id, daisy block number) -> worker id`` of the blocks failed for good
+        self.failed_by: dict[tuple[str, int], int | None] = {}
+        #: results of blocks their worker did not hold (ignored)
+        self.ignored_results = 0
+        #: blocks handed out, and the frames that carried them
+        self.blocks_handed_out = 0
+        self.block_frames = 0
+        self.ending = False
+        self._out: list[Instruction] = []
+        self._now = 0.0
+        self._handlers: dict[type, Callable[[object], None]] = {
+            WorkerJoined: self._joined, Reported: self._reported,
+            WorkerCannotWork: self._cannot_work, WorkerLeft: self._left,
+            WorkerLost: self._lost, Tick: self._tick,
+            PreCheckAnswered: self._pre_check_answered,
+            PostCheckAnswered: self._post_check_answered,
+            BlocksBecameReady: lambda event: None, RunEnding: self._run_ending,
+        }
+
+    # ------------------------------------------------------------------ queries
+    def expect_worker(self, task_id: str, worker_id: int) -> None:
+        """Welcome ``worker_id`` of ``task_id`` from now on (the run started it)."""
+        self.expected[task_id].add(worker_id)
+
+    def forget_worker(self, task_id: str, worker_id: int) -> None:
+        """Welcome ``worker_id`` no more (its process is gone)."""
+        self.expected[task_id].discard(worker_id)
+
+    def is_expected(self, task_id: str, worker_id: int) -> bool:
+        """Whether the run started ``worker_id`` of ``task_id`` and has not seen it exit."""
+        return worker_id in self.expected[task_id]
+
+    def is_connected(self, task_id: str, worker_id: int) -> bool:
+        """Whether ``worker_id`` of ``task_id`` is connected now."""
+        return (task_id, worker_id) in self.connected
+
+    def held_by(self, worker: Hashable) -> list[int]:
+        """Indices of the blocks ``worker`` holds, in the order it processes them."""
+        hand = self.workers.get(worker)
+        return list(hand.hand) if hand is not None else []
+
+    def waits(self, worker: Hashable) -> int:
+        """Blocks the waiting request of ``worker`` asked for (0: none waits)."""
+        hand = self.workers.get(worker)
+        return hand.wants if hand is not None else 0
+
+    # ------------------------------------------------------------------ events
+    def handle(self, event: Event, now: float) -> list[Instruction]:
+        """Take one event at time ``now``; return what the server must do, in order.
+
+        Raises
+        ------
+        ProtocolError
+            When the event breaks the protocol (a second request while one waits);
+            nothing changed then, and the server closes that worker's connection.
+        """
+        self._now = now
+        out = self._out = []
+        self._handlers[type(event)](event)
+        return out
+
+    def _joined(self, event: WorkerJoined) -> None:
+        hand = WorkerHand(event.worker, event.task_id, event.worker_id)
+        self.workers[event.worker] = hand
+        self.connected[(event.task_id, event.worker_id)] = event.worker
+
+    def _reported(self, event: Reported) -> None:
+        hand = self.workers.get(event.worker)
+        if hand is None or hand.stopped:
+            return
+        if event.want and hand.wants:
+            raise ProtocolError(
+                "a request for blocks while an earlier one of this connection still waits "
+                "for its answer; ask again only after the answer")
+        for result in event.results:
+            self._take_result(hand, result)
+        task_id = hand.task_id
+        if event.want:
+            self._request(hand, event.want)
+        elif not hand.hand and hand in self.waiting_more[task_id]:
+            del self.waiting_more[task_id][hand]  # holds nothing now: first in its own right
+            self.waiting[task_id][hand] = None
+        if event.results:
+            self._serve_waiting()
+
+    def _take_result(self, hand: WorkerHand, result: BlockResult) -> None:
+        held = hand.hand
+        index = result.index
+        if index not in held:
+            self.ignored_results += 1
+            self._warn("ignored results",
+                       f"worker {hand.worker_id} of {hand.task_id!r} reported block index "
+                       f"{index}, which it does not hold; ignored")
+            return
+        if next(iter(held)) == index:
+            hand.head_since = self._now  # the next block in hand starts now
+        block = held.pop(index)
+        status, error = result.status, result.error
+        if status == _SUCCESS and self._post_checked[hand.task_id]:
+            self.post_checks += 1
+            self._out.append(RunPostCheck(block, hand.worker_id))
+            return
+        if status != _SUCCESS and status != _FAILED:
+            error = error or f"released with status {BlockStatus(status).name}"
+            status = _FAILED
+        self._release(block, BlockStatus(status), error, hand.worker_id)
+
+    def _cannot_work(self, event: WorkerCannotWork) -> None:
+        hand = self.workers.get(event.worker)
+        if hand is None or hand.stopped:
+            return
+        block = hand.hand.get(event.index)
+        if block is None:
+            self._warn("ignored results",
+                       f"worker {hand.worker_id} reported that it cannot work on block index "
+                       f"{event.index} of {hand.task_id!r}, which it does not hold; ignored")
+        else:
+            if next(iter(hand.hand)) == event.index:
+                hand.head_since = self._now
+            del hand.hand[event.index]
+            if not self.task_states[hand.task_id].stop_reason:
+                self._warn("workers that cannot work",
+                           f"worker {hand.worker_id} cannot process any block of "
+                           f"{hand.task_id!r}; stopping the task")
+            self._release(block, BlockStatus.FAILED, event.error, hand.worker_id, fatal=True)
+        self._unpark(hand)
+        self._out.append(SendNoMoreBlocks(hand.key))
+        self._serve_waiting()
+
+    def _left(self, event: WorkerLeft) -> None:
+        hand = self._remove(event.worker)
+        if hand is None or hand.stopped:
+            return
+        if self._give_back_unstarted(list(hand.hand.values())):
+            self._serve_waiting()
+
+    def _lost(self, event: WorkerLost) -> None:
+        hand = self._remove(event.worker)
+        if hand is None or hand.stopped or not hand.hand:
+            return
+        held = list(hand.hand.values())
+        if self.ending:
+            self._give_back_unstarted(held)
+            return
+        head, rest = held[0], held[1:]
+        unstarted = f"; the {len(rest)} blocks in its hand go back unstarted" if rest else ""
+        self._warn("lost workers",
+                   f"worker {hand.worker_id} of {hand.task_id!r} was lost while processing "
+                   f"block {head.block_id[1]}; retrying it{unstarted}")
+        self._give_back_unstarted(rest)
+        self._release(head, BlockStatus.FAILED,
+                      f"worker {hand.worker_id} was lost while processing the block",
+                      hand.worker_id, worker_lost=True)
+        self._serve_waiting()
+
+    def _tick(self, event: Tick) -> None:
+        now = self._now
+        reclaimed = False
+        for hand in list(self.workers.values()):
+            if hand.stopped or not hand.hand:
+                continue
+            timeout = self._timeouts[hand.task_id]
+            if timeout is None or now - hand.head_since <= timeout:
+                continue
+            held = list(hand.hand.values())
+            hand.hand.clear()
+            hand.stopped = True
+            self._unpark(hand)
+            head = held[0]
+            self._warn("timeouts",
+                       f"block {head.block_id[1]} of {hand.task_id!r} exceeded its timeout "
+                       f"of {timeout}s; stopping worker {hand.worker_id}")
+            self.task_states[hand.task_id].timeout_reclaim_count += 1
+            self._give_back_unstarted(held[1:])
+            self._release(head, BlockStatus.FAILED,
+                          f"timeout: the block took longer than {timeout} s",
+                          hand.worker_id, worker_lost=True)
+            self._out.append(StopWorker(hand.key, hand.task_id, hand.worker_id))
+            reclaimed = True
+        if reclaimed:
+            self._serve_waiting()
+
+    def _pre_check_answered(self, event: PreCheckAnswered) -> None:
+        block = event.block
+        task_id = block.task_id
+        self.pre_checks[task_id] -= 1
+        if event.done:
+            block.status = BlockStatus.SUCCESS
+            self.scheduler.release(block, BlockStatus.SUCCESS, self._now, skipped=True)
+            self._out.append(RecordDone(task_id, block.index))
+        elif self.task_states[task_id].stop_reason:
+            self.scheduler.return_unstarted(block)  # counted orphaned: the task stopped
+        else:
+            self.checked[task_id].append(block)
+        self._serve_waiting()
+
+    def _post_check_answered(self, event: PostCheckAnswered) -> None:
+        self.post_checks -= 1
+        if event.failure is None:
+            self._release(event.block, BlockStatus.SUCCESS, None, event.worker_id)
+        else:
+            self._release(event.block, BlockStatus.FAILED, event.failure, event.worker_id)
+        self._serve_waiting()
+
+    def _run_ending(self, event: RunEnding) -> None:
+        self.ending = True
+        self._serve_waiting()
+
+    # ------------------------------------------------------------------ blocks
+    def _warn(self, kind: str, text: str) -> None:
+        self._out.append(Warn(kind, text))
+
+    def _remove(self, worker: Hashable) -> WorkerHand | None:
+        hand = self.workers.pop(worker, None)
+        if hand is None:
+            return None
+        key = (hand.task_id, hand.worker_id)
+        if self.connected.get(key) is worker:
+            del self.connected[key]
+        self._unpark(hand)
+        return hand
+
+    def _unpark(self, hand: WorkerHand) -> None:
+        self.waiting[hand.task_id].pop(hand, None)
+        self.waiting_more[hand.task_id].pop(hand, None)
+        hand.wants = 0
+
+    def _give_back_unstarted(self, blocks: list[Block]) -> bool:
+        """Blocks handed out and never started go back first in line, in the order they
+        were handed out, at no cost."""
+        for block in reversed(blocks):
+            self.scheduler.return_unstarted(block)
+        return bool(blocks)
+
+    def _release(self, block: Block, status: BlockStatus, error: str | None,
+                 worker_id: int | None, worker_lost: bool = False,
+                 fatal: bool = False) -> None:
+        block.status = status
+        block.error = error
+        task_id = block.task_id
+        if status == BlockStatus.FAILED and worker_id is not None:
+            self.failed_workers[task_id].add(worker_id)
+        outcome = self.scheduler.release(block, status, self._now, worker_lost=worker_lost,
+                                         fatal=fatal)
+        if outcome is ReleaseOutcome.COMPLETED:
+            self._out.append(RecordDone(task_id, block.index))
+        elif outcome is ReleaseOutcome.FAILED:
+            self._out.append(RecordFailed(task_id, block.index, error))
+            self.failed_by[(task_id, block.block_id[1])] = worker_id
+
+    def _next_block(self, task_id: str) -> Block | None:
+        """A block to hand out now: one whose pre check found it not done, or, for a
+        task without a pre check, the scheduler's next ready block."""
+        checked = self.checked[task_id]
+        if checked:
+            return checked.popleft()
+        if self._pre_checked[task_id]:
+            return None
+        return self.scheduler.acquire(task_id, self._now)
+
+    def _start_pre_checks(self, task_id: str, wanted: int) -> None:
+        """Have up to ``wanted`` blocks of ``task_id`` pre-checked at a time."""
+        in_flight = self.pre_checks[task_id]
+        while in_flight < wanted:
+            block = self.scheduler.acquire(task_id, self._now)
+            if block is None:
+                break
+            self._out.append(RunPreCheck(block))
+            in_flight += 1
+        self.pre_checks[task_id] = in_flight
+
+    def _may_hand_extra(self, hand: WorkerHand) -> bool:
+        """Whether a worker may take a block beyond the one it needs next: only while
+        its hand holds less than its share of the ready blocks (ready blocks over
+        started workers), so workers that start later, or ask later, find theirs."""
+        task_id = hand.task_id
+        return (len(hand.hand) * max(len(self.expected[task_id]), 1)
+                < self.task_states[task_id].ready_count + len(self.checked[task_id]))
+
+    def _take_blocks(self, hand: WorkerHand, want: int, first_is_free: bool) -> list[Block]:
+        """Up to ``want`` blocks for ``hand``, now held by it. Beyond the first one
+        (when ``first_is_free``), blocks are taken only while :meth:`_may_hand_extra`
+        says so."""
+        task_id = hand.task_id
+        blocks: list[Block] = []
+        held = hand.hand
+        while len(blocks) < want:
+            if (blocks or not first_is_free) and not self._may_hand_extra(hand):
+                break
+            block = self._next_block(task_id)
+            if block is None:
+                break
+            if not held:
+                hand.head_since = self._now
+            held[block.index] = block
+            blocks.append(block)
+        if not blocks and self._pre_checked[task_id]:
+            self._start_pre_checks(task_id, want)
+        return blocks
+
+    def _send(self, hand: WorkerHand, blocks: list[Block]) -> None:
+        self.blocks_handed_out += len(blocks)
+        self.block_frames += 1
+        self._out.append(SendBlocks(hand.key, tuple(blocks)))
+
+    def _request(self, hand: WorkerHand, want: int) -> None:
+        """Answer a request for ``want`` blocks now, or park it until a block is ready."""
+        task_id = hand.task_id
+        first_is_free = not hand.hand
+        blocks = [] if self.ending else self._take_blocks(hand, want, first_is_free)
+        if blocks:
+            self._send(hand, blocks)
+        elif self.ending or self.task_states[task_id].is_done():
+            self._out.append(SendNoMoreBlocks(hand.key))
+        else:
+            hand.wants = want
+            if first_is_free:
+                self.waiting[task_id][hand] = None
+            else:
+                self.waiting_more[task_id][hand] = None
+
+    def _serve_waiting(self) -> None:
+        """Give ready blocks to parked requests, first to workers holding no block,
+        then to workers asking for more in hand; tell them when a task is done (or the
+        run ends)."""
+        for task_id, waiting in self.waiting.items():
+            while waiting and not self.ending:
+                hand = next(iter(waiting))
+                blocks = self._take_blocks(hand, hand.wants, True)
+                if not blocks:
+                    break
+                del waiting[hand]
+                hand.wants = 0
+                self._send(hand, blocks)
+            more = self.waiting_more[task_id]
+            if more and not self.ending:
+                state = self.task_states[task_id]
+                workers = max(len(self.expected[task_id]), 1)
+                # each of them holds a block: none may take more unless ready > workers
+                for hand in list(more):
+                    if state.ready_count + len(self.checked[task_id]) <= workers:
+                        break
+                    blocks = self._take_blocks(hand, hand.wants, False)
+                    if blocks:
+                        del more[hand]
+                        hand.wants = 0
+                        self._send(hand, blocks)
+            if (waiting or more) and (self.ending or self.task_states[task_id].is_done()):
+                for hand in (*waiting, *more):
+                    hand.wants = 0
+                    self._out.append(SendNoMoreBlocks(hand.key))
+                waiting.clear()
+                more.clear()
