@@ -335,7 +335,7 @@ class Block:
         self.index = grid.index_of(position)
         self._number = int(block_id)
         self.status = BlockStatus.CREATED
-        self.error = None
+        self.error: str | None = None
         self._grid = None
         self._rois = (read_roi, write_roi)
 

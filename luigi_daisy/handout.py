@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union, cast
 
 from .blocks import Block, BlockStatus
 from .errors import ProtocolError
@@ -207,6 +207,11 @@ Instruction = Union[SendBlocks, SendNoMoreBlocks, RecordDone, RecordFailed, Stop
 
 # ------------------------------------------------------------------------------ state
 
+def _task_of(block: Block) -> str:
+    """The task id of a block handed out by the scheduler (never None there)."""
+    return cast(str, block.task_id)
+
+
 class WorkerHand:
     """What the hand-out knows of one connected worker."""
 
@@ -277,7 +282,7 @@ class HandOut:
         self.ending = False
         self._out: list[Instruction] = []
         self._now = 0.0
-        self._handlers: dict[type, Callable[[object], None]] = {
+        self._handlers: dict[type, Callable[[Any], None]] = {
             WorkerJoined: self._joined, Reported: self._reported,
             WorkerCannotWork: self._cannot_work, WorkerLeft: self._left,
             WorkerLost: self._lost, Tick: self._tick,
@@ -451,7 +456,7 @@ class HandOut:
 
     def _pre_check_answered(self, event: PreCheckAnswered) -> None:
         block = event.block
-        task_id = block.task_id
+        task_id = _task_of(block)
         self.pre_checks[task_id] -= 1
         if event.done:
             block.status = BlockStatus.SUCCESS
@@ -506,7 +511,7 @@ class HandOut:
                  fatal: bool = False) -> None:
         block.status = status
         block.error = error
-        task_id = block.task_id
+        task_id = _task_of(block)
         if status == BlockStatus.FAILED and worker_id is not None:
             self.failed_workers[task_id].add(worker_id)
         outcome = self.scheduler.release(block, status, self._now, worker_lost=worker_lost,

@@ -638,18 +638,6 @@ class BlockScheduler:
         progress.ready.extend(sorted(progress.held_ready))
         progress.held_ready.clear()
 
-    # ------------------------------------------------------------------ time
-    def expired(self, now: float) -> list[Block]:
-        """Blocks held longer than their task's timeout at time ``now``."""
-        expired = []
-        for progress in self._progress.values():
-            if progress.timeout is None:
-                continue
-            limit = now - progress.timeout
-            expired += [new_block(progress.task_id, index, progress.grid)
-                        for index, started in progress.processing.items() if started < limit]
-        return expired
-
 
 class Scheduler(BlockScheduler):
     """daisy's in-process scheduler API over :class:`BlockScheduler`.
