@@ -7,11 +7,13 @@ cost:
 ``logs``
     16 refused ``Hello`` frames naming an unknown task of 60,000 characters (sent with
     the token, so the task id is what gets refused), 16 ``Hello`` frames with a task id
-    of 1,000,000 characters (closed as oversized handshakes), and 2,000 releases of
-    blocks the sender does not hold. Prints the bytes and lines added to the log.
+    of 1,000,000 characters (closed as oversized handshakes), and 2,000 results (each
+    a ``Report``) of blocks the sender does not hold. Prints the bytes and lines added to
+    the log.
 ``queue``
-    100 authenticated peers that each send ``Acquire`` while no block is ready and then
-    close. Prints the waiting-queue entries while they are parked and after they left.
+    100 authenticated peers that each ask for a block (``Report`` with ``want`` 1) while
+    no block is ready and then close. Prints the waiting-queue entries while they are
+    parked and after they left.
 ``buffers``
     192 authenticated peers that each send a partial 1 MiB frame. Prints the bytes
     buffered, the peak, the connections shed and the growth of this process's RSS,
@@ -49,13 +51,12 @@ from funlib.geometry import Roi
 import luigi_daisy as daisy
 from luigi_daisy.protocol import (
     PROTOCOL_VERSION,
-    Acquire,
+    BlockResult,
     Challenge,
     Decoder,
     Hello,
-    Release,
+    Report,
     Welcome,
-    WireBlock,
     encode,
     proof_for,
 )
@@ -65,6 +66,8 @@ from luigi_daisy.server import BlockServer, ServerLimits
 HOST = "127.0.0.1"
 WAIT = 60.0
 SCENARIOS = ("logs", "queue", "buffers")
+#: a request for one block, as ``Client.acquire`` sends it
+REQUEST = encode(Report((), 1))
 
 
 def line_task(task_id: str, num_blocks: int) -> daisy.Task:
@@ -182,9 +185,8 @@ def scenario_logs() -> dict:
         peer = Peer(server.port)
         assert type(peer.hello("logs", server.token, 1)) is Welcome
         for index in range(2000):
-            wire = WireBlock("logs", index % 4, (0,), (1,), (0,), (1,), 2)
-            peer.send(encode(Release(wire, None)))
-        wait_until(lambda: server.ignored_releases == 2000, "the ignored releases")
+            peer.send(encode(Report((BlockResult(index % 4, 2, None),), 0)))
+        wait_until(lambda: server.ignored_releases == 2000, "the ignored results")
         peer.close()
     finally:
         served.stop()
@@ -204,20 +206,20 @@ def scenario_queue() -> dict:
             served.call(server.expect_worker, "queue", worker_id)
         holder = Peer(server.port)
         holder.hello("queue", server.token, 0)
-        holder.send(encode(Acquire()))
+        holder.send(REQUEST)
         holder.receive()
         peers = []
         for worker_id in range(1, 101):
             peer = Peer(server.port)
             peer.hello("queue", server.token, worker_id)
-            peer.send(encode(Acquire()))
+            peer.send(REQUEST)
             peers.append(peer)
-        wait_until(lambda: len(server.waiting["queue"]) == 100, "parked peers")
-        parked = served.call(lambda: len(server.waiting["queue"]))
+        wait_until(lambda: len(server.handout.waiting["queue"]) == 100, "parked peers")
+        parked = served.call(lambda: len(server.handout.waiting["queue"]))
         for peer in peers:
             peer.close()
         wait_until(lambda: len(server.connections) == 1, "the peers gone")
-        left = served.call(lambda: len(server.waiting["queue"]))
+        left = served.call(lambda: len(server.handout.waiting["queue"]))
         holder.close()
     finally:
         served.stop()
@@ -230,7 +232,7 @@ def scenario_buffers(bound: int, peers: int = 192) -> dict:
     served = Served(BlockScheduler([line_task("buffers", 4)]),
                     limits=ServerLimits(max_buffered_bytes=bound))
     server = served.server
-    frame = struct.pack(">IB", 1 << 20, Release.TYPE_CODE) + bytes((1 << 20) - 100)
+    frame = struct.pack(">IB", 1 << 20, Report.TYPE_CODE) + bytes((1 << 20) - 100)
     try:
         for worker_id in range(1, peers + 1):
             served.call(server.expect_worker, "buffers", worker_id)

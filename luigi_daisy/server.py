@@ -550,6 +550,8 @@ class BlockServer(TCPServer):
         loop: a check may query a database or a slow filesystem); its answer comes
         back to the hand-out on the loop. Checks run one at a time, in order, as
         they would in daisy's scheduler."""
+        if self._closed:
+            return
         if self._checks is None:
             self._checks = ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix="luigi_daisy-checks")

@@ -23,8 +23,6 @@ from luigi_daisy.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
-    Acquire,
-    BlockAssigned,
     BlockResult,
     BlocksAssigned,
     Bye,
@@ -36,8 +34,6 @@ from luigi_daisy.protocol import (
     Message,
     NoMoreBlocks,
     Refused,
-    Release,
-    ReleaseAndAcquire,
     Report,
     Welcome,
     WireBlock,
@@ -72,10 +68,12 @@ def wire_blocks(draw: st.DrawFn) -> WireBlock:
         write_offset=draw(offsets),
         write_shape=draw(shapes),
         status=draw(st.integers(0, 3)),
+        number=draw(st.none() | st.integers(0, 2**128 - 1)),
     )
 
 
-errors = st.none() | st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
+error_texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
+errors = st.none() | error_texts
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Challenge, nonce=st.text(lower_hex, min_size=1, max_size=256)),
@@ -88,14 +86,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(Welcome),
     st.builds(Refused, reason=texts),
-    st.builds(Acquire),
-    st.builds(ReleaseAndAcquire, block=wire_blocks(), error=errors),
-    st.builds(Release, block=wire_blocks(), error=errors),
     st.builds(Heartbeat),
     st.builds(Bye),
-    st.builds(BlockAssigned, block=wire_blocks()),
     st.builds(NoMoreBlocks),
-    st.builds(CannotWork, block=wire_blocks(), error=texts),
+    st.builds(CannotWork, block=wire_blocks(), error=error_texts),
     st.builds(Report,
               results=st.lists(st.builds(BlockResult, index=st.integers(0, INT64_MAX),
                                          status=st.sampled_from([2, 3]), error=errors),
@@ -112,17 +106,18 @@ ONE_OF_EACH: list[Message] = [
     Hello(PROTOCOL_VERSION, "predict", 3, proof_for("secret", "abc123")),
     Welcome(),
     Refused("bad token"),
-    Acquire(),
-    ReleaseAndAcquire(dataclasses.replace(BLOCK, status=2), None),
-    Release(dataclasses.replace(BLOCK, status=3), "Traceback (most recent call last):\n  é ✓"),
     Heartbeat(),
     Bye(),
-    BlockAssigned(BLOCK),
-    BlockAssigned(dataclasses.replace(BLOCK, number=2**70)),  # daisy's id travels too
     NoMoreBlocks(),
     CannotWork(dataclasses.replace(BLOCK, status=3), "setup_worker failed: ✗"),
+    CannotWork(dataclasses.replace(BLOCK, status=3, number=2**70), ""),
     Report((BlockResult(7, 2), BlockResult(8, 3, "Traceback: ✗")), 2),
+    Report((BlockResult(7, 2),), 1),  # a result and the next block in one frame
+    Report((BlockResult(7, 3, "Traceback (most recent call last):\n  é ✓"),), 0),
     Report((), 1),
+    Report((), MAX_BATCH_BLOCKS),
+    BlocksAssigned((BLOCK,)),
+    BlocksAssigned((dataclasses.replace(BLOCK, number=2**70),)),  # daisy's id travels too
     BlocksAssigned((BLOCK, dataclasses.replace(BLOCK, index=8, number=12))),
 ]
 
@@ -151,8 +146,12 @@ def rejects(data: bytes, *fragments: str) -> ProtocolError:
 # ---------------------------------------------------------------------- the messages
 
 
+RETIRED_TYPE_CODES = {5: "Acquire", 6: "BlockAssigned", 7: "Release", 10: "ReleaseAndAcquire"}
+"""The one-block messages of protocol version 1, retired by version 2 (not reused)."""
+
+
 def test_message_set_is_closed_and_codes_are_unique_bytes() -> None:
-    assert len(MESSAGE_TYPES) == 14
+    assert len(MESSAGE_TYPES) == 10
     # dataclass(slots=True) replaces each class, so compare what the module exports
     subclasses = {getattr(protocol, cls.__name__) for cls in Message.__subclasses__()}
     assert set(MESSAGE_TYPES.values()) == subclasses
@@ -160,6 +159,37 @@ def test_message_set_is_closed_and_codes_are_unique_bytes() -> None:
         assert cls.TYPE_CODE == code and 0 <= code <= 255
     assert CLIENT_MESSAGES | SERVER_MESSAGES == set(MESSAGE_TYPES.values())
     assert CLIENT_MESSAGES & SERVER_MESSAGES == {Heartbeat}
+    assert CLIENT_MESSAGES == {Hello, Heartbeat, Bye, CannotWork, Report}
+    assert SERVER_MESSAGES == {Challenge, Welcome, Refused, BlocksAssigned, NoMoreBlocks,
+                               Heartbeat}
+
+
+def test_protocol_version_2_retired_the_one_block_messages() -> None:
+    assert PROTOCOL_VERSION == 2
+    assert set(MESSAGE_TYPES).isdisjoint(RETIRED_TYPE_CODES)
+    for name in RETIRED_TYPE_CODES.values():
+        assert not hasattr(protocol, name), name
+        assert name not in protocol.__all__
+
+
+# the bodies a version 1 peer would have sent under each retired code
+RETIRED_FRAMES = [
+    (5, b"{}"),
+    (6, b'{"block":["t",0,[0],[1],[0],[1],1]}'),
+    (7, b'{"block":["t",0,[0],[1],[0],[1],2],"error":null}'),
+    (10, b'{"block":["t",0,[0],[1],[0],[1],3],"error":"boom"}'),
+]
+
+
+@pytest.mark.parametrize(("type_code", "body"), RETIRED_FRAMES,
+                         ids=[RETIRED_TYPE_CODES[code] for code, _ in RETIRED_FRAMES])
+def test_retired_type_codes_are_unknown_types(type_code: int, body: bytes) -> None:
+    for accept in (None, CLIENT_MESSAGES, SERVER_MESSAGES):
+        decoder = Decoder(accept=accept)
+        with pytest.raises(ProtocolError, match=f"^unknown message type code {type_code}$"):
+            decoder.feed(encode(Heartbeat()) + frame(type_code, body))
+        assert decoder.error is not None
+    rejects(frame(type_code, b"{}"), f"unknown message type code {type_code}")
 
 
 @pytest.mark.parametrize("message", ONE_OF_EACH, ids=lambda m: type(m).__name__)
@@ -181,15 +211,25 @@ def test_wire_block_is_frozen_with_slots() -> None:
 
 
 def test_frame_layout() -> None:
-    data = encode(BlockAssigned(BLOCK))
+    data = encode(BlocksAssigned((BLOCK,)))
     (length,) = struct.unpack(">I", data[:4])
     assert length == len(data) - 4
-    assert data[4] == BlockAssigned.TYPE_CODE
+    assert data[4] == BlocksAssigned.TYPE_CODE
     assert json.loads(data[5:].decode("utf-8")) == {
-        "block": ["predict", 7, [-4, 0, 8], [24, 24, 24], [0, 4, 12], [16, 16, 16], 1]
+        "blocks": [["predict", 7, [-4, 0, 8], [24, 24, 24], [0, 4, 12], [16, 16, 16], 1]]
     }
     assert b" " not in data[5:]  # compact separators
-    assert encode(Acquire()) == frame(Acquire.TYPE_CODE, b"{}")
+    data = encode(CannotWork(dataclasses.replace(BLOCK, status=3, number=12), "boom"))
+    assert data[4] == CannotWork.TYPE_CODE
+    assert json.loads(data[5:].decode("utf-8")) == {
+        "block": ["predict", 7, [-4, 0, 8], [24, 24, 24], [0, 4, 12], [16, 16, 16], 3, 12],
+        "error": "boom",
+    }
+    data = encode(Report((BlockResult(7, 2), BlockResult(8, 3, "boom")), 1))
+    assert data[4] == Report.TYPE_CODE
+    assert data[5:] == b'{"results":[[7,2,null],[8,3,"boom"]],"want":1}'
+    assert encode(Heartbeat()) == frame(Heartbeat.TYPE_CODE, b"{}")
+    assert encode(Bye()) == frame(Bye.TYPE_CODE, b"{}")
 
 
 def test_non_ascii_text_is_sent_as_utf8() -> None:
@@ -213,12 +253,16 @@ def test_round_trip_of_each_type_keeps_the_class(message: Message) -> None:
 
 
 def test_decoded_blocks_are_ordinary_wire_blocks() -> None:
-    decoded = decode_one(encode(BlockAssigned(BLOCK)))
-    assert isinstance(decoded, BlockAssigned)
-    block = decoded.block
+    decoded = decode_one(encode(BlocksAssigned((BLOCK,))))
+    assert isinstance(decoded, BlocksAssigned)
+    assert type(decoded.blocks) is tuple
+    (block,) = decoded.blocks
     assert block == BLOCK and hash(block) == hash(BLOCK)
-    assert type(block.read_offset) is tuple
+    assert type(block) is WireBlock and type(block.read_offset) is tuple
     assert dataclasses.replace(block, status=2).status == 2
+    decoded = decode_one(encode(CannotWork(BLOCK, "boom")))
+    assert isinstance(decoded, CannotWork)
+    assert decoded.block == BLOCK and type(decoded.block.write_shape) is tuple
 
 
 @given(st.lists(messages, max_size=8))
@@ -269,9 +313,9 @@ def test_feed_accepts_bytearray_and_memoryview_and_empty_data() -> None:
 
 
 def test_feed_does_not_keep_a_reference_to_the_callers_buffer() -> None:
-    data = bytearray(encode(Acquire()) + encode(Bye())[:3])
+    data = bytearray(encode(Report((), 1)) + encode(Bye())[:3])
     decoder = Decoder()
-    assert decoder.feed(data) == [Acquire()]
+    assert decoder.feed(data) == [Report((), 1)]
     data[:] = b"\xff" * len(data)
     assert decoder.feed(encode(Bye())[3:]) == [Bye()]
 
@@ -336,8 +380,7 @@ def test_encode_refuses_frames_over_the_limit() -> None:
 
 def test_huge_error_is_truncated_so_the_frame_fits() -> None:
     traceback = "Traceback (most recent call last):\n" + "  line\n" * 200_000 + "ValueError: boom"
-    message = ReleaseAndAcquire(dataclasses.replace(BLOCK, status=3), traceback)
-    assert message.error is not None
+    message = CannotWork(dataclasses.replace(BLOCK, status=3), traceback)
     assert len(message.error) <= MAX_ERROR_CHARS
     assert message.error.startswith("Traceback (most recent call last):")
     assert message.error.endswith("ValueError: boom")
@@ -345,13 +388,18 @@ def test_huge_error_is_truncated_so_the_frame_fits() -> None:
     data = encode(message)
     assert len(data) <= MAX_FRAME_BYTES
     assert decode_one(data) == message
+    result = BlockResult(7, 3, traceback)
+    assert result.error == message.error
+    data = encode(Report((result,), 1))
+    assert len(data) <= MAX_FRAME_BYTES
+    assert decode_one(data) == Report((result,), 1)
 
 
 def test_worst_case_error_text_still_fits_the_default_frame() -> None:
     # Control characters are escaped as \u00XX: six bytes on the wire per character.
     for text in ("\x01" * (2 * MAX_ERROR_CHARS), "😀" * (2 * MAX_ERROR_CHARS)):
-        message = Release(BLOCK, text)
-        assert decode_one(encode(message)) == message
+        for message in (CannotWork(BLOCK, text), Report((BlockResult(7, 3, text),), 0)):
+            assert decode_one(encode(message)) == message
 
 
 def test_truncate_error() -> None:
@@ -363,9 +411,12 @@ def test_truncate_error() -> None:
 
 def test_lone_surrogates_in_error_texts_are_escaped() -> None:
     # Tracebacks may contain file names decoded with surrogateescape.
-    message = Release(BLOCK, "open('/data/\udcff.zarr') failed")
+    message = CannotWork(BLOCK, "open('/data/\udcff.zarr') failed")
     assert message.error == "open('/data/\\udcff.zarr') failed"
     assert decode_one(encode(message)) == message
+    report = Report((BlockResult(7, 3, "open('/data/\udcff.zarr') failed"),), 0)
+    assert report.results[0].error == "open('/data/\\udcff.zarr') failed"
+    assert decode_one(encode(report)) == report
     assert Refused("\ud800").reason == "\\ud800"
 
 
@@ -373,9 +424,12 @@ def test_lone_surrogates_in_error_texts_are_escaped() -> None:
 @settings(max_examples=50)
 def test_truncated_errors_always_encode(piece: str, length: int) -> None:
     text = (piece * (length // max(len(piece), 1) + 1))[:length]
-    message = Release(BLOCK, text)
-    assert message.error is not None and len(message.error) <= MAX_ERROR_CHARS
+    message = CannotWork(BLOCK, text)
+    assert len(message.error) <= MAX_ERROR_CHARS
     assert decode_one(encode(message)) == message
+    result = BlockResult(7, 3, text)
+    assert result.error is not None and len(result.error) <= MAX_ERROR_CHARS
+    assert decode_one(encode(Report((result,), 0))) == Report((result,), 0)
 
 
 # --------------------------------------------------------------------- bad frames
@@ -395,7 +449,7 @@ def test_unknown_type_code(type_code: int) -> None:
     [b"", b"{", b'{"nonce":', b"{}x", b" {}", b"{} ", b"nul", b"{'a':1}", b'{"a":1,}'],
 )
 def test_invalid_json(body: bytes) -> None:
-    rejects(frame(Acquire.TYPE_CODE, body), "Acquire")
+    rejects(frame(Heartbeat.TYPE_CODE, body), "Heartbeat")
 
 
 @pytest.mark.parametrize("body", [b"[]", b"1", b'"x"', b"null", b"true"])
@@ -409,7 +463,7 @@ def test_non_utf8_body(body: bytes) -> None:
 
 
 def test_utf16_json_is_not_accepted() -> None:
-    rejects(frame(Acquire.TYPE_CODE, "{}".encode("utf-16")), "Acquire")
+    rejects(frame(Heartbeat.TYPE_CODE, "{}".encode("utf-16")), "Heartbeat")
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
@@ -419,7 +473,7 @@ def test_nan_and_infinity_are_rejected(constant: str) -> None:
 
 
 def test_deep_nesting_is_a_protocol_error() -> None:
-    rejects(frame(Acquire.TYPE_CODE, b"[" * 100_000 + b"]" * 100_000), "Acquire")
+    rejects(frame(Heartbeat.TYPE_CODE, b"[" * 100_000 + b"]" * 100_000), "Heartbeat")
 
 
 def test_huge_integer_literal_is_a_protocol_error() -> None:
@@ -431,19 +485,22 @@ def test_duplicate_keys_are_rejected() -> None:
     rejects(frame(Refused.TYPE_CODE, b'{"reason":"a","reason":"b"}'), "Refused", "duplicate")
 
 
-HELLO = {"protocol_version": 1, "task_id": "t", "worker_id": 0, "proof": ""}
+HELLO = {"protocol_version": PROTOCOL_VERSION, "task_id": "t", "worker_id": 0, "proof": ""}
 GOOD_BLOCK = ["t", 0, [0, 0], [4, 4], [1, 1], [2, 2], 1]
 
 
 def with_block(**changes: object) -> dict[str, object]:
-    """A ReleaseAndAcquire body whose block has the given positions replaced."""
+    """A CannotWork body whose block has the given positions replaced."""
     names = ["task_id", "index", "read_offset", "read_shape", "write_offset", "write_shape",
              "status"]
     block = list(GOOD_BLOCK)
     for name, value in changes.items():
         block[names.index(name)] = value
-    return {"block": block, "error": None}
+    return {"block": block, "error": "boom"}
 
+
+SAME_LENGTH = ("CannotWork.block: expected read_offset, read_shape, write_offset and "
+               "write_shape of the same length")
 
 BAD_BODIES: list[tuple[type[Message], object, str]] = [
     # missing, unknown and misspelt keys
@@ -451,8 +508,8 @@ BAD_BODIES: list[tuple[type[Message], object, str]] = [
     (Hello, {**HELLO, "color": "red"}, "Hello.color: unknown field"),
     (Welcome, {"x": 1}, "Welcome.x: unknown field"),
     (Challenge, {}, "Challenge.nonce: missing"),
-    (ReleaseAndAcquire, {"block": GOOD_BLOCK}, "ReleaseAndAcquire.error: missing"),
-    (BlockAssigned, {"block": GOOD_BLOCK, "error": None}, "BlockAssigned.error: unknown"),
+    (CannotWork, {"block": GOOD_BLOCK}, "CannotWork.error: missing"),
+    (Report, {"results": [], "want": 1, "block": GOOD_BLOCK}, "Report.block: unknown"),
     # wrong types and ranges
     (Hello, {**HELLO, "protocol_version": "1"}, "Hello.protocol_version"),
     (Hello, {**HELLO, "protocol_version": 1.0}, "Hello.protocol_version"),
@@ -473,47 +530,48 @@ BAD_BODIES: list[tuple[type[Message], object, str]] = [
     (Challenge, {"nonce": 12}, "Challenge.nonce"),
     (Refused, {"reason": None}, "Refused.reason"),
     (Refused, {"reason": "x" * (MAX_ERROR_CHARS + 1)}, "Refused.reason"),
-    (Release, {"block": GOOD_BLOCK, "error": 3}, "Release.error"),
-    (Release, {"block": GOOD_BLOCK, "error": "x" * (MAX_ERROR_CHARS + 1)}, "Release.error"),
+    (CannotWork, {"block": GOOD_BLOCK, "error": 3}, "CannotWork.error"),
+    (CannotWork, {"block": GOOD_BLOCK, "error": "x" * (MAX_ERROR_CHARS + 1)}, "CannotWork.error"),
+    (CannotWork, {"block": GOOD_BLOCK, "error": None}, "CannotWork.error"),
     # blocks
-    (BlockAssigned, {"block": None}, "BlockAssigned.block"),
-    (BlockAssigned, {"block": {"task_id": "t"}}, "BlockAssigned.block"),
-    (BlockAssigned, {"block": GOOD_BLOCK[:6]}, "BlockAssigned.block"),
-    (BlockAssigned, {"block": [*GOOD_BLOCK, 0, 0]}, "BlockAssigned.block"),
-    (BlockAssigned, {"block": [*GOOD_BLOCK, -1]}, "BlockAssigned.block.number"),
-    (BlockAssigned, {"block": [*GOOD_BLOCK, "12"]}, "BlockAssigned.block.number"),
-    (Release, {"block": GOOD_BLOCK[:6] + ["1"], "error": None}, "Release.block.status"),
-    (ReleaseAndAcquire, with_block(task_id=1), "ReleaseAndAcquire.block.task_id"),
-    (ReleaseAndAcquire, with_block(index=-1), "ReleaseAndAcquire.block.index"),
-    (ReleaseAndAcquire, with_block(index=1.0), "ReleaseAndAcquire.block.index"),
-    (ReleaseAndAcquire, with_block(index=False), "ReleaseAndAcquire.block.index"),
-    (ReleaseAndAcquire, with_block(index=1 << 63), "ReleaseAndAcquire.block.index"),
-    (ReleaseAndAcquire, with_block(status=4), "ReleaseAndAcquire.block.status"),
-    (ReleaseAndAcquire, with_block(status=-1), "ReleaseAndAcquire.block.status"),
-    (ReleaseAndAcquire, with_block(read_offset=[0]), "same length"),
-    (ReleaseAndAcquire, with_block(write_shape=[2, 2, 2]), "same length"),
-    (ReleaseAndAcquire, with_block(read_offset=[], read_shape=[], write_offset=[],
-                                   write_shape=[]), "ReleaseAndAcquire.block.read_offset"),
-    (ReleaseAndAcquire, with_block(read_offset=[0] * 9, read_shape=[1] * 9,
-                                   write_offset=[0] * 9, write_shape=[1] * 9),
-     "ReleaseAndAcquire.block.read_offset"),
-    (ReleaseAndAcquire, with_block(read_shape=[4, -4]), "ReleaseAndAcquire.block.read_shape[1]"),
-    (ReleaseAndAcquire, with_block(write_shape=[-1, 2]),
-     "ReleaseAndAcquire.block.write_shape[0]"),
-    (ReleaseAndAcquire, with_block(read_offset=[0, 0.5]),
-     "ReleaseAndAcquire.block.read_offset[1]"),
-    (ReleaseAndAcquire, with_block(write_offset=[True, 0]),
-     "ReleaseAndAcquire.block.write_offset[0]"),
-    (ReleaseAndAcquire, with_block(write_offset=[None, 0]),
-     "ReleaseAndAcquire.block.write_offset[0]"),
-    (ReleaseAndAcquire, with_block(read_offset=[0, -(1 << 63) - 1]),
-     "ReleaseAndAcquire.block.read_offset[1]"),
-    (ReleaseAndAcquire, with_block(read_shape=[4, 1 << 63]),
-     "ReleaseAndAcquire.block.read_shape[1]"),
-    (ReleaseAndAcquire, with_block(read_offset=(0, 0)), None),
-    (ReleaseAndAcquire, with_block(read_offset="00"), "ReleaseAndAcquire.block.read_offset"),
-    (ReleaseAndAcquire, with_block(read_offset=[[0], [0]]),
-     "ReleaseAndAcquire.block.read_offset[0]"),
+    (BlocksAssigned, {"blocks": [None]}, "BlocksAssigned.blocks[0]: expected a list"),
+    (BlocksAssigned, {"blocks": [{"task_id": "t"}]}, "BlocksAssigned.blocks[0]: expected a list"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK[:6]]}, "BlocksAssigned.blocks[0]: expected a list"),
+    (BlocksAssigned, {"blocks": [[*GOOD_BLOCK, 0, 0]]},
+     "BlocksAssigned.blocks[0]: expected a list"),
+    (BlocksAssigned, {"blocks": [[*GOOD_BLOCK, -1]]}, "BlocksAssigned.blocks[0].number"),
+    (BlocksAssigned, {"blocks": [[*GOOD_BLOCK, "12"]]}, "BlocksAssigned.blocks[0].number"),
+    (CannotWork, {"block": GOOD_BLOCK[:6] + ["1"], "error": ""}, "CannotWork.block.status"),
+    (CannotWork, {"block": None, "error": ""}, "CannotWork.block: expected a list"),
+    (CannotWork, with_block(task_id=1), "CannotWork.block.task_id"),
+    (CannotWork, with_block(index=-1), "CannotWork.block.index"),
+    (CannotWork, with_block(index=1.0), "CannotWork.block.index"),
+    (CannotWork, with_block(index=False), "CannotWork.block.index"),
+    (CannotWork, with_block(index=1 << 63), "CannotWork.block.index"),
+    (CannotWork, with_block(status=4), "CannotWork.block.status"),
+    (CannotWork, with_block(status=-1), "CannotWork.block.status"),
+    (CannotWork, with_block(read_offset=[0]), SAME_LENGTH),
+    (CannotWork, with_block(write_shape=[2, 2, 2]), "same length"),
+    (CannotWork, with_block(read_offset=[], read_shape=[], write_offset=[],
+                            write_shape=[]), "CannotWork.block.read_offset"),
+    (CannotWork, with_block(read_offset=[0] * 9, read_shape=[1] * 9,
+                            write_offset=[0] * 9, write_shape=[1] * 9),
+     "CannotWork.block.read_offset"),
+    (CannotWork, with_block(read_shape=[4, -4]), "CannotWork.block.read_shape[1]"),
+    (CannotWork, with_block(write_shape=[-1, 2]), "CannotWork.block.write_shape[0]"),
+    (CannotWork, with_block(read_offset=[0, 0.5]), "CannotWork.block.read_offset[1]"),
+    (CannotWork, with_block(write_offset=[True, 0]), "CannotWork.block.write_offset[0]"),
+    (CannotWork, with_block(write_offset=[None, 0]), "CannotWork.block.write_offset[0]"),
+    (CannotWork, with_block(read_offset=[0, -(1 << 63) - 1]),
+     "CannotWork.block.read_offset[1]"),
+    (CannotWork, with_block(read_shape=[4, 1 << 63]), "CannotWork.block.read_shape[1]"),
+    (CannotWork, with_block(read_offset=(0, 0)), None),
+    (CannotWork, with_block(read_offset="00"), "CannotWork.block.read_offset"),
+    (CannotWork, with_block(read_offset=[[0], [0]]), "CannotWork.block.read_offset[0]"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK, with_block(index=-1)["block"]]},
+     "BlocksAssigned.blocks[1].index"),
+    (BlocksAssigned, {"blocks": [GOOD_BLOCK, with_block(read_shape=[4, -4])["block"]]},
+     "BlocksAssigned.blocks[1].read_shape[1]"),
     # reports and batches
     (Report, {"results": [], "want": 0}, "Report: expected results or want > 0"),
     (Report, {"results": [[1, 2, None]]}, "Report.want: missing"),
@@ -558,7 +616,13 @@ def test_invalid_fields_name_message_and_field(
 def test_lone_surrogate_escapes_in_strings_are_rejected() -> None:
     rejects(frame(Refused.TYPE_CODE, b'{"reason":"\\udcff"}'), "Refused.reason")
     body = json.dumps(with_block(task_id="\ud800")).encode()
-    rejects(frame(ReleaseAndAcquire.TYPE_CODE, body), "ReleaseAndAcquire.block.task_id")
+    rejects(frame(CannotWork.TYPE_CODE, body), "CannotWork.block.task_id")
+    body = json.dumps({"blocks": [GOOD_BLOCK, ["\udcff", *GOOD_BLOCK[1:]]]}).encode()
+    rejects(frame(BlocksAssigned.TYPE_CODE, body), "BlocksAssigned.blocks[1].task_id")
+    body = json.dumps({"block": GOOD_BLOCK, "error": "open('\udcff')"}).encode()
+    rejects(frame(CannotWork.TYPE_CODE, body), "CannotWork.error")
+    body = json.dumps({"results": [[1, 2, None], [2, 3, "\ud800"]], "want": 0}).encode()
+    rejects(frame(Report.TYPE_CODE, body), "Report.results[1].error")
 
 
 def test_escaped_unicode_in_strings_is_accepted() -> None:
@@ -577,7 +641,7 @@ def test_error_message_does_not_echo_huge_values() -> None:
 
 def test_decoder_is_unusable_after_an_error() -> None:
     decoder = Decoder()
-    good = encode(Acquire())
+    good = encode(Report((), 1))
     with pytest.raises(ProtocolError):
         decoder.feed(frame(200, b"{}"))
     assert isinstance(decoder.error, ProtocolError)
@@ -591,7 +655,7 @@ def test_decoder_is_unusable_after_an_error() -> None:
 def test_error_in_a_later_frame_of_the_same_feed_still_raises() -> None:
     decoder = Decoder()
     with pytest.raises(ProtocolError):
-        decoder.feed(encode(Acquire()) + frame(Acquire.TYPE_CODE, b"{"))
+        decoder.feed(encode(Report((), 1)) + frame(Heartbeat.TYPE_CODE, b"{"))
     assert decoder.error is not None
 
 
@@ -604,9 +668,22 @@ def test_protocol_error_is_a_luigi_daisy_error() -> None:
 
 def test_server_side_decoder_accepts_only_client_messages() -> None:
     decoder = Decoder(accept=CLIENT_MESSAGES)
-    assert decoder.feed(encode(Acquire()) + encode(Heartbeat())) == [Acquire(), Heartbeat()]
-    with pytest.raises(ProtocolError, match="BlockAssigned: message not allowed"):
-        decoder.feed(encode(BlockAssigned(BLOCK)))
+    assert decoder.feed(encode(Report((), 1)) + encode(Heartbeat())) == [Report((), 1),
+                                                                         Heartbeat()]
+    with pytest.raises(ProtocolError, match="BlocksAssigned: message not allowed"):
+        decoder.feed(encode(BlocksAssigned((BLOCK,))))
+
+
+@pytest.mark.parametrize("message", ONE_OF_EACH, ids=lambda m: type(m).__name__)
+def test_each_direction_accepts_exactly_its_messages(message: Message) -> None:
+    for accepted in (CLIENT_MESSAGES, SERVER_MESSAGES):
+        decoder = Decoder(accept=accepted)
+        if type(message) in accepted:
+            assert decoder.feed(encode(message)) == [message]
+        else:
+            with pytest.raises(ProtocolError, match=f"^{type(message).__name__}: message "
+                                                    "not allowed in this direction$"):
+                decoder.feed(encode(message))
 
 
 def test_client_side_decoder_accepts_only_server_messages() -> None:
@@ -621,7 +698,7 @@ def test_client_side_decoder_accepts_only_server_messages() -> None:
 
 def test_encode_rejects_non_messages() -> None:
     with pytest.raises(TypeError, match="not a protocol message"):
-        encode("Acquire")  # type: ignore[arg-type]
+        encode("Heartbeat")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         encode(BLOCK)  # type: ignore[arg-type]
 
@@ -629,9 +706,10 @@ def test_encode_rejects_non_messages() -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        BlockAssigned(dataclasses.replace(BLOCK, index=object())),  # type: ignore[arg-type]
-        BlockAssigned(dataclasses.replace(BLOCK, read_shape={1, 2})),  # type: ignore[arg-type]
-        Release(dataclasses.replace(BLOCK, read_offset=(float("nan"),)), None),
+        BlocksAssigned((dataclasses.replace(BLOCK, index=object()),)),  # type: ignore[arg-type]
+        BlocksAssigned((BLOCK, dataclasses.replace(BLOCK, read_shape={1, 2}))),  # type: ignore
+        CannotWork(dataclasses.replace(BLOCK, read_offset=(float("nan"),)), "boom"),
+        Report((BlockResult(object(), 2),), 0),  # type: ignore[arg-type]
         Refused(b"bytes"),  # type: ignore[arg-type]
         Hello(1, "t", 0, "\ud800"),
     ],
@@ -671,10 +749,21 @@ def near_valid_bodies(draw: st.DrawFn) -> dict[str, object]:
     keys = [field.name for field in dataclasses.fields(cls)]
     body = {key: draw(json_values) for key in keys}
     if "block" in body and draw(st.booleans()):
-        body["block"] = [draw(texts), draw(st.integers(-2, 3)),
-                         *[draw(st.lists(st.integers(-2, 3) | json_values, max_size=3))
-                           for _ in range(4)], draw(st.integers(-1, 4))]
+        body["block"] = draw(near_valid_blocks())
+    if "blocks" in body and draw(st.booleans()):
+        body["blocks"] = draw(st.lists(near_valid_blocks(), max_size=3))
+    if "results" in body and draw(st.booleans()):
+        body["results"] = draw(st.lists(st.lists(st.integers(-1, 4) | json_values,
+                                                 min_size=2, max_size=4), max_size=3))
     return {"code": cls.TYPE_CODE, "body": body}
+
+
+@st.composite
+def near_valid_blocks(draw: st.DrawFn) -> list[object]:
+    """Blocks in the list form with about the right fields but arbitrary values."""
+    return [draw(texts), draw(st.integers(-2, 3)),
+            *[draw(st.lists(st.integers(-2, 3) | json_values, max_size=3)) for _ in range(4)],
+            draw(st.integers(-1, 4))]
 
 
 @given(near_valid_bodies())
@@ -778,7 +867,7 @@ def test_a_full_batch_of_the_largest_blocks_fits_the_default_frame() -> None:
     assert decode_one(encode(batch)) == batch
 
 
-def test_report_results_are_truncated_like_release_errors() -> None:
+def test_report_results_are_truncated_like_other_error_texts() -> None:
     result = BlockResult(1, 3, "x" * (2 * MAX_ERROR_CHARS))
     assert len(result.error) <= MAX_ERROR_CHARS
     assert decode_one(encode(Report((result,), 0))).results[0].error == result.error

@@ -33,10 +33,11 @@ from luigi_daisy.client import Client, RefusedByServerError
 from luigi_daisy.errors import ContextError
 from luigi_daisy.hand import MAX_IN_HAND
 from luigi_daisy.protocol import (
+    MAX_BATCH_BLOCKS,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
-    Acquire,
-    BlockAssigned,
+    BlockResult,
+    BlocksAssigned,
     Bye,
     Challenge,
     Decoder,
@@ -44,9 +45,8 @@ from luigi_daisy.protocol import (
     Hello,
     NoMoreBlocks,
     Refused,
-    Release,
+    Report,
     Welcome,
-    WireBlock,
     encode,
     proof_for,
 )
@@ -279,7 +279,7 @@ def context_for(server: BlockServer, task_id: str, worker_id: int,
                 token: str | None = None) -> Context:
     """The context of a worker the test starts: announced to the server like a run
     announces its workers, with the server's token unless ``token`` says otherwise."""
-    if task_id in server.expected_workers:
+    if task_id in server.handout.expected:
         server.expect_worker(task_id, worker_id)
     return Context(hostname=HOST, port=str(server.port), task_id=task_id,
                    worker_id=str(worker_id), token=server.token if token is None else token)
@@ -391,7 +391,7 @@ async def not_json(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     assert type(await connection.hello(task_id, token, worker_id)) is Welcome
     body = b"\xff{not json" + data[:32]
-    await connection.send(struct.pack(">IB", len(body) + 1, Acquire.TYPE_CODE) + body)
+    await connection.send(struct.pack(">IB", len(body) + 1, Report.TYPE_CODE) + body)
     assert await connection.closed_by_server()
     return 1
 
@@ -400,7 +400,7 @@ async def oversized_frame(port, task_id, token, data: bytes, worker_id: int) -> 
     connection = await RawConnection.open(port)
     length = MAX_FRAME_BYTES + 1 + int.from_bytes(data[:3].ljust(3, b"\0"), "big")
     # the header alone is refused; the body that follows may meet a closed socket
-    await connection.send(struct.pack(">I", length) + b"\x05" + bytes(64 * 1024))
+    await connection.send(struct.pack(">IB", length, Report.TYPE_CODE) + bytes(64 * 1024))
     assert await connection.closed_by_server()
     return 1
 
@@ -433,8 +433,10 @@ async def server_message_from_a_worker(port, task_id, token, data: bytes, worker
 async def release_of_a_block_never_held(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     assert type(await connection.hello(task_id, token, worker_id)) is Welcome
-    foreign = WireBlock(task_id, 0, (0,), (1,), (0,), (1,), int(BlockStatus.SUCCESS))
-    await connection.send(encode(Release(foreign, None)) + encode(Heartbeat()) + encode(Bye()))
+    # a result names a block of the connection's task by its index: this one holds none
+    foreign = BlockResult(data[0] if data else 0, int(BlockStatus.SUCCESS), None)
+    await connection.send(encode(Report((foreign,), 0)) + encode(Heartbeat())
+                          + encode(Bye()))
     assert await connection.closed_by_server()
     return 0
 
@@ -442,8 +444,11 @@ async def release_of_a_block_never_held(port, task_id, token, data: bytes, worke
 async def takes_a_block_then_garbage(port, task_id, token, data: bytes, worker_id: int) -> int:
     connection = await RawConnection.open(port)
     assert type(await connection.hello(task_id, token, worker_id)) is Welcome
-    await connection.send(encode(Acquire()))
-    assert type(await connection.receive()) is BlockAssigned
+    # it asks for up to a batch; the blocks it got beyond the first never started
+    want = 1 + (data[0] if data else 0) % MAX_BATCH_BLOCKS
+    await connection.send(encode(Report((), want)))
+    answer = await connection.receive()
+    assert type(answer) is BlocksAssigned and 1 <= len(answer.blocks) <= want, answer
     body = b"garbage" + data[:16]
     await connection.send(struct.pack(">IB", len(body) + 1, 0) + body)
     assert await connection.closed_by_server()
@@ -519,7 +524,8 @@ async def run_under_attack(attacks: list[tuple[int, bytes]], num_blocks: int = 4
         assert sorted(processed) == list(range(num_blocks)), "each block exactly once"
         assert_counts(scheduler.task_states[task_id], num_blocks, num_blocks)
         assert server.protocol_errors >= sum(outcomes)
-        assert not server.holder
+        assert not any(server.handout.held_by(connection)
+                       for connection in server.connections), "no block is held"
     finally:
         attacks_over.set()
         server.close_all()

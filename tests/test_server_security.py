@@ -41,16 +41,15 @@ from luigi_daisy.ledger import LedgerSet
 from luigi_daisy.log_limits import WarningTally, clip
 from luigi_daisy.protocol import (
     PROTOCOL_VERSION,
-    Acquire,
-    BlockAssigned,
+    BlockResult,
+    BlocksAssigned,
     Challenge,
     Decoder,
     Heartbeat,
     Hello,
     NoMoreBlocks,
     Refused,
-    Release,
-    ReleaseAndAcquire,
+    Report,
     Welcome,
     WireBlock,
     encode,
@@ -188,10 +187,34 @@ class RawPeer:
         self.socket.close()
 
 
-def release_frame(task_id: str, index: int, status: BlockStatus, acquire: bool = False,
-                  error: str | None = None) -> bytes:
-    wire = WireBlock(task_id, index, (index,), (1,), (index,), (1,), int(status))
-    return encode(ReleaseAndAcquire(wire, error) if acquire else Release(wire, error))
+#: a request for one block, as ``Client.acquire`` sends it
+REQUEST = encode(Report((), 1))
+
+
+def result_frame(index: int, status: BlockStatus, want: int = 0,
+                 error: str | None = None) -> bytes:
+    """A ``Report`` of the result of block ``index`` (of the connection's task: a result
+    names no task) and, with ``want``, a request for more blocks."""
+    return encode(Report((BlockResult(index, int(status), error),), want))
+
+
+def one_block(peer: RawPeer) -> WireBlock:
+    """The single block of the ``BlocksAssigned`` answering a request for one."""
+    answer = peer.receive()
+    assert type(answer) is BlocksAssigned, answer
+    assert len(answer.blocks) == 1, answer
+    return answer.blocks[0]
+
+
+def holders(server: BlockServer, task_id: str) -> dict[int, list[int]]:
+    """``worker id -> indices of the blocks it holds`` of the workers of ``task_id``
+    connected now that hold any (read from the test's thread: a snapshot)."""
+    found = {}
+    for (task, worker_id), connection in list(server.connected_workers.items()):
+        held = server.handout.held_by(connection)
+        if task == task_id and held:
+            found[worker_id] = held
+    return found
 
 
 class ServedScheduler:
@@ -305,13 +328,12 @@ def test_without_the_token_a_local_process_cannot_take_or_return_blocks(tmp_path
     try:
         server = run.server
         wait_until(lambda: len(server.connected_workers) == 2, "both workers connected")
-        forged = b"".join(release_frame("guarded", index, BlockStatus.SUCCESS)
-                          for index in (1, 2, 3))
+        forged = b"".join(result_frame(index, BlockStatus.SUCCESS) for index in (1, 2, 3))
 
         # no token: the empty proof, even under a real worker's id, with forged
-        # releases and an Acquire sent right behind the Hello
+        # results and a request sent right behind the Hello
         peer = RawPeer(server.port)
-        answer = peer.hello("guarded", None, 0, then=forged + encode(Acquire()))
+        answer = peer.hello("guarded", None, 0, then=forged + REQUEST)
         assert type(answer) is Refused and "token" in answer.reason
         assert peer.receive() is None, "nothing but the refusal may come back"
         peer.close()
@@ -321,9 +343,8 @@ def test_without_the_token_a_local_process_cannot_take_or_return_blocks(tmp_path
         assert type(answer) is Refused and "token" in answer.reason
         assert peer.closed_by_server()
         peer.close()
-        # releases and acquires with no Hello at all
-        for frames in (forged, encode(Acquire()), release_frame(
-                "guarded", 4, BlockStatus.FAILED, acquire=True)):
+        # results and requests with no Hello at all
+        for frames in (forged, REQUEST, result_frame(4, BlockStatus.FAILED, want=1)):
             peer = RawPeer(server.port)
             assert type(peer.receive()) is Challenge
             peer.send(frames)
@@ -441,10 +462,8 @@ def test_worker_ids_must_be_started_by_the_run_and_connected_once(tmp_path):
     run = RunInThread([held, hopping], tmp_path)
     try:
         server = run.server
-        wait_until(lambda: [key for key in list(server.holder) if key[0] == "held"],
-                   "the gated worker holding a block")
-        held_key = next(key for key in list(server.holder) if key[0] == "held")
-        worker_id = server.holder[held_key].worker_id
+        wait_until(lambda: holders(server, "held"), "the gated worker holding a block")
+        ((worker_id, held_blocks),) = holders(server, "held").items()
         peer = RawPeer(server.port)
         answer = peer.hello("held", server.token, worker_id)
         assert type(answer) is Refused and "already connected" in answer.reason
@@ -455,7 +474,9 @@ def test_worker_ids_must_be_started_by_the_run_and_connected_once(tmp_path):
             answer = peer.hello(task_id, server.token, stranger)
             assert type(answer) is Refused and "not started by this run" in answer.reason
             peer.close()
-        assert server.holder[held_key].worker_id == worker_id, "the real worker holds on"
+        still = holders(server, "held")
+        assert list(still) == [worker_id], "the real worker holds on"
+        assert set(held_blocks) <= set(still[worker_id]), "to the blocks it held"
         gate.touch()
         result = run.result()
     finally:
@@ -508,17 +529,15 @@ def test_a_forged_release_from_another_connection_changes_nothing(tmp_path):
             serving.expect("forged", 1, 2)
             holder = RawPeer(serving.port)
             assert type(holder.hello("forged", server.token, 1)) is Welcome
-            holder.send(encode(Acquire()))
-            assigned = holder.receive()
-            assert type(assigned) is BlockAssigned
-            index = assigned.block.index
+            holder.send(REQUEST)
+            index = one_block(holder).index
 
             forger = RawPeer(serving.port)
             assert type(forger.hello("forged", server.token, 2)) is Welcome
-            forger.send(release_frame("forged", index, BlockStatus.SUCCESS)
-                        + release_frame("forged", index, BlockStatus.FAILED, error="forged")
+            forger.send(result_frame(index, BlockStatus.SUCCESS)
+                        + result_frame(index, BlockStatus.FAILED, error="forged")
                         + encode(Heartbeat()))
-            wait_until(lambda: server.ignored_releases == 2, "two ignored releases")
+            wait_until(lambda: server.ignored_releases == 2, "two ignored results")
             # dropping and coming back again and again, releasing the block each time
             for _ in range(3):
                 forger.close()
@@ -526,8 +545,8 @@ def test_a_forged_release_from_another_connection_changes_nothing(tmp_path):
                            "the forger's connection dropped")
                 forger = RawPeer(serving.port)
                 assert type(forger.hello("forged", server.token, 2)) is Welcome
-                forger.send(release_frame("forged", index, BlockStatus.FAILED))
-            wait_until(lambda: server.ignored_releases == 5, "five ignored releases")
+                forger.send(result_frame(index, BlockStatus.FAILED))
+            wait_until(lambda: server.ignored_releases == 5, "five ignored results")
             forger.close()
             wait_until(lambda: len(server.connections) == 1, "only the holder left")
 
@@ -535,12 +554,14 @@ def test_a_forged_release_from_another_connection_changes_nothing(tmp_path):
             assert (state.completed_count, state.failed_count, state.processing_count) == (
                 0, 0, 1)
             assert index not in state.failed_blocks
-            assert server.holder[("forged", index)] in server.connections
+            holding = server.connected_workers[("forged", 1)]
+            assert holding in server.connections
+            assert server.handout.held_by(holding) == [index]
             serving.call(ledgers.flush)
             assert not ledgers.done_blocks()["forged"].size, "nothing recorded done"
 
-            holder.send(release_frame("forged", index, BlockStatus.SUCCESS))
-            wait_until(lambda: state.completed_count == 1, "the holder's release")
+            holder.send(result_frame(index, BlockStatus.SUCCESS))
+            wait_until(lambda: state.completed_count == 1, "the holder's result")
             holder.close()
             serving.call(ledgers.flush)
             assert [int(done) for done in ledgers.done_blocks()["forged"]] == [index]
@@ -570,13 +591,13 @@ def test_taking_and_dropping_a_block_fails_it_only_for_its_holder_and_loses_noth
             for drop in range(1, 4):
                 taker = RawPeer(serving.port)
                 assert type(taker.hello("fragile", server.token, 5)) is Welcome
-                taker.send(encode(Acquire()))
-                assert type(taker.receive()) is BlockAssigned
+                taker.send(REQUEST)
+                assert one_block(taker).index == 0
                 # another connection drops three times while the block is held
                 for _ in range(3):
                     bystander = RawPeer(serving.port)
                     assert type(bystander.hello("fragile", server.token, 6)) is Welcome
-                    bystander.send(release_frame("fragile", 0, BlockStatus.FAILED))
+                    bystander.send(result_frame(0, BlockStatus.FAILED))
                     bystander.close()
                     wait_until(lambda: ("fragile", 6) not in server.connected_workers,
                                "the bystander gone")
@@ -629,7 +650,8 @@ def test_warning_tally_logs_the_first_few_then_sums_up_by_the_clock_it_is_given(
 
 def test_network_text_and_repeated_warnings_add_a_bounded_amount_to_the_log(caplog):
     """16 refused Hellos naming a 60 kB task, 16 with a 1 MB task id and 200 ignored
-    releases write a few kilobytes, not megabytes, and the releases are summed up."""
+    results of blocks not held write a few kilobytes, not megabytes, and the ignored
+    results are summed up."""
     scheduler = BlockScheduler([line_task("quiet", 4, None)])
     refusals, huge_hellos, releases = 16, 16, 200
     assert 60_000 < MAX_HELLO_BYTES < 1_000_000  # refused Hellos, then oversized ones
@@ -652,19 +674,19 @@ def test_network_text_and_repeated_warnings_add_a_bounded_amount_to_the_log(capl
             serving.expect("quiet", 1)
             peer = RawPeer(serving.port)
             assert type(peer.hello("quiet", server.token, 1)) is Welcome
-            peer.send(b"".join(release_frame("quiet", index % 4, BlockStatus.SUCCESS)
+            peer.send(b"".join(result_frame(index % 4, BlockStatus.SUCCESS)
                                for index in range(releases)))
-            wait_until(lambda: server.ignored_releases == releases, "ignored releases")
+            wait_until(lambda: server.ignored_releases == releases, "ignored results")
             peer.close()
             assert server.refused_hellos == refusals
         messages = [record.getMessage() for record in caplog.records]
     logged_bytes = sum(len(message) for message in messages)
     assert logged_bytes < 16_000, (logged_bytes, messages)
-    release_lines = [message for message in messages if "ignored releases" in message
+    release_lines = [message for message in messages if "ignored results" in message
                      or "does not hold" in message]
     assert len(release_lines) == 5 + 1 + 1, release_lines
     assert release_lines[-1] == (
-        f"ignored releases: {releases - 5} more since the last report ({releases} in all)")
+        f"ignored results: {releases - 5} more since the last report ({releases} in all)")
     assert any(f"({refusals} in all)" in message for message in messages), messages
     assert any(f"({huge_hellos} in all)" in message for message in messages), messages
 
@@ -717,8 +739,8 @@ def test_a_connection_that_does_not_authenticate_in_time_is_closed():
         assert silent.closed_by_server() and partial.closed_by_server()
         assert server.handshake_timeouts == 2
         # the authenticated connection, idle for longer than the deadline, is served
-        worker.send(encode(Acquire()))
-        assert type(worker.receive()) is BlockAssigned
+        worker.send(REQUEST)
+        one_block(worker)
         for peer in (worker, silent, partial):
             peer.close()
 
@@ -763,7 +785,7 @@ def test_bytes_buffered_across_connections_are_bounded(tmp_path):
             peers.append(peer)
         wait_until(lambda: server.shed_connections > 0, "shedding of partial Hellos")
         shed_strangers = server.shed_connections
-        partial_release = struct.pack(">IB", 1 << 20, Release.TYPE_CODE) + bytes(
+        partial_release = struct.pack(">IB", 1 << 20, Report.TYPE_CODE) + bytes(
             (1 << 20) - 100)
         for worker_id in range(1, authenticated + 1):
             peer = RawPeer(serving.port)
@@ -797,31 +819,29 @@ def test_the_waiting_queue_holds_each_connection_once_and_no_closed_ones():
         serving.expect("queue", *range(0, 102))
         holder = RawPeer(serving.port)
         assert type(holder.hello("queue", server.token, 0)) is Welcome
-        holder.send(encode(Acquire()))
-        assigned = holder.receive()
-        assert type(assigned) is BlockAssigned
+        holder.send(REQUEST)
+        assigned = one_block(holder)
         peers = []
         for worker_id in range(1, 101):
             peer = RawPeer(serving.port)
             assert type(peer.hello("queue", server.token, worker_id)) is Welcome
-            peer.send(encode(Acquire()))
+            peer.send(REQUEST)
             peers.append(peer)
-        wait_until(lambda: len(server.waiting["queue"]) == 100, "100 parked Acquires")
-        # a second Acquire while parked is a protocol violation: that peer is closed
+        wait_until(lambda: len(server.handout.waiting["queue"]) == 100, "100 parked requests")
+        # a second request while one is parked is a protocol violation: that peer is closed
         greedy = RawPeer(serving.port)
         assert type(greedy.hello("queue", server.token, 101)) is Welcome
-        greedy.send(encode(Acquire()) * 5)
+        greedy.send(REQUEST * 5)
         assert greedy.closed_by_server()
         wait_until(lambda: server.protocol_errors == 1 and ("queue", 101) not in
                    server.connected_workers, "the greedy peer counted and forgotten")
-        assert serving.call(lambda: len(server.waiting["queue"])) == 100
+        assert serving.call(lambda: len(server.handout.waiting["queue"])) == 100
         for peer in peers:
             peer.close()
         wait_until(lambda: len(server.connections) == 1, "the parked peers gone")
-        assert serving.call(lambda: len(server.waiting["queue"])) == 0, "no dead entries"
+        assert serving.call(lambda: len(server.handout.waiting["queue"])) == 0, "no dead entries"
         # the holder finishes; the task is done and it is told so
-        holder.send(release_frame("queue", assigned.block.index, BlockStatus.SUCCESS,
-                                  acquire=True))
+        holder.send(result_frame(assigned.index, BlockStatus.SUCCESS, want=1))
         assert type(holder.receive()) is NoMoreBlocks
         holder.close()
         assert_counts(server.task_states["queue"], 1, 1)
