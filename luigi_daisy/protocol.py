@@ -190,17 +190,17 @@ def _integer(value: object, where: str, minimum: int, maximum: int) -> int:
     """Validate an int field (bools are not ints here) within ``[minimum, maximum]``."""
     if type(value) is not int or not minimum <= value <= maximum:
         _fail(where, f"an integer in [{minimum}, {maximum}]", value)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _int_tuple(value: object, where: str, minimum: int) -> tuple[int, ...]:
     """Validate a list of 1..MAX_DIMS ints, each in ``[minimum, int64 max]``."""
     if type(value) is not list or not 1 <= len(value) <= MAX_DIMS:
         _fail(where, f"a list of 1 to {MAX_DIMS} integers", value)
-    for position, item in enumerate(value):  # type: ignore[arg-type]
+    for position, item in enumerate(value):
         if type(item) is not int or not minimum <= item <= _INT64_MAX:
             _fail(f"{where}[{position}]", f"an integer in [{minimum}, {_INT64_MAX}]", item)
-    return tuple(value)  # type: ignore[arg-type]
+    return tuple(value)
 
 
 def _lower_hex(value: object, where: str, max_chars: int) -> str:
@@ -211,7 +211,7 @@ def _lower_hex(value: object, where: str, max_chars: int) -> str:
         or _LOWER_HEX.fullmatch(value) is None
     ):
         _fail(where, f"1 to {max_chars} lowercase hexadecimal characters", value)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _proof(value: object, where: str) -> str:
@@ -254,8 +254,9 @@ def truncate_error(text: str) -> str:
     return text[:_TRUNCATION_HEAD] + marker + text[-tail_chars:]
 
 
-def _clean_error(message: Message, name: str) -> None:
-    """Truncate the text field ``name`` of a freshly built frozen message in place."""
+def _clean_error(message: object, name: str) -> None:
+    """Truncate the text field ``name`` of a freshly built frozen message (or result)
+    in place."""
     value = getattr(message, name)
     if type(value) is str and (len(value) > MAX_ERROR_CHARS or not value.isascii()):
         object.__setattr__(message, name, truncate_error(value))
@@ -851,7 +852,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     body = dict(pairs)
     if len(body) != len(pairs):
         seen: set[str] = set()
-        duplicates = sorted({key for key, _ in pairs if key in seen or seen.add(key)})
+        repeated: set[str] = set()
+        for key, _ in pairs:
+            (repeated if key in seen else seen).add(key)
+        duplicates = sorted(repeated)
         raise ValueError(f"duplicate keys {duplicates}")
     return body
 

@@ -19,13 +19,17 @@ import enum
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, cast
 
 from .block_states import DONE, FAILED, ORPHANED, PROCESSING, READY, WAITING
 from .blocks import Block, BlockBitmap, BlockGrid, BlockStatus, new_block
 from .errors import SchedulerError
 from .graph import ConflictStencil, UpstreamLink
 from .task import Task, collect_tasks
+
+if TYPE_CHECKING:
+    from .dependency_graph import DependencyGraph
 
 
 class TaskState:
@@ -130,7 +134,7 @@ class _TaskProgress:
         self.upstream_links: list[tuple[UpstreamLink, _TaskProgress]] = []
         self.downstream_links: list[tuple[UpstreamLink, _TaskProgress]] = []
         self.ready: deque[int] = deque()
-        self.roots = None
+        self.roots: Iterator[int] = iter(())
         self.waiting: dict[int, int] = {}
         self.processing: dict[int, float] = {}
         self.retries: dict[int, int] = {}
@@ -153,7 +157,7 @@ class _TaskProgress:
         self.states = bytearray((WAITING,)) * math.prod(self.grid.id_grid_shape)
         if self.done_before:
             import numpy as np
-            np.frombuffer(self.states, dtype=np.uint8)[self.done_before.indices()] = DONE
+            np.frombuffer(self.states, dtype=np.uint8)[self.done_bitmap().indices()] = DONE
 
     def plan_roots(self) -> None:
         """Set up the lazy iterator over blocks that depend on nothing."""
@@ -175,12 +179,16 @@ class _TaskProgress:
             self.roots = itertools.filterfalse(self.done_before.__contains__, self.roots)
             self.state.completed_count = self.state.skipped_count = len(self.done_before)
 
+    def done_bitmap(self) -> BlockBitmap:
+        """``done_before`` when it holds blocks (it is a bitmap then)."""
+        return cast(BlockBitmap, self.done_before)
+
     def _done_root_count(self) -> int:
         """How many level-0 blocks finished in an earlier run (vectorised)."""
         if not self.done_before:
             return 0
         import numpy as np  # only a resumed run needs it
-        indices = self.done_before.indices()
+        indices = self.done_bitmap().indices()
         positions = np.unravel_index(indices, self.grid.id_grid_shape)
         is_root = np.ones(len(indices), dtype=bool)
         for coordinates, period in zip(positions, self.stencil.periods):
@@ -222,14 +230,15 @@ class _TaskProgress:
             every_block = map(sum, itertools.product(*(
                 range(0, n * stride, stride)
                 for n, stride in zip(grid.grid_shape, grid.id_strides))))
-            candidates = itertools.filterfalse(done.__contains__, every_block)
+            candidates: Iterable[int] = itertools.filterfalse(done.__contains__, every_block)
         else:
-            candidates = set()
+            downstream: set[int] = set()
             for index in done:
-                candidates.update(self.stencil.downstream(grid.position_of(index), index))
+                downstream.update(self.stencil.downstream(grid.position_of(index), index))
             for link, upstream in self.upstream_links:
                 for index in upstream.done_before:
-                    candidates.update(link.dependents(upstream.grid.position_of(index)))
+                    downstream.update(link.dependents(upstream.grid.position_of(index)))
+            candidates = downstream
         for index in candidates:
             if index in done:
                 continue
@@ -402,9 +411,10 @@ class BlockScheduler:
                 if not done_before or index not in done_before:
                     break
             else:
-                index = next(progress.roots, None)
-                if index is None:
+                root = next(progress.roots, None)
+                if root is None:
                     return None
+                index = root
                 if not done_before or index not in done_before:
                     if progress.upstream_links:
                         state.ready_count += 1  # roots found on the way are not counted
@@ -442,9 +452,10 @@ class BlockScheduler:
             The block failed in a way every block of its task would (a worker that
             cannot be set up): it fails for good and the task is stopped (:meth:`stop`).
         """
-        progress = self._progress.get(block.task_id)
+        task_id = cast(str, block.task_id)
+        progress = self._progress.get(task_id)
         if progress is None:
-            progress = self._get(block.task_id)
+            progress = self._get(task_id)
         index = block.index
         if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
             raise SchedulerError(
@@ -476,7 +487,7 @@ class BlockScheduler:
             state.failed_blocks[block.block_id[1]] = block.error
             if progress.states is not None:
                 progress.states[index] = FAILED
-            self.stop(block.task_id, block.error or "a worker could not process any block")
+            self.stop(task_id, block.error or "a worker could not process any block")
             return ReleaseOutcome.FAILED
         attempts = progress.retries.get(index, 0)
         allowed = max(progress.max_retries, 1) if worker_lost else progress.max_retries
@@ -498,7 +509,7 @@ class BlockScheduler:
     def return_unstarted(self, block: Block) -> None:
         """Take back a block that was handed out but never started (a worker left with
         it in hand): it is ready again, first in line, and costs no retry."""
-        progress = self._get(block.task_id)
+        progress = self._get(cast(str, block.task_id))
         index = block.index
         if progress.processing.pop(index, _NOT_PROCESSING) is _NOT_PROCESSING:
             raise SchedulerError(
@@ -582,8 +593,9 @@ class BlockScheduler:
         progress = self._get(task_id)
         if progress.stopped or index in progress.done_before or index in progress.processing:
             return False
-        if progress.done_before is NOTHING_DONE:
-            progress.done_before = BlockBitmap(math.prod(progress.grid.id_grid_shape))
+        done = progress.done_before
+        if not isinstance(done, BlockBitmap):
+            done = progress.done_before = BlockBitmap(math.prod(progress.grid.id_grid_shape))
         progress.waiting.pop(index, None)
         if index in progress.held_ready:
             progress.held_ready.discard(index)
@@ -598,7 +610,7 @@ class BlockScheduler:
         if progress.has_downstream:
             self._finished(progress, index)
         # only now: the countdowns above must still count this block as unfinished
-        progress.done_before.add(index)
+        done.add(index)
         return True
 
     def stop(self, task_id: str, reason: str) -> None:
@@ -667,12 +679,12 @@ class Scheduler(BlockScheduler):
                 f"pass the tasks as the first argument and done blocks as done_blocks=")
         super().__init__(tasks, done_blocks)
         self.count_all_orphans = count_all_orphans
-        self._dependency_graph = None
+        self._dependency_graph: DependencyGraph | None = None
         # without check functions the daisy names are the core's methods, one call less
         if not any(task.pre_check for task in self.tasks.values()):
-            self.acquire_block = self.acquire
+            self.acquire_block = self.acquire  # type: ignore[method-assign]
         if not any(task.post_check for task in self.tasks.values()):
-            self.release_block = self.release
+            self.release_block = self.release  # type: ignore[method-assign]
 
     @property
     def dependency_graph(self):
@@ -685,8 +697,8 @@ class Scheduler(BlockScheduler):
 
     def acquire_block(self, task_id: str) -> Block | None:
         """A block of ``task_id`` to process, or None if none is ready now."""
-        task = self.tasks.get(task_id)
-        block = self.acquire(task_id)
+        block = self.acquire(task_id)  # an unknown task_id raises here
+        task = self.tasks[task_id]
         while block is not None and task.is_done_already(block):
             block.status = BlockStatus.SUCCESS
             self.release(block, BlockStatus.SUCCESS, skipped=True)
@@ -696,7 +708,7 @@ class Scheduler(BlockScheduler):
     def release_block(self, block: Block) -> ReleaseOutcome:
         """Return a processed block; its ``status`` says whether it succeeded."""
         if block.status is BlockStatus.SUCCESS:
-            failure = self.tasks[block.task_id].post_check_failure(block)
+            failure = self.tasks[cast(str, block.task_id)].post_check_failure(block)
             if failure is not None:
                 block.status = BlockStatus.FAILED
                 block.error = block.error or failure
