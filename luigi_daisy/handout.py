@@ -39,6 +39,7 @@ from typing import Any, Union, cast
 
 from .blocks import Block, BlockStatus
 from .errors import ProtocolError
+from .log_limits import clip
 from .protocol import BlockResult
 from .scheduler import BlockScheduler, ReleaseOutcome
 
@@ -70,9 +71,11 @@ class Reported:
 @dataclass(frozen=True, slots=True)
 class WorkerCannotWork:
     """A worker cannot process any block of its task (its setup failed): block
-    ``index`` fails for good and the task stops."""
+    ``index`` of ``task_id`` fails for good and the task stops. However it names the
+    block, the worker is told there are no more blocks."""
 
     worker: Hashable
+    task_id: object
     index: int
     error: str
 
@@ -383,11 +386,13 @@ class HandOut:
         hand = self.workers.get(event.worker)
         if hand is None or hand.stopped:
             return
-        block = hand.hand.get(event.index)
+        block = hand.hand.get(event.index) if event.task_id == hand.task_id else None
         if block is None:
+            self.ignored_results += 1
             self._warn("ignored results",
-                       f"worker {hand.worker_id} reported that it cannot work on block index "
-                       f"{event.index} of {hand.task_id!r}, which it does not hold; ignored")
+                       f"worker {hand.worker_id} of {hand.task_id!r} reported that it cannot "
+                       f"work on block index {event.index} of {clip(repr(event.task_id))}, "
+                       f"which it does not hold; ignored")
         else:
             if next(iter(hand.hand)) == event.index:
                 hand.head_since = self._now

@@ -31,7 +31,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
-from .blocks import Block
+from .blocks import Block, BlockStatus
 from .errors import ProtocolError, ServerConfigError
 from .handout import (
     BlocksBecameReady,
@@ -153,12 +153,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_PROCESSING = int(BlockStatus.PROCESSING)
+
+
 def wire_block(block: Block) -> WireBlock:
-    """The wire form of a block handed out by the scheduler (no ``Roi`` is built)."""
+    """The wire form of a block handed out by the scheduler (no ``Roi`` is built); a
+    block on its way to a worker is ``PROCESSING``."""
     grid = block._grid
     read_begin, read_shape, write_begin, write_shape = grid.bounds_of(block.index)
     return WireBlock(block.task_id, block.index, read_begin, read_shape, write_begin,
-                     write_shape, int(block.status), grid.number_of(block.index))
+                     write_shape, _PROCESSING, grid.number_of(block.index))
 
 
 def _keep_alive(stream: IOStream) -> None:
@@ -462,16 +466,7 @@ class BlockServer(TCPServer):
             self._feed(Reported(connection, message.results, message.want))
         elif kind is CannotWork:
             wire = message.block
-            if wire.task_id != connection.task_id:
-                self.handout.ignored_results += 1
-                self.warnings.warn(
-                    "ignored results", self.clock(),
-                    "worker %s of %r reported block %s of %s, another task; ignored",
-                    connection.worker_id, connection.task_id, wire.index,
-                    clip(repr(wire.task_id)))
-                connection.send(NoMoreBlocks())
-            else:
-                self._feed(WorkerCannotWork(connection, wire.index, message.error))
+            self._feed(WorkerCannotWork(connection, wire.task_id, wire.index, message.error))
         elif kind is Heartbeat:
             pass
         elif kind is Bye:
