@@ -11,13 +11,14 @@ mix of scripts and ``luigi`` commands processes each block of a task once.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import LedgerError
+from .errors import LedgerDiskFullError, LedgerError, LedgerReadOnlyError, LedgerStorageError
 from .ledger import Ledger, ledger_path
 
 logger = logging.getLogger(__name__)
@@ -44,17 +45,37 @@ class TaskLock:
         """Take the lock if it is free; never waits."""
         if self._descriptor is not None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise self._error(error) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(descriptor)
             return False
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
+        try:  # who holds it, for people; a full disk must not stop the claim
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
         self._descriptor = descriptor
         return True
+
+    def _error(self, error: OSError) -> LedgerError:
+        """What an ``OSError`` creating the lock file means, as a ``LedgerError``."""
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return LedgerReadOnlyError(
+                f"cannot create the task lock {self.path}: its folder {self.path.parent} is "
+                f"read-only ({error.strerror}). Make the folder writable, or give the task "
+                f"a writable ledger folder (run_blockwise(ledger_dir=...), "
+                f"Task(ledger=...), ledger_dir in [luigi_daisy])")
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return LedgerDiskFullError(
+                f"cannot create the task lock {self.path}: the file system holding "
+                f"{self.path.parent} is full ({error.strerror}); free space there")
+        return LedgerStorageError(f"cannot create the task lock {self.path}: {error}")
 
     def release(self) -> None:
         """Let the lock go."""

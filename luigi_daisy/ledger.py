@@ -101,7 +101,7 @@ def storage_error(path: Path, task_id: str, error: sqlite3.Error,
     primary = code & 0xFF if isinstance(code, int) else None
     where = f"ledger {path} of task {task_id!r}"
     keep = ("the ledger is not damaged: keep it (the blocks it records are skipped when "
-            "the task runs again)")
+            "the task runs again)" if path.exists() else "nothing was recorded yet")
     if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return LedgerDamagedError(f"{where} is damaged ({error}); {AFRESH}")
     if primary in (_SQLITE_READONLY, _SQLITE_PERM) or _read_only_place(path):
