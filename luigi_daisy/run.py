@@ -91,6 +91,8 @@ def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True,
             while progressed:
                 progressed = False
                 for task in tasks:
+                    if task.task_id in followed:
+                        continue  # another run processes it
                     while _process_next_block(scheduler, task, ledgers):
                         progressed = True
                         bars.update()
