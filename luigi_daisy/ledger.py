@@ -572,8 +572,8 @@ class LedgerSet:
     def start_writer(self) -> None:
         """Write from a thread of its own from now on, every ``flush_interval``
         seconds; :meth:`finish` stops it and writes the rest."""
-        if self._writer is not None or not self.ledgers:
-            return
+        if self._writer is not None:
+            return  # (started with no ledgers too: a task taken over later adds one)
         self._stopping = False
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name="luigi_daisy-ledger-writer")

@@ -86,18 +86,17 @@ def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True,
     ledgers.start_writer()
     failed = True
     try:
-        while True:
+        while ledgers.failure is None:  # else the ledgers cannot be written: finish raises
             progressed = True
-            while progressed:
+            while progressed and ledgers.failure is None:
                 progressed = False
                 for task in tasks:
                     if task.task_id in followed:
                         continue  # another run processes it
-                    while _process_next_block(scheduler, task, ledgers):
+                    while ledgers.failure is None and _process_next_block(scheduler, task,
+                                                                          ledgers):
                         progressed = True
                         bars.update()
-                    if ledgers.failure is not None:
-                        raise ledgers.failure
             if all(scheduler.task_states[task_id].is_done() for task_id in followed):
                 break
             if not _follow_in_process(scheduler, followed, ledgers):
