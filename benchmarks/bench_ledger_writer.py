@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import tempfile
 import time
@@ -52,7 +53,7 @@ def one_run(folder: Path, blocks: int, block_seconds: float, commit_seconds: flo
     finally:
         Ledger._commit = real_commit
     starts = sorted(float(line) for line in events.read_text().splitlines())
-    gap = max(later - earlier for earlier, later in zip(starts, starts[1:]))
+    gap = max(later - earlier for earlier, later in itertools.pairwise(starts))
     return wall, gap
 
 

@@ -18,7 +18,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import LedgerDiskFullError, LedgerError, LedgerReadOnlyError, LedgerStorageError
+from .errors import (
+    LedgerDiskFullError,
+    LedgerError,
+    LedgerReadOnlyError,
+    LedgerStorageError,
+)
 from .ledger import Ledger, ledger_path
 
 logger = logging.getLogger(__name__)

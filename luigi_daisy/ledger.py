@@ -613,7 +613,7 @@ class LedgerSet:
         """Try to write everything pending; True when nothing is left to write."""
         try:
             written, errors = self._flush_all()
-        except Exception as error:  # noqa: BLE001 - the writer thread must not die silently
+        except Exception as error:  # the writer thread must not die silently
             logger.exception("the ledger writer failed")
             errors = [(None, LedgerError(f"writing the ledgers failed: {error!r}"))]
         if not errors:

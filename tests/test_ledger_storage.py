@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_command_launcher import fake_lsf, lsf_shaped  # noqa: F401 - fixture
 
 import luigi_daisy as daisy
 from luigi_daisy import Roi
@@ -38,7 +39,6 @@ from luigi_daisy.errors import (
     LedgerReadOnlyError,
 )
 from luigi_daisy.ledger import Ledger, ledger_path, read_ledger_summary
-from test_command_launcher import fake_lsf, lsf_shaped  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_stray_processes")]
 
@@ -228,7 +228,7 @@ def test_a_disk_that_fills_mid_run_is_waited_out_and_loses_nothing(small_disk, t
 
 
 @pytest.mark.parametrize("when", ["during_the_run", "at_its_end"])
-def test_a_disk_that_stays_full_stops_the_run_cleanly(small_disk, tmp_path, fake_lsf,
+def test_a_disk_that_stays_full_stops_the_run_cleanly(small_disk, tmp_path, fake_lsf,  # noqa: F811
                                                       monkeypatch, caplog, when):
     """With a batch launcher (a command template around fake ``bsub``/``bkill``): the
     run stops with a ``LedgerDiskFullError``, no job is left, no payload file remains,
