@@ -29,6 +29,24 @@ class LedgerError(LuigiDaisyError):
     """A ledger that cannot be used: damaged, from another task, or another geometry."""
 
 
+class LedgerDamagedError(LedgerError):
+    """A ledger file whose content is damaged; only deleting it (or ``fresh=True``) gets
+    its task going again."""
+
+
+class LedgerStorageError(LedgerError):
+    """A ledger that is intact but cannot be written because of where it is stored (a
+    full disk, a read-only folder, an I/O error of the file system)."""
+
+
+class LedgerDiskFullError(LedgerStorageError):
+    """The file system holding a ledger is full."""
+
+
+class LedgerReadOnlyError(LedgerStorageError):
+    """A ledger's folder (or file) cannot be written: a read-only mount or permissions."""
+
+
 class ContextError(LuigiDaisyError, ValueError):
     """A worker context that is missing or cannot be parsed."""
 

@@ -1,23 +1,41 @@
 """The ledger: a durable record of the finished blocks of one task (an SQLite file).
 
-Only the block server writes it, in batches of one transaction each. It remembers the
-task's geometry and refuses to resume a task whose geometry changed. ``complete()`` is a
-single query. The file for task ``T`` in folder ``D`` is ``D/T.ledger.sqlite``.
+Only the block server writes it, in batches of one transaction each, from a writer
+thread of its own (:class:`LedgerSet`), so that a slow or full file system never stalls
+the hand-out of blocks. It remembers the task's geometry and refuses to resume a task
+whose geometry changed. ``complete()`` is a single query. The file for task ``T`` in
+folder ``D`` is ``D/T.ledger.sqlite``.
+
+When the file system fails the writes (full, read-only, an I/O error) the records wait in
+memory and the writes are retried; each kind of failure has its own error class
+(:mod:`luigi_daisy.errors`) and message, and only a damaged file is met with the advice to
+delete it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .context import safe_file_name
-from .errors import LedgerError
+from .errors import (
+    LedgerDamagedError,
+    LedgerDiskFullError,
+    LedgerError,
+    LedgerReadOnlyError,
+    LedgerStorageError,
+)
+
+logger = logging.getLogger(__name__)
 
 #: 3: written since block ids are daisy's numbers. Format 2 ledgers hold the same dense
 #: indices, but were written by versions that showed users other block ids, so they are
@@ -36,7 +54,75 @@ CREATE TABLE IF NOT EXISTS done (seq INTEGER PRIMARY KEY, block INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOUT ROWID;
 """
 
+#: seconds a run keeps serving while its ledger writes fail (full disk, read-only
+#: folder, I/O errors) before it stops; the finished blocks wait in memory meanwhile
+STORAGE_PATIENCE = 600.0
+#: seconds the end of a run keeps retrying the last writes of a failing file system
+FINAL_PATIENCE = 60.0
 
+# SQLite's primary result codes (the low byte of an extended code)
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_FULL = 3, 8, 11, 13
+_SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
+
+
+def _read_only_place(path: Path) -> bool:
+    """Whether ``path`` (or its folder) sits on a read-only mount or is not writable."""
+    folder = path.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    if not os.access(folder, os.W_OK):
+        return True
+    return path.exists() and not os.access(path, os.W_OK)
+
+
+def _full_place(path: Path) -> bool:
+    """Whether the file system holding ``path`` has no space left for us."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail == 0 or stats.f_favail == 0
+
+
+def storage_error(path: Path, task_id: str, error: sqlite3.Error,
+                  action: str = "read or written") -> LedgerError:
+    """The ``LedgerError`` that says what an SQLite error on ledger ``path`` means.
+
+    A damaged file (:class:`~luigi_daisy.errors.LedgerDamagedError`, the only one whose
+    message advises deleting the file), a full file system
+    (:class:`~luigi_daisy.errors.LedgerDiskFullError`), a read-only folder
+    (:class:`~luigi_daisy.errors.LedgerReadOnlyError`), or another error of the file
+    system (:class:`~luigi_daisy.errors.LedgerStorageError`).
+    """
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    where = f"ledger {path} of task {task_id!r}"
+    keep = ("the ledger is not damaged: keep it (the blocks it records are skipped when "
+            "the task runs again)" if path.exists() else "nothing was recorded yet")
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return LedgerDamagedError(f"{where} is damaged ({error}); {AFRESH}")
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM) or _read_only_place(path):
+        return LedgerReadOnlyError(
+            f"{where} cannot be {action}: its folder {path.parent} is read-only ({error}). "
+            f"Make the folder writable, or give the task a writable ledger folder "
+            f"(run_blockwise(ledger_dir=...), Task(ledger=...), ledger_dir in "
+            f"[luigi_daisy]); {keep}")
+    if primary == _SQLITE_FULL or _full_place(path):
+        return LedgerDiskFullError(
+            f"{where} cannot be {action}: the file system holding {path.parent} is full "
+            f"({error}). Free space there, or give the task a ledger folder on another "
+            f"file system; {keep}")
+    if primary == _SQLITE_CANTOPEN:
+        return LedgerStorageError(
+            f"{where} cannot be opened ({error}); check that its folder {path.parent} "
+            f"exists and can be written")
+    return LedgerStorageError(
+        f"{where} cannot be {action} ({error}): the file system holding {path.parent} "
+        f"reported an error. Check that file system (a network mount, a disk); the error "
+        f"does not say that the ledger is damaged: keep it")
 
 
 def _check_format(path: Path, found: str | None) -> None:
@@ -87,6 +173,11 @@ class Ledger:
             self.path.unlink()
         self._pending_done: list[int] = []
         self._pending_failed: dict[int, str | None] = {}
+        #: guards the pending records: the loop appends, the writer thread takes them
+        self._pending_lock = threading.Lock()
+        #: guards the connection: one statement or transaction at a time, whichever
+        #: thread (the writer thread, or the run's thread when it reads or closes)
+        self._connection_lock = threading.RLock()
         self._connection = None
         self.read_only = read_only
         try:
@@ -104,9 +195,13 @@ class Ledger:
             self._check_or_write_meta()
         except sqlite3.DatabaseError as error:
             self._close_connection()
-            raise LedgerError(
-                f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
-                f"({error}); {AFRESH}") from None
+            found = storage_error(self.path, task_id, error,
+                                  "read" if read_only else "opened for writing")
+            if isinstance(found, LedgerDamagedError) or type(error) is sqlite3.DatabaseError:
+                raise LedgerDamagedError(
+                    f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
+                    f"({error}); {AFRESH}") from None
+            raise found from None
         except LedgerError:
             self._close_connection()
             raise
@@ -140,31 +235,37 @@ class Ledger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        with self._guarded():
+        """One write transaction; whatever fails in it (a full disk at ``COMMIT``
+        included) leaves the file as it was before ``BEGIN``."""
+        with self._guarded("written"):
             self._connection.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self._connection.execute("COMMIT")
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                if self._connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Turn SQLite's errors into a ``LedgerError`` that names the file."""
-        try:
-            yield
-        except sqlite3.DatabaseError as error:
-            raise LedgerError(
-                f"ledger {self.path} of task {self.task_id!r} cannot be read or written "
-                f"({error}); if it is damaged, {AFRESH}") from None
+    def _guarded(self, action: str = "read or written") -> Iterator[None]:
+        """Hold the connection, and turn SQLite's errors into a ``LedgerError`` that
+        names the file and says what happened (:func:`storage_error`)."""
+        with self._connection_lock:
+            if self._connection is None:
+                raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is closed")
+            try:
+                yield
+            except sqlite3.DatabaseError as error:
+                raise storage_error(self.path, self.task_id, error, action) from None
 
     def _check_integrity(self) -> None:
         """Refuse a damaged file: SQLite keeps no checksums, but a damaged page breaks
         the consistency between the table and its index, which this check finds."""
         problems = [row[0] for row in self._connection.execute("PRAGMA integrity_check")]
         if problems != ["ok"]:
-            raise LedgerError(
+            raise LedgerDamagedError(
                 f"ledger {self.path} of task {self.task_id!r} is damaged "
                 f"({'; '.join(problems[:3])}); {AFRESH}")
 
@@ -188,7 +289,7 @@ class Ledger:
             except (TypeError, ValueError, OverflowError):
                 indices = None
         if indices is None or (indices.size and indices[0] < 0):
-            raise LedgerError(
+            raise LedgerDamagedError(
                 f"ledger {self.path} of task {self.task_id!r} holds a block index that is "
                 f"not a non-negative integer; it is damaged: {AFRESH}")
         return indices
@@ -211,25 +312,64 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing
     def record_done(self, index: int) -> None:
-        """Remember a finished block; written at the next :meth:`flush`."""
-        self._pending_done.append(index)
+        """Remember a finished block; written at the next :meth:`flush`.
+
+        Cheap and never touches the file: safe to call from the server's loop while
+        another thread flushes."""
+        with self._pending_lock:
+            self._pending_done.append(index)
 
     def record_failed(self, index: int, error: str | None) -> None:
         """Remember a block that failed for good; written at the next :meth:`flush`."""
-        self._pending_failed[index] = error
+        with self._pending_lock:
+            self._pending_failed[index] = error
 
     @property
     def pending(self) -> int:
         """Records not yet written."""
         return len(self._pending_done) + len(self._pending_failed)
 
+    def discard_pending(self) -> int:
+        """Forget the records not yet written (their blocks will run again); return how
+        many. For a run that stops because its ledger cannot be written."""
+        with self._pending_lock:
+            count = len(self._pending_done) + len(self._pending_failed)
+            self._pending_done, self._pending_failed = [], {}
+        return count
+
     def flush(self) -> int:
-        """Write the pending records in one transaction; return how many."""
-        done, failed = self._pending_done, self._pending_failed
-        if not done and not failed:
-            return 0
-        if self.read_only:
-            raise LedgerError(f"ledger {self.path} was opened read-only; it cannot record")
+        """Write the pending records in one transaction; return how many.
+
+        Callable from any thread (one flush at a time). When the transaction fails the
+        file is unchanged and the records stay pending for the next flush.
+
+        Raises
+        ------
+        LedgerError
+            Of the class that says what happened (see :func:`storage_error`).
+        """
+        with self._connection_lock:
+            with self._pending_lock:
+                done, failed = self._pending_done, self._pending_failed
+                self._pending_done, self._pending_failed = [], {}
+            if not done and not failed:
+                return 0
+            try:
+                if self.read_only:
+                    raise LedgerError(
+                        f"ledger {self.path} was opened read-only; it cannot record")
+                self._commit(done, failed)
+            except BaseException:
+                # not written: back in front of the records that came in meanwhile
+                with self._pending_lock:
+                    self._pending_done[:0] = done
+                    failed.update(self._pending_failed)
+                    self._pending_failed = failed
+                raise
+        return len(done) + len(failed)
+
+    def _commit(self, done: list[int], failed: dict[int, str | None]) -> None:
+        """One transaction that records ``done`` and ``failed`` blocks."""
         with self._transaction():
             self._connection.executemany(
                 "INSERT OR IGNORE INTO done (block) VALUES (?)", ((index,) for index in done))
@@ -238,9 +378,6 @@ class Ledger:
                     "DELETE FROM failed WHERE block = ?", ((index,) for index in done))
             self._connection.executemany(
                 "INSERT OR REPLACE INTO failed VALUES (?, ?)", failed.items())
-        # only once committed: a failed transaction keeps them for the next flush
-        self._pending_done, self._pending_failed = [], {}
-        return len(done) + len(failed)
 
     def forget_failures(self, indices: Iterable[int] | None = None) -> None:
         """Drop failure records (all of them when ``indices`` is None)."""
@@ -259,17 +396,20 @@ class Ledger:
         read-only connections (``complete()``, followers, ``luigi-daisy status``) would
         otherwise leave them beside every ledger.
         """
-        if self._connection is None:
-            return
-        try:
-            self.flush()
-            if not self.read_only:
-                try:
-                    self._connection.execute("PRAGMA journal_mode=DELETE")
-                except sqlite3.OperationalError:
-                    pass  # a reader still has it open; the next writer's close retries
-        finally:
-            self._close_connection()
+        with self._connection_lock:
+            if self._connection is None:
+                return
+            try:
+                self.flush()
+                if not self.read_only:
+                    try:
+                        self._connection.execute("PRAGMA journal_mode=DELETE")
+                    except sqlite3.DatabaseError:
+                        # a reader still has it open, or the disk is full: the WAL stays
+                        # (intact, read by the next open); the next writer's close retries
+                        pass
+            finally:
+                self._close_connection()
 
     def __enter__(self) -> Ledger:
         return self
@@ -309,6 +449,16 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
 class LedgerSet:
     """The ledgers of the tasks of one run, flushed together at least every second.
 
+    Two ways of writing them. Synchronously, in the caller's thread (:meth:`flush`,
+    :meth:`flush_if_due`; what tools and tests do). Or, during a run, from a writer thread
+    of their own (:meth:`start_writer` ... :meth:`finish`): the run's loop then only
+    appends records to an in-memory batch, and a commit that takes a second (NFS) or
+    fails (a full disk) never stalls the hand-out of blocks. While the file system fails
+    the writes, the records wait in memory, one warning says so, and the writes are
+    retried every ``flush_interval``; after ``storage_patience`` seconds of failures
+    (or at once for a damaged file) the writer gives up and :attr:`failure` holds the
+    error the run stops with. A record is only ever written for a block that finished.
+
     Parameters
     ----------
     ledgers:
@@ -317,14 +467,34 @@ class LedgerSet:
         Longest time, in seconds, a finished block waits before it is written.
     max_pending:
         Write as soon as this many records wait, whatever the time.
+    storage_patience:
+        Seconds of failing writes after which a run stops (default
+        :data:`STORAGE_PATIENCE`).
+    final_patience:
+        Seconds the end of a run retries its last writes (default
+        :data:`FINAL_PATIENCE`).
     """
 
     def __init__(self, ledgers: dict[str, Ledger], flush_interval: float = 1.0,
-                 max_pending: int = 50_000) -> None:
+                 max_pending: int = 50_000, storage_patience: float | None = None,
+                 final_patience: float | None = None) -> None:
         self.ledgers = ledgers
         self.flush_interval = flush_interval
         self.max_pending = max_pending
+        self.storage_patience = (STORAGE_PATIENCE if storage_patience is None
+                                 else storage_patience)
+        self.final_patience = FINAL_PATIENCE if final_patience is None else final_patience
+        #: the error a run stops with once the writer gave up (None while all is well)
+        self.failure: LedgerError | None = None
         self._last_flush: float | None = None
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._hurry = False
+        #: the error of the writes failing now, since when, and on which ledger
+        self._failing: LedgerError | None = None
+        self._failing_since: float | None = None
+        self._failing_ledger: Ledger | None = None
 
     @classmethod
     def open(cls, tasks, default_folder: str | os.PathLike | None = None,
@@ -347,19 +517,31 @@ class LedgerSet:
         """Per task, the blocks recorded as done."""
         return {task_id: ledger.done_indices() for task_id, ledger in self.ledgers.items()}
 
+    def add(self, task_id: str, ledger: Ledger) -> None:
+        """Write ``ledger`` too from now on (a task this run took over)."""
+        self.ledgers[task_id] = ledger
+
     def record_done(self, task_id: str, index: int) -> None:
         """Remember a finished block of ``task_id`` (if that task keeps a ledger)."""
         ledger = self.ledgers.get(task_id)
         if ledger is not None:
             ledger.record_done(index)
             if ledger.pending >= self.max_pending:
-                ledger.flush()
+                if self._writer is not None:
+                    self._nudge()
+                else:
+                    ledger.flush()
 
     def record_failed(self, task_id: str, index: int, error: str | None) -> None:
         """Remember a block of ``task_id`` that failed for good."""
         ledger = self.ledgers.get(task_id)
         if ledger is not None:
             ledger.record_failed(index, error)
+
+    @property
+    def pending(self) -> int:
+        """Records of every ledger not yet written."""
+        return sum(ledger.pending for ledger in list(self.ledgers.values()))
 
     def flush_if_due(self, now: float) -> int:
         """Write pending records when the flush interval has passed since the last write."""
@@ -369,13 +551,148 @@ class LedgerSet:
         return self.flush()
 
     def flush(self) -> int:
-        """Write every pending record, one transaction per ledger."""
-        return sum(ledger.flush() for ledger in self.ledgers.values())
+        """Write every pending record, one transaction per ledger (each ledger is tried
+        even when another fails); raise the first error, a damaged file's first."""
+        written, errors = self._flush_all()
+        if errors:
+            raise errors[0][1]
+        return written
+
+    def _flush_all(self) -> tuple[int, list[tuple[Ledger, LedgerError]]]:
+        written, errors = 0, []
+        for ledger in list(self.ledgers.values()):
+            try:
+                written += ledger.flush()
+            except LedgerError as error:
+                errors.append((ledger, error))
+        errors.sort(key=lambda pair: not isinstance(pair[1], LedgerDamagedError))
+        return written, errors
+
+    # ------------------------------------------------------------ the writer thread
+    def start_writer(self) -> None:
+        """Write from a thread of its own from now on, every ``flush_interval``
+        seconds; :meth:`finish` stops it and writes the rest."""
+        if self._writer is not None:
+            return  # (started with no ledgers too: a task taken over later adds one)
+        self._stopping = False
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name="luigi_daisy-ledger-writer")
+        self._writer.start()
+
+    def _nudge(self) -> None:
+        with self._wake:
+            self._hurry = True
+            self._wake.notify()
+
+    def _stop_writer(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        writer.join()
+        self._writer = None
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                if not self._stopping and not (self._hurry and self._failing is None):
+                    self._wake.wait(self.flush_interval)
+                self._hurry = False
+                if self._stopping:
+                    return
+            now = time.monotonic()
+            if self._attempt(now) or self.failure is not None:
+                continue
+            if now - self._failing_since >= self.storage_patience:
+                self._give_up(f"they failed for {now - self._failing_since:.0f} s "
+                              f"(storage_patience is {self.storage_patience:g} s)")
+
+    def _attempt(self, now: float) -> bool:
+        """Try to write everything pending; True when nothing is left to write."""
+        try:
+            written, errors = self._flush_all()
+        except Exception as error:  # the writer thread must not die silently
+            logger.exception("the ledger writer failed")
+            errors = [(None, LedgerError(f"writing the ledgers failed: {error!r}"))]
+        if not errors:
+            if self._failing is not None:
+                logger.info("ledger writes succeed again after %.0f s; %d records written",
+                            now - self._failing_since, written)
+                self._failing = self._failing_since = self._failing_ledger = None
+            return True
+        ledger, error = errors[0]
+        if not isinstance(error, LedgerStorageError):
+            self._failing_ledger = ledger
+            self._give_up("the file cannot be used any more")  # damaged: no retry helps
+            return False
+        if self._failing is None or type(error) is not type(self._failing):
+            logger.warning(
+                "%s. The run goes on: %d finished blocks wait in memory and the writes are "
+                "retried every %g s; the run stops if they still fail after %g s.",
+                error, self.pending, self.flush_interval, self.storage_patience)
+        if self._failing_since is None:
+            self._failing_since = now
+        self._failing, self._failing_ledger = error, ledger
+        return False
+
+    def _give_up(self, why: str) -> None:
+        """Stop writing: forget the records that could not be written and keep, in
+        :attr:`failure`, an error that says what happened and what the ledger holds."""
+        error, ledger = self._failing, self._failing_ledger
+        if error is None or not isinstance(error, LedgerStorageError):
+            error = error or LedgerError("the ledgers could not be written")
+        lost = sum(each.discard_pending() for each in list(self.ledgers.values()))
+        recorded = ""
+        if ledger is not None:
+            try:
+                total = ledger.geometry.get("num_blocks", "?")
+                recorded = (f" The ledger {ledger.path} records {ledger.done_count():,} "
+                            f"of the task's {total:,} blocks as done."
+                            if isinstance(total, int) else "")
+            except LedgerError:
+                recorded = ""
+        self.failure = type(error)(
+            f"the run stopped because its ledger writes failed: {why}. {error}.{recorded} "
+            f"{lost:,} finished blocks could not be recorded; they will run again.")
+        logger.error("%s", self.failure)
+
+    def finish(self, patience: float | None = None) -> None:
+        """Stop the writer thread and write every pending record before returning.
+
+        Retries failing writes for up to ``patience`` seconds (default
+        ``final_patience``; 0: one attempt).
+
+        Raises
+        ------
+        LedgerError
+            :attr:`failure`, when the writer gave up during the run or the last writes
+            still fail after ``patience`` seconds; its class says why
+            (:class:`~luigi_daisy.errors.LedgerDiskFullError`, ...).
+        """
+        self._stop_writer()
+        if self.failure is None:
+            patience = self.final_patience if patience is None else patience
+            started = time.monotonic()
+            while not self._attempt(time.monotonic()) and self.failure is None:
+                waited = time.monotonic() - started
+                if waited >= patience:
+                    self._give_up(f"the run ended and its last writes still failed after "
+                                  f"{waited:.0f} s more")
+                    break
+                time.sleep(min(self.flush_interval, patience - waited))
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
-        """Flush and close every ledger (all of them, even if one fails)."""
+        """Flush and close every ledger (all of them, even if one fails); after a
+        :attr:`failure`, close without writing."""
+        self._stop_writer()
         errors = []
         for ledger in self.ledgers.values():
+            if self.failure is not None:
+                ledger.discard_pending()
             try:
                 ledger.close()
             except LedgerError as error:

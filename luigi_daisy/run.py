@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
+from .claims import Claims
 from .hand import DEFAULT_PREFETCH, MAX_PREFETCH
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
-from .errors import ConfigError, LauncherError, TaskDefinitionError, WorkerSetupError
+from .errors import ConfigError, LauncherError, LedgerError, TaskDefinitionError, WorkerSetupError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
@@ -39,6 +40,8 @@ SHUTDOWN_GRACE = 10.0
 PROGRESS_INTERVAL = 1.0
 #: seconds the end of a run waits for the launcher to confirm every worker (job) gone
 STOP_TIMEOUT = 60.0
+#: seconds between two looks at the ledgers of followed tasks in an in-process run
+FOLLOW_INTERVAL = 0.1
 
 
 def warn_uncovered(tasks: Iterable[Task]) -> None:
@@ -54,8 +57,15 @@ def warn_uncovered(tasks: Iterable[Task]) -> None:
                 task.grid.write_shape[axis])
 
 
-def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True) -> RunResult:
-    """Run every block of ``tasks`` in the calling process, one at a time."""
+def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True,
+                   followed: Mapping[str, FollowedTask] | None = None) -> RunResult:
+    """Run every block of ``tasks`` in the calling process, one at a time.
+
+    Tasks in ``followed`` are processed by another run: this one waits for their
+    blocks (read from that run's ledger) where its own blocks need them, and takes a
+    task over when that run is gone. The ledgers are written from their writer thread.
+    """
+    followed = dict(followed or {})
     for task in tasks:
         if task.process_function is None or not takes_block(task.process_function):
             raise TaskDefinitionError(
@@ -63,24 +73,68 @@ def run_in_process(tasks: list[Task], ledgers: LedgerSet, progress: bool = True)
                 f"in this process, so it must take the block as its argument; a worker "
                 f"function without arguments needs multiprocessing=True")
     warn_uncovered(tasks)
-    scheduler = BlockScheduler(tasks, ledgers.done_blocks())
+    done_blocks = ledgers.done_blocks()
+    for task_id, follower in followed.items():
+        done_blocks[task_id] = follower.initial_done()
+    scheduler = BlockScheduler(tasks, done_blocks)
+    for task_id in followed:
+        scheduler.follow(task_id)
     for task in tasks:
         if task.init_callback_fn is not None:
             task.init_callback_fn(Context(task_id=task.task_id, worker_id="0"))
     bars = ProgressBars(scheduler.task_states, enabled=progress)
+    ledgers.start_writer()
+    failed = True
     try:
-        progressed = True
-        while progressed:
-            progressed = False
-            for task in tasks:
-                while _process_next_block(scheduler, task, ledgers):
-                    progressed = True
-                    bars.update()
-                    ledgers.flush_if_due(time.monotonic())
+        while ledgers.failure is None:  # else the ledgers cannot be written: finish raises
+            progressed = True
+            while progressed and ledgers.failure is None:
+                progressed = False
+                for task in tasks:
+                    if task.task_id in followed:
+                        continue  # another run processes it
+                    while ledgers.failure is None and _process_next_block(scheduler, task,
+                                                                          ledgers):
+                        progressed = True
+                        bars.update()
+            if all(scheduler.task_states[task_id].is_done() for task_id in followed):
+                break
+            if not _follow_in_process(scheduler, followed, ledgers):
+                time.sleep(FOLLOW_INTERVAL)
+        failed = False
     finally:
-        ledgers.flush()
         bars.close()
+        try:
+            # every record durable before the run returns (Luigi reads complete() next)
+            ledgers.finish(patience=0 if failed else None)
+        except LedgerError as error:
+            if not failed:
+                raise
+            logger.error("%s", error)
     return RunResult(scheduler.task_states)
+
+
+def _follow_in_process(scheduler: BlockScheduler, followed: dict[str, FollowedTask],
+                       ledgers: LedgerSet) -> bool:
+    """Take in the blocks other runs finished; take over tasks whose run is gone.
+    True when something changed."""
+    changed = False
+    for task_id, follower in list(followed.items()):
+        for index in follower.new_done():
+            changed = scheduler.complete_external(task_id, index) or changed
+        if scheduler.task_states[task_id].is_done():
+            continue
+        ledger = follower.try_claim()
+        if ledger is None:
+            continue
+        for index in follower.new_done():
+            scheduler.complete_external(task_id, index)
+        del followed[task_id]
+        scheduler.take_over(task_id)
+        ledgers.add(task_id, ledger)
+        logger.warning("the run processing task %r is gone; taking it over", task_id)
+        changed = True
+    return changed
 
 
 def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSet) -> bool:
@@ -364,7 +418,7 @@ class WorkerRun:
                 self.scheduler.complete_external(task_id, index)
             del self.followed[task_id]
             self.scheduler.take_over(task_id)
-            self.ledgers.ledgers[task_id] = ledger
+            self.ledgers.add(task_id, ledger)
             if not self.scheduler.task_states[task_id].is_done():
                 logger.warning("the run processing task %r is gone; taking it over", task_id)
                 self._start_task(task_id)
@@ -415,6 +469,9 @@ class WorkerRun:
             self.tracking.start(self.host)
         bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
         last_report = 0.0
+        # commits happen on the ledgers' writer thread: this loop only appends records
+        self.ledgers.start_writer()
+        failed = True
         try:
             for task_id, state in self.scheduler.task_states.items():
                 if task_id not in self.followed and not state.is_done():
@@ -425,7 +482,8 @@ class WorkerRun:
                 await asyncio.sleep(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
                 now = time.monotonic()
-                self.ledgers.flush_if_due(now)
+                if self.ledgers.failure is not None:
+                    break  # the ledgers cannot be written: stop (the end raises why)
                 self._follow()
                 self._check_workers()
                 self.startup.update(now)
@@ -443,20 +501,45 @@ class WorkerRun:
             self.startup.finish()
             self.server.end_run()
             await self._stop_workers()
+            failed = False
         finally:
-            self.ledgers.flush()
-            # workers are ended (jobs cancelled) before their connections close, so a
-            # worker waiting for a block does not fail on the closed connection first
-            not_gone = self.launcher.stop_all(STOP_TIMEOUT)
-            self.server.close_all()
+            self._end(bars, failed)
+        return RunResult(self.scheduler.task_states)
+
+    def _end(self, bars: ProgressBars, failed: bool) -> None:
+        """End the run, however it ends: each step runs even when one before it fails,
+        so that a ledger that cannot be written never leaves jobs queued, connections
+        open or payload files behind. The ledgers are written last, after the jobs are
+        gone; with an exception already on its way (``failed``) they get one attempt
+        and their errors are logged, else the first error is raised once all ran
+        (a :class:`~luigi_daisy.errors.LedgerError` that says what happened)."""
+        errors: list[Exception] = []
+
+        def stop_workers() -> None:
+            not_gone = self.launcher.stop_all(STOP_TIMEOUT)  # cancels jobs, removes payloads
             if not_gone:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
-            bars.close()
-            self._observe()
-            if self.tracking is not None:
-                self.tracking.stop()
-        return RunResult(self.scheduler.task_states)
+
+        # workers are ended (jobs cancelled) before their connections close, so a
+        # worker waiting for a block does not fail on the closed connection first
+        steps = [stop_workers, self.server.close_all, bars.close, self._observe]
+        if self.tracking is not None:
+            steps.append(self.tracking.stop)
+        # every record durable before the run returns (Luigi reads complete() next)
+        steps.append(lambda: self.ledgers.finish(patience=0 if failed else None))
+        for step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - every step must run; raised below
+                errors.append(error)
+        for error in errors[0 if failed else 1:]:
+            if isinstance(error, LedgerError):
+                logger.error("%s", error)
+            else:
+                logger.error("while ending the run: %r", error, exc_info=error)
+        if errors and not failed:
+            raise errors[0]
 
     async def _stop_workers(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -576,7 +659,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         A task or a list of tasks; upstream tasks are pulled in.
     multiprocessing:
         Run ``num_workers`` worker processes per task (default), or every block in the
-        calling process.
+        calling process (which claims and follows tasks the same way, waiting for the
+        blocks of a followed task that its own blocks read).
     progress:
         Show a progress bar per task.
     return_states:
@@ -591,6 +675,10 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     ledger_dir:
         Ledger folder for the tasks that do not name their own (``Task(ledger=...)``):
         finished blocks are recorded there and skipped when the run is repeated.
+        Each task with a ledger is claimed with a lock beside it (the same that
+        ``BlockwiseTask`` takes): a task another live run holds is followed, not run
+        twice (its finished blocks release the blocks here that read them), and taken
+        over when that run is gone. The locks are released at the end.
     fresh:
         Forget what the tasks' ledgers hold and process every block again.
     server_limits:
@@ -640,27 +728,44 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     -------
     RunResult
         ``task_id -> TaskState``; true exactly when every block succeeded.
+
+    Raises
+    ------
+    LedgerError
+        When a ledger cannot be used or written; its class says why
+        (:class:`~luigi_daisy.errors.LedgerDamagedError`,
+        :class:`~luigi_daisy.errors.LedgerDiskFullError`,
+        :class:`~luigi_daisy.errors.LedgerReadOnlyError`). A run whose ledger writes
+        fail keeps serving and retries them; it stops (workers ended, jobs cancelled,
+        finished records kept) only after ``ledger.STORAGE_PATIENCE`` seconds of
+        failures, or when it ends and its last writes still fail.
     """
     check_prefetch(prefetch)
     ordered = collect_tasks(tasks)
-    ledgers = LedgerSet.open(ordered, ledger_dir, fresh=fresh)
+    claims = Claims.take(ordered, ledger_dir)
     try:
-        if not multiprocessing:
-            result = run_in_process(ordered, ledgers, progress=progress)
-            print(format_summary(result))
-            return result
-        if launcher is None:
-            launcher = LocalLauncher(log_dir, start_method=start_method)
-        observers = [_BlockMapAnnouncer()] if tracking else []
-        run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
-                        observers=observers, tracking=tracking,
-                        server_limits=server_limits, stop_event=stop_event,
-                        advertise_host=advertise_host,
-                        worker_death_timeout=worker_death_timeout,
-                        pending_report_after=pending_report_after, prefetch=prefetch)
-        result = run_coroutine(run.run)
+        ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
+                                 ledger_dir, fresh=fresh)
+        try:
+            if not multiprocessing:
+                result = run_in_process(ordered, ledgers, progress=progress,
+                                        followed=claims.followed)
+                print(format_summary(result))
+                return result
+            if launcher is None:
+                launcher = LocalLauncher(log_dir, start_method=start_method)
+            observers = [_BlockMapAnnouncer()] if tracking else []
+            run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
+                            followed=claims.followed, observers=observers,
+                            tracking=tracking, server_limits=server_limits,
+                            stop_event=stop_event, advertise_host=advertise_host,
+                            worker_death_timeout=worker_death_timeout,
+                            pending_report_after=pending_report_after, prefetch=prefetch)
+            result = run_coroutine(run.run)
+        finally:
+            ledgers.close()
     finally:
-        ledgers.close()
+        claims.release()
     print(format_summary(result, run.worker_logs()))
     if run.failure_report:
         print(f"the run stopped early: {run.failure_report}")

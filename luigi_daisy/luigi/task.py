@@ -14,6 +14,7 @@ from funlib.geometry import Roi
 from luigi.task import flatten
 
 from ..blocks import Block, BlockGrid
+from ..claims import LedgerFollower, TaskLock
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, WorkerSetupError
 from ..ledger import LedgerSet, ledger_path
@@ -22,13 +23,7 @@ from ..summary import format_summary
 from ..task import Task
 from .config import LAUNCHERS, SECTION, check_section, settings
 from .launching import launcher_for_closure
-from .pipeline import (
-    LedgerFollower,
-    RunOutcome,
-    TaskLock,
-    luigi_scheduler_of,
-    scheduled_dependents,
-)
+from .pipeline import RunOutcome, luigi_scheduler_of, scheduled_dependents
 from .progress import LuigidReporter
 from .targets import LedgerTarget, ZarrTarget
 
