@@ -521,9 +521,11 @@ class WorkerRun:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
 
-        # workers are ended (jobs cancelled) before their connections close, so a
-        # worker waiting for a block does not fail on the closed connection first
-        steps = [stop_workers, self.server.close_all, bars.close, self._observe]
+        # the hand-out hears first that the run ends (workers closed from now on were
+        # not lost); workers are ended (jobs cancelled) before their connections close,
+        # so a worker waiting for a block does not fail on the closed connection first
+        steps = [self.server.end_run, stop_workers, self.server.close_all, bars.close,
+                 self._observe]
         if self.tracking is not None:
             steps.append(self.tracking.stop)
         # every record durable before the run returns (Luigi reads complete() next)
