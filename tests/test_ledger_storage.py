@@ -272,6 +272,9 @@ def test_a_disk_that_stays_full_stops_the_run_cleanly(small_disk, tmp_path, fake
     payloads = tmp_path / "logs" / ".payloads"
     assert not payloads.exists() or not list(payloads.iterdir())
     assert len(full_warnings(caplog)) == 1, full_warnings(caplog)
+    lost = [record.getMessage() for record in caplog.records
+            if "was lost" in record.getMessage()]
+    assert not lost, f"workers stopped by the run's end reported as lost: {lost}"
     # the next run resumes from the intact ledger
     done_before = recorded(small_disk, "full")
     events.unlink()
