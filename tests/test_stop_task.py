@@ -40,6 +40,23 @@ def invariant(state) -> None:
 
 
 # --------------------------------------------------------------------------- sans-I/O
+def test_blocks_failed_for_good_are_keyed_by_daisy_s_number_on_every_path():
+    """A 2D grid, where a block's internal index and daisy's number differ: a fatal
+    failure and a failure after the retries are both listed under daisy's number."""
+    task = daisy.Task("grid", total_roi=Roi((0, 0), (30, 30)), read_roi=Roi((0, 0), (10, 10)),
+                      write_roi=Roi((0, 0), (10, 10)), process_function=lambda block: None,
+                      read_write_conflict=False, max_retries=0)
+    scheduler = BlockScheduler([task])
+    blocks = [scheduler.acquire("grid") for _ in range(9)]
+    retried, fatal = blocks[5], blocks[7]
+    assert retried.index != retried.block_id[1] and fatal.index != fatal.block_id[1]
+    retried.error, fatal.error = "failed", "no model"
+    assert scheduler.release(retried, BlockStatus.FAILED) is ReleaseOutcome.FAILED
+    assert scheduler.release(fatal, BlockStatus.FAILED, fatal=True) is ReleaseOutcome.FAILED
+    assert scheduler.task_states["grid"].failed_blocks == {
+        retried.block_id[1]: "failed", fatal.block_id[1]: "no model"}
+
+
 def test_a_fatal_release_fails_one_block_and_stops_the_task_and_its_downstream():
     first, second = chain(process_function=lambda block: None, max_retries=3)
     scheduler = BlockScheduler([second])
@@ -55,7 +72,7 @@ def test_a_fatal_release_fails_one_block_and_stops_the_task_and_its_downstream()
     assert scheduler.release(fatal, BlockStatus.FAILED, fatal=True) is ReleaseOutcome.FAILED
     first_state, second_state = scheduler.task_states["first"], scheduler.task_states["second"]
     assert first_state.failed_count == 1 and first_state.failed_blocks == {
-        fatal.index: fatal.error}
+        fatal.block_id[1]: fatal.error}
     assert first_state.stop_reason == fatal.error
     assert "upstream task 'first' was stopped" in second_state.stop_reason
     assert scheduler.acquire("first") is None and scheduler.acquire("second") is None
