@@ -24,9 +24,10 @@ job id, e.g. ``Job <(\\d+)>`` for ``bsub`` or ``(\\S+)`` for ``qsub``. The optio
 batch system no longer runs it. It names one job, so each state query runs it once for
 every unfinished job whose exit code is not recorded yet, up to
 :data:`STATUS_CONCURRENCY` at a time (a query takes about as long as one call, not one
-call per job); queries are ``job_poll_interval`` apart, off the run's event loop. Without it, a job counts as ended when its worker
-command has finished (it records its exit code next to the job's logs) or when
-``cancel_command`` succeeded for it, so a job killed from outside is not replaced.
+call per job); queries are ``job_poll_interval`` apart, off the run's event loop.
+Without it, a job counts as ended when its worker command has finished (it records its
+exit code next to the job's logs) or when ``cancel_command`` succeeded for it, so a job
+killed from outside is not replaced.
 
 The worker's context travels in the submit command's environment: the template must
 make the batch system pass it on (``qsub -V``, HTCondor ``getenv = True``, ...).
