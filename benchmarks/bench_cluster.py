@@ -73,7 +73,7 @@ def run_once(kind: str, blocks: int, workers: int, cluster: SlurmCluster) -> dic
                       process_function=functools.partial(noop, str(folder)),
                       read_write_conflict=False, num_workers=workers)
     if kind == "slurm":
-        launcher = SlurmLauncher(log_dir=folder / "logs", poll_interval=0.5)
+        launcher = SlurmLauncher(log_dir=folder / "logs", poll_interval=1.0)
     else:
         launcher = LocalLauncher(folder / "logs")
     started = time.time()

@@ -270,6 +270,7 @@ class WorkerRun:
         self.log_files: dict[int, tuple[str, str]] = {}
         self.worker_tasks: dict[int, str] = {}
         self._next_worker_id = 0
+        self._replacements: set[int] = set()  # ids of workers started as replacements
 
     # ------------------------------------------------------------------ workers
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
@@ -333,6 +334,13 @@ class WorkerRun:
                 self.server.drop_worker(task_id, worker.worker_id)
                 if state.is_done() or state.stop_reason:
                     continue  # nothing left for a new worker (a stopped task hands out none)
+                refused = worker.start_error()
+                if refused is not None:  # the batch system refused the job: it never ran
+                    what = ("a replacement" if worker.worker_id in self._replacements
+                            else f"worker {worker.worker_id}")
+                    logger.error("could not start %s for %r: %s", what, task_id, refused)
+                    self.ended_workers[task_id].append(f"{what} was refused: {refused}")
+                    continue
                 if exit_code != 0:
                     self.ended_workers[task_id].append(
                         f"{worker.describe()} exited with code {exit_code}")
@@ -360,6 +368,7 @@ class WorkerRun:
     def _replace_worker(self, task_id: str, restartable: bool = True) -> None:
         """Start a replacement; a batch system that refuses it for now (a busy
         controller) costs the restart, not the run."""
+        self._replacements.add(self._next_worker_id)
         try:
             self._start_worker(task_id, restartable)
         except LauncherError as error:

@@ -89,7 +89,7 @@ def lsf_shaped(folder: Path, tmp_path: Path, status: bool = True) -> CommandLaun
         cancel_command=f"{folder}/bkill {{job_id}}",
         job_id_pattern=r"Job <(\d+)> is submitted",
         status_command=f"{folder}/bjobs {{job_id}}" if status else None,
-        log_dir=tmp_path / "logs", poll_interval=0.2)
+        log_dir=tmp_path / "logs", poll_interval=1.0)
 
 
 def note(folder: str, block) -> None:

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.timeout(180)
 REPOSITORY = Path(__file__).resolve().parent.parent
 REQUIRED = os.environ.get("LUIGI_DAISY_REQUIRE_SLURM") == "1"
 #: squeue is asked this often by the launchers in these tests
-POLL = 0.3
+POLL = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +289,7 @@ task = daisy.Task(sys.argv[4], total_roi=Roi((0,), (20,)), read_roi=Roi((0,), (1
                   write_roi=Roi((0,), (10,)), process_function=hold,
                   num_workers=int(sys.argv[3]))
 daisy.run_blockwise([task], progress=False, ledger_dir=folder / "ledgers",
-                    launcher=SlurmLauncher(log_dir=folder / "logs", poll_interval=0.3),
+                    launcher=SlurmLauncher(log_dir=folder / "logs", poll_interval=POLL),
                     worker_death_timeout=float(sys.argv[2]))
 """
 

@@ -66,6 +66,11 @@ class WorkerHandle(abc.ABC):
     def kill(self) -> None:
         """End the worker and whatever it started."""
 
+    def start_error(self) -> str | None:
+        """Why the worker was never started (a batch system that refused its job: the
+        command and its output), else None. Such a worker also has an exit code."""
+        return None
+
     @abc.abstractmethod
     def describe(self) -> str:
         """``"pid 1234"``, ``"SLURM job 42"``: for messages."""
@@ -82,11 +87,13 @@ class Launcher(abc.ABC):
 
     @abc.abstractmethod
     def start(self, spec: WorkerSpec) -> WorkerHandle:
-        """Start one worker."""
+        """Start one worker. Called on the run's event loop: must not wait for a batch
+        system (a batch launcher submits in the background and returns at once)."""
 
     @abc.abstractmethod
     def poll(self) -> None:
-        """Refresh the state of every worker in one go (one ``squeue`` for SLURM)."""
+        """Refresh the state of every worker in one go (one ``squeue`` for SLURM).
+        Called on the run's event loop every few milliseconds: must not wait."""
 
     @abc.abstractmethod
     def stop_all(self, timeout: float) -> list[str]:

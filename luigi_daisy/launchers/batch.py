@@ -6,10 +6,26 @@ for the states of many jobs in one call and cancel jobs (see ``slurm.py``, ``lsf
 ``command.py``). The worker's context (with the run's token) and the payload file's
 name travel in the submit command's environment, never on its command line: ``ps`` and
 ``squeue`` show command lines to every user.
+
+No batch command runs on the caller's thread (the run's event loop, which hands out
+blocks). A launcher owns two background threads, created on first use:
+
+- the *submit* thread runs the submit commands one after the other, in the order of
+  :meth:`BatchLauncher.start` calls; ``start`` returns a handle at once, a job "being
+  submitted" (pending, no exit code, no job id yet);
+- the *control* thread runs the state queries (at most one at a time, one command for
+  all jobs) and the cancellations.
+
+Their answers are applied by :meth:`BatchLauncher.poll`, on the caller's thread, so a
+job's fields and ``jobs`` only ever change there. ``stop_all`` (the end of a run) is the
+one call that waits: for the submission in flight (submissions not started yet are
+dropped), then for the cancellations and for the batch system to confirm every job gone.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -18,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +45,36 @@ from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-#: seconds between two state queries to the batch system (``poll(force=True)`` ignores it)
+#: seconds between the answer to one state query and the start of the next
 DEFAULT_POLL_INTERVAL = 2.0
+#: the least ``poll_interval`` (``job_poll_interval``) accepted, in seconds. One query
+#: covers every job of the run, but a run may last days and a cluster has many users: a
+#: controller answers every ``squeue`` under its job lock, and sites ask for loops no
+#: tighter than that (Nextflow polls every 5 s by default, Parsl every 60 s).
+MIN_POLL_INTERVAL = 1.0
 #: seconds a batch command (submit, query, cancel) may take
 COMMAND_TIMEOUT = 60.0
 #: exit code reported for a job that ended without one the batch system could tell
 EXIT_UNKNOWN = -1
 #: exit code reported for a job cancelled before it ran
 EXIT_CANCELLED = -15
+
+
+
+def check_poll_interval(value: object, key: str = "poll_interval") -> float:
+    """``value`` as seconds between two state queries, or a :class:`LauncherError` that
+    names ``key`` and :data:`MIN_POLL_INTERVAL`."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds >= MIN_POLL_INTERVAL or math.isinf(seconds):
+        raise LauncherError(
+            f"{key}={value!r}: the batch system's job states are queried at most once "
+            f"every {MIN_POLL_INTERVAL:g} s (every query asks the cluster's controller); "
+            f"give {MIN_POLL_INTERVAL:g} or more (default {DEFAULT_POLL_INTERVAL:g})")
+    return seconds
+
 
 _MEMORY = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
@@ -89,45 +128,76 @@ class JobStatus:
 
 @dataclass(eq=False)
 class BatchJob(WorkerHandle):
-    """One submitted worker job."""
+    """One worker job: being submitted (``job_id`` None), then submitted.
+
+    Its fields change only in :meth:`BatchLauncher.poll` (and ``stop_all``), on the
+    thread that calls them.
+    """
 
     launcher: BatchLauncher = field(repr=False)
     task_id: str
     worker_id: int
-    job_id: str
+    #: None while the submission is queued or running, and for a job never submitted
+    job_id: str | None
     job_name: str
     stdout_path: Path
     stderr_path: Path
+    #: when the submission was asked for, then (once it returned) when it was submitted
     submitted_at: float
-    state: str = "SUBMITTED"
+    state: str = "SUBMITTING"
     reason: str = ""
     started_at: float | None = None
+    #: why the submit command failed (its command line and output), else None
+    submit_error: str | None = None
+    #: kill() was called: cancel the job as soon as its id is known
+    cancel_requested: bool = False
+    cancel_sent: bool = False
     _exit_code: int | None = None
     _unseen_polls: int = 0
 
     def exit_code(self) -> int | None:
-        """None while the job is pending or running, else its exit code (negative:
-        ended by that signal, or cancelled)."""
+        """None while the job is being submitted, pending or running, else its exit code
+        (negative: ended by that signal, cancelled, or never submitted)."""
         return self._exit_code
+
+    def start_error(self) -> str | None:
+        """The submit command's error when the batch system refused the job."""
+        return self.submit_error
 
     @property
     def finished(self) -> bool:
-        """Whether the batch system says the job has ended."""
+        """Whether the job has ended (or was never submitted)."""
         return self._exit_code is not None
 
     def kill(self) -> None:
-        """Cancel the job."""
-        self.launcher.cancel([self])
+        """Cancel the job, without waiting (once submitted, if it is being submitted)."""
+        self.launcher.cancel_later([self])
 
     def describe(self) -> str:
         """Job id, name, state and log files, for messages."""
+        if self.job_id is None:
+            error = f": {self.submit_error}" if self.submit_error else ""
+            return f"{self.launcher.name} job {self.job_name} ({self.state}{error})"
         reason = f", {self.reason}" if self.reason and self.reason != "None" else ""
         return (f"{self.launcher.name} job {self.job_id} ({self.job_name}, "
                 f"{self.state}{reason}; logs {self.stdout_path}, {self.stderr_path})")
 
 
+@dataclass
+class _QueryAnswer:
+    """What one state query said, for the jobs it asked about."""
+
+    jobs: list[BatchJob]
+    statuses: dict[str, JobStatus] | None
+    error: Exception | None
+    ended_at: float
+
+
 class BatchLauncher(Launcher):
     """Starts each worker as one batch job.
+
+    Batch commands run on two background threads (see the module's docstring):
+    :meth:`start`, :meth:`poll` and :meth:`BatchJob.kill` return at once.
 
     Parameters
     ----------
@@ -149,7 +219,16 @@ class BatchLauncher(Launcher):
     python:
         Python interpreter the jobs run (the same path must exist on the nodes).
     poll_interval:
-        Seconds between two state queries to the batch system.
+        Seconds from the answer to one state query to the start of the next; at least
+        :data:`MIN_POLL_INTERVAL`.
+
+    Attributes
+    ----------
+    jobs:
+        Submitted jobs by job id.
+    command_counts:
+        How many submit, query and cancel commands ran (``"submit"``, ``"query"``,
+        ``"cancel"``).
     """
 
     #: name in ``[luigi_daisy] launcher``
@@ -179,10 +258,22 @@ class BatchLauncher(Launcher):
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
         self._payload_files: dict[int, Path] = {}
-        self.poll_interval = poll_interval
+        self.poll_interval = check_poll_interval(poll_interval)
         self.jobs: dict[str, BatchJob] = {}
-        self._last_poll = -math.inf
+        self.command_counts: collections.Counter[str] = collections.Counter()
+        self._count_lock = threading.Lock()
         self._failed_queries = 0
+        # submissions handed to the submit thread and not yet applied
+        self._submitting: set[BatchJob] = set()
+        self._submitted: collections.deque[tuple[BatchJob, str | None, str | None]] = \
+            collections.deque()
+        self._any_submitted = False
+        self._refused: LauncherError | None = None
+        self._query: concurrent.futures.Future[_QueryAnswer] | None = None
+        self._last_answer = -math.inf
+        self._closing = threading.Event()
+        self._submit_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._control_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ subclass part
     def submit_command(self, spec: WorkerSpec, job_name: str) -> list[str]:
@@ -213,7 +304,14 @@ class BatchLauncher(Launcher):
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)[-120:]
 
     def start(self, spec: WorkerSpec) -> BatchJob:
-        """Submit one job for ``spec``; its context travels in the environment."""
+        """Queue the submission of one job for ``spec`` and return its handle at once.
+
+        The command is built here (a template error raises :class:`LauncherError` now);
+        it runs on the submit thread. A refused submission shows in the handle
+        (:meth:`BatchJob.start_error`, an exit code); when no job of this launcher was
+        submitted before it, the next :meth:`poll` raises it as a :class:`LauncherError`
+        (a missing command, a partition that does not exist).
+        """
         # absolute: a job may start in another directory than this process
         stdout_path = Path(spec.stdout_path).absolute()
         stderr_path = Path(spec.stderr_path).absolute()
@@ -223,13 +321,50 @@ class BatchLauncher(Launcher):
         environment = {**self.submit_environment(), **self.job_environment(spec)}
         job_name = self.job_name(spec)
         command = self.submit_command(spec, job_name)
-        result = self._run(command, environment, "submit")
-        job_id = self.parse_job_id(result.stdout)
-        job = BatchJob(self, spec.task_id, int(spec.worker_id), job_id, job_name,
+        job = BatchJob(self, spec.task_id, int(spec.worker_id), None, job_name,
                        stdout_path, stderr_path, submitted_at=time.monotonic())
-        self.jobs[job_id] = job
-        logger.debug("submitted %s", job.describe())
+        self._submitting.add(job)
+        self._thread("submit").submit(self._submit, job, command, environment)
         return job
+
+    def _submit(self, job: BatchJob, command: list[str], environment: dict[str, str]) -> None:
+        """On the submit thread: run one submit command, leave the answer for poll()."""
+        if self._closing.is_set() or job.cancel_requested:
+            self._submitted.append((job, None, None))  # the run ended first
+            return
+        try:
+            result = self._run(command, environment, "submit")
+            job_id = self.parse_job_id(result.stdout)
+        except LauncherError as error:
+            self._submitted.append((job, None, str(error)))
+        except Exception as error:  # noqa: BLE001 - reported through the job, not lost
+            self._submitted.append((job, None, f"the {self.name} launcher could not submit "
+                                               f"{job.job_name}: {error!r}"))
+        else:
+            self._submitted.append((job, job_id, None))
+
+    def _apply_submissions(self) -> None:
+        """Give the jobs whose submission returned their ids (or their errors)."""
+        while self._submitted:
+            job, job_id, error = self._submitted.popleft()
+            self._submitting.discard(job)
+            if error is not None:
+                job.state, job.submit_error, job._exit_code = "NOT SUBMITTED", error, \
+                    EXIT_UNKNOWN
+                logger.error("%s", error)
+                if not self._any_submitted and self._refused is None:
+                    self._refused = LauncherError(error)
+            elif job_id is None:
+                job.state, job._exit_code = "NOT SUBMITTED (the run ended first)", \
+                    EXIT_CANCELLED
+            else:
+                self._any_submitted = True
+                job.job_id, job.state, job.submitted_at = job_id, "SUBMITTED", \
+                    time.monotonic()
+                self.jobs[job_id] = job
+                logger.debug("submitted %s", job.describe())
+                if job.cancel_requested:
+                    self.cancel_later([job])
 
     def submit_environment(self) -> dict[str, str]:
         """The environment the submit command starts from (this process's)."""
@@ -254,28 +389,64 @@ class BatchLauncher(Launcher):
             path.unlink(missing_ok=True)
         self._payload_files.clear()
 
-    def poll(self, force: bool = False) -> None:
-        """Refresh the states of all unfinished jobs (one query, at most every
-        ``poll_interval`` seconds unless ``force``)."""
-        now = time.monotonic()
-        if not force and now - self._last_poll < self.poll_interval:
-            return
-        self._last_poll = now
+    def poll(self) -> None:
+        """Apply the answers that came back (submissions, the last state query) and,
+        when ``poll_interval`` has passed since the last answer and no query is
+        running, start one query of every unfinished job. Never waits.
+
+        Raises
+        ------
+        LauncherError
+            Once, when a submission failed before any job of this launcher was
+            submitted: the message names the command and holds its output.
+        """
+        self._apply_submissions()
+        self._apply_query()
+        if self._refused is not None:
+            refused, self._refused = self._refused, None
+            raise refused
+        if self._query is None and \
+                time.monotonic() - self._last_answer >= self.poll_interval:
+            self._start_query()
+
+    def _start_query(self) -> bool:
         unfinished = [job for job in self.jobs.values() if not job.finished]
         if not unfinished:
-            return
+            return False
+        self._query = self._thread("control").submit(self._ask, unfinished)
+        return True
+
+    def _ask(self, jobs: list[BatchJob]) -> _QueryAnswer:
+        """On the control thread: one state query."""
         try:
-            statuses = self.query(unfinished)
-        except LauncherError as error:
+            statuses = self.query(jobs)
+        except Exception as error:  # noqa: BLE001 - applied (and logged) by poll()
+            return _QueryAnswer(jobs, None, error, time.monotonic())
+        return _QueryAnswer(jobs, statuses, None, time.monotonic())
+
+    def _apply_query(self) -> None:
+        """Apply the answer of the last query if it has come."""
+        if self._query is None or not self._query.done():
+            return
+        answer, self._query = self._query.result(), None
+        self._last_answer = answer.ended_at
+        if answer.statuses is None:
             # a batch system that does not answer for a while must not end a long run
             self._failed_queries += 1
             if self._failed_queries in (1, 10) or self._failed_queries % 100 == 0:
-                logger.warning("job states unknown (%d queries failed in a row): %s",
-                               self._failed_queries, error)
+                if isinstance(answer.error, LauncherError):
+                    logger.warning("job states unknown (%d queries failed in a row): %s",
+                                   self._failed_queries, answer.error)
+                else:
+                    logger.error("job states unknown (%d queries failed in a row)",
+                                 self._failed_queries, exc_info=answer.error)
             return
         self._failed_queries = 0
-        for job in unfinished:
-            status = statuses.get(job.job_id)
+        now = time.monotonic()
+        for job in answer.jobs:
+            if job.finished:
+                continue
+            status = answer.statuses.get(job.job_id)
             if status is None:
                 # a job can vanish from the batch system's books once it has ended
                 job._unseen_polls += 1
@@ -291,16 +462,40 @@ class BatchLauncher(Launcher):
             job.state, job.reason = status.state, status.reason
             job._exit_code = status.exit_code
 
+    def _refresh(self, deadline: float) -> bool:
+        """Query now (``MIN_POLL_INTERVAL`` after the last answer) and wait for the
+        answer, until ``deadline``; False when no job was left to ask about. For the
+        end of a run only: it waits."""
+        self._wait_for_query(deadline)
+        if not any(not job.finished for job in self.jobs.values()):
+            return False
+        pause = self._last_answer + MIN_POLL_INTERVAL - time.monotonic()
+        if pause > 0:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        if time.monotonic() < deadline and self._start_query():
+            self._wait_for_query(deadline)
+        return True
+
+    def _wait_for_query(self, deadline: float) -> None:
+        if self._query is not None:
+            try:
+                self._query.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                return
+            self._apply_query()
+
     def pending_jobs(self, longer_than: float) -> list[BatchJob]:
-        """Jobs still pending ``longer_than`` seconds after their submission."""
+        """Submitted jobs still pending ``longer_than`` seconds after their submission."""
+        self._apply_submissions()
         now = time.monotonic()
         return [job for job in self.jobs.values()
                 if not job.finished and job.started_at is None
                 and now - job.submitted_at >= longer_than]
 
     def cancel(self, jobs: list[BatchJob]) -> None:
-        """Ask the batch system to end ``jobs`` (errors are logged, not raised)."""
-        job_ids = [job.job_id for job in jobs if not job.finished]
+        """Run the commands that end ``jobs``, in this thread (errors are logged, not
+        raised). The run's own calls go through :meth:`cancel_later`."""
+        job_ids = [job.job_id for job in jobs if not job.finished and job.job_id is not None]
         if not job_ids:
             return
         for command in self.cancel_commands(job_ids):
@@ -309,36 +504,102 @@ class BatchLauncher(Launcher):
             except LauncherError as error:
                 logger.warning("%s", error)
 
+    def cancel_later(self, jobs: list[BatchJob]) -> None:
+        """Cancel ``jobs`` on the control thread, without waiting; a job still being
+        submitted is cancelled once its id is known (or not submitted at all)."""
+        ready = []
+        for job in jobs:
+            if job.finished or job.cancel_sent:
+                continue
+            job.cancel_requested = True
+            if job.job_id is not None:
+                job.cancel_sent = True
+                ready.append(job)
+        if ready:
+            self._thread("control").submit(self._cancel_logged, ready)
+
+    def _cancel_logged(self, jobs: list[BatchJob]) -> None:
+        try:
+            self.cancel(jobs)
+        except Exception:  # noqa: BLE001 - a thread's error must reach the log
+            logger.exception("cancelling %d %s jobs failed", len(jobs), self.name)
+
     def cancel_all(self) -> None:
-        """Ask the batch system to end every unfinished job, without waiting."""
-        self.cancel(list(self.jobs.values()))
+        """Ask the batch system to end every job, without waiting; submissions not
+        started yet are dropped."""
+        self._closing.set()
+        self._apply_submissions()
+        self.cancel_later(list(self.jobs.values()))
 
     def stop_all(self, timeout: float) -> list[str]:
-        """Cancel every unfinished job and wait until the batch system says they
-        ended; return descriptions of the jobs not confirmed gone within ``timeout``."""
+        """End every job and wait until the batch system says they ended; return
+        descriptions of the jobs not confirmed gone within ``timeout``.
+
+        Submissions not started yet are dropped; the one running is waited for and its
+        job cancelled, so no job outlives the run. This call waits: it is the end of
+        the run.
+        """
         deadline = time.monotonic() + timeout
+        self._closing.set()
         try:
-            self.poll(force=True)
-        except LauncherError as error:
-            logger.warning("%s", error)
-        self.cancel_all()
-        delay = 0.1
-        while True:
+            if self._submit_thread is not None:  # after the submission running now
+                self._submit_thread.submit(lambda: None).result(
+                    timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            pass
+        for job in self._submitting:  # still running: cancelled once it has an id
+            job.cancel_requested = True
+        self._apply_submissions()
+        self._wait_for_query(deadline)
+        if time.monotonic() - self._last_answer >= MIN_POLL_INTERVAL:
+            self._refresh(deadline)  # jobs that ended on their own are not cancelled
+        self.cancel_later(list(self.jobs.values()))
+        if self._control_thread is not None:  # after the cancellations
             try:
-                self.poll(force=True)
-            except LauncherError as error:
-                logger.warning("%s", error)
+                self._control_thread.submit(lambda: None).result(
+                    timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                pass
+        while True:
+            self._apply_submissions()
             left = [job for job in self.jobs.values() if not job.finished]
+            left += [job for job in self._submitting if not job.finished]
             if not left or time.monotonic() >= deadline:
-                if not left:
-                    self._remove_payload_files()
-                return [job.describe() for job in left]
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 1.0)
+                break
+            if not self._refresh(deadline):  # only submissions left: wait for them
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        # the run is over: a refused submission is in its job's description now
+        self._refused = None
+        if not left:
+            self._remove_payload_files()
+            self._stop_threads()
+            self._closing.clear()
+        return [job.describe() for job in left]
+
+    def _stop_threads(self) -> None:
+        for executor in (self._submit_thread, self._control_thread):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._submit_thread = self._control_thread = None
+        self._query = None
+
+    def _thread(self, which: str) -> concurrent.futures.ThreadPoolExecutor:
+        """The submit or control thread (started on first use)."""
+        attribute = f"_{which}_thread"
+        executor = getattr(self, attribute)
+        if executor is None:
+            executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"luigi_daisy-{self.name}-{which}")
+            setattr(self, attribute, executor)
+        return executor
 
     # ------------------------------------------------------------------ helpers
     def _run(self, command: list[str], environment: dict[str, str] | None, what: str,
              check: bool = True, input_text: str | None = None) -> subprocess.CompletedProcess:
+        """Run one batch command (never on the event loop: the submit or control
+        thread, or ``stop_all``)."""
+        with self._count_lock:
+            self.command_counts[what] += 1
         try:
             result = subprocess.run(command, env=environment, capture_output=True, text=True,
                                     timeout=COMMAND_TIMEOUT, input=input_text,
@@ -347,6 +608,10 @@ class BatchLauncher(Launcher):
             raise LauncherError(
                 f"the {self.name} launcher cannot {what} jobs: {command[0]!r} is not "
                 f"installed or not on PATH") from None
+        except PermissionError:
+            raise LauncherError(
+                f"the {self.name} launcher cannot {what} jobs: {command[0]!r} is not "
+                f"executable") from None
         except subprocess.TimeoutExpired:
             raise LauncherError(
                 f"the {self.name} launcher's {what} command {command[0]!r} did not answer "

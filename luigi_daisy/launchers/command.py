@@ -21,9 +21,13 @@ word has its placeholders filled in:
 ``job_id_pattern`` is a regular expression whose first group (or group ``job_id``) is the
 job id, e.g. ``Job <(\\d+)>`` for ``bsub`` or ``(\\S+)`` for ``qsub``. The optional
 ``status_command`` exits 0 while the job is queued or running and non-zero once the
-batch system no longer runs it. Without it, a job counts as ended when its worker
-command has finished (it records its exit code next to the job's logs) or when
-``cancel_command`` succeeded for it, so a job killed from outside is not replaced.
+batch system no longer runs it. It names one job, so each state query runs it once for
+every unfinished job whose exit code is not recorded yet, up to
+:data:`STATUS_CONCURRENCY` at a time (a query takes about as long as one call, not one
+call per job); queries are ``job_poll_interval`` apart, off the run's event loop.
+Without it, a job counts as ended when its worker command has finished (it records its
+exit code next to the job's logs) or when ``cancel_command`` succeeded for it, so a job
+killed from outside is not replaced.
 
 The worker's context travels in the submit command's environment: the template must
 make the batch system pass it on (``qsub -V``, HTCondor ``getenv = True``, ...).
@@ -31,6 +35,7 @@ make the batch system pass it on (``qsub -V``, HTCondor ``getenv = True``, ...).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import shlex
@@ -41,6 +46,9 @@ from ..errors import LauncherError
 from .batch import EXIT_CANCELLED, EXIT_UNKNOWN, BatchJob, BatchLauncher, JobStatus
 
 logger = logging.getLogger(__name__)
+
+#: status commands one state query runs at once
+STATUS_CONCURRENCY = 16
 
 PLACEHOLDERS = ("worker_command", "job_name", "stdout", "stderr", "queue", "account", "cpus",
                 "gpus", "memory_mb", "walltime_minutes", "job_extra", "job_id")
@@ -187,7 +195,7 @@ class CommandLauncher(BatchLauncher):
     def cancel(self, jobs: list[BatchJob]) -> None:
         """Run ``cancel_command`` for each unfinished job; remember those it ended."""
         for job in jobs:
-            if job.finished:
+            if job.finished or job.job_id is None:
                 continue
             (command,) = self.cancel_commands([job.job_id])
             try:
@@ -206,29 +214,41 @@ class CommandLauncher(BatchLauncher):
                                             text[:500])
 
     def query(self, jobs: list[BatchJob]) -> dict[str, JobStatus]:
-        """Exit files first, then ``status_command`` (if any) for the rest."""
+        """Exit files first, then ``status_command`` (if any) for the rest, up to
+        :data:`STATUS_CONCURRENCY` at once."""
         statuses: dict[str, JobStatus] = {}
+        unknown: list[BatchJob] = []
         for job in jobs:
             recorded = self._recorded_exit(job)
             if recorded is not None:
                 statuses[job.job_id] = JobStatus("DONE" if recorded == 0 else "EXIT", "",
                                                  recorded)
             elif self.status_template is not None:
-                command = fill(self.status_template, self._values(job_id=job.job_id),
-                               "status_command")
-                result = self._run(command, None, "query", check=False)
-                if result.returncode == 0:
-                    statuses[job.job_id] = JobStatus("RUNNING")
-                else:
-                    recorded = self._recorded_exit(job)
-                    statuses[job.job_id] = JobStatus(
-                        "ENDED", "", recorded if recorded is not None else
-                        EXIT_CANCELLED if job.job_id in self._cancelled else EXIT_UNKNOWN)
+                unknown.append(job)
             elif job.job_id in self._cancelled:
                 statuses[job.job_id] = JobStatus("CANCELLED", "", EXIT_CANCELLED)
             else:
                 statuses[job.job_id] = JobStatus("RUNNING")
+        if len(unknown) == 1:
+            statuses[unknown[0].job_id] = self._status(unknown[0])
+        elif unknown:
+            with concurrent.futures.ThreadPoolExecutor(
+                    max_workers=min(STATUS_CONCURRENCY, len(unknown)),
+                    thread_name_prefix="luigi_daisy-status") as pool:
+                for job, status in zip(unknown, pool.map(self._status, unknown)):
+                    statuses[job.job_id] = status
         return statuses
+
+    def _status(self, job: BatchJob) -> JobStatus:
+        """``status_command`` for one job."""
+        command = fill(self.status_template, self._values(job_id=job.job_id),
+                       "status_command")
+        result = self._run(command, None, "query", check=False)
+        if result.returncode == 0:
+            return JobStatus("RUNNING")
+        recorded = self._recorded_exit(job)
+        return JobStatus("ENDED", "", recorded if recorded is not None else
+                         EXIT_CANCELLED if job.job_id in self._cancelled else EXIT_UNKNOWN)
 
     def _recorded_exit(self, job: BatchJob) -> int | None:
         try:

@@ -70,7 +70,8 @@ class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class afte
     pending_report_after = luigi.FloatParameter(
         default=60.0, description="seconds after which pending jobs are reported")
     job_poll_interval = luigi.FloatParameter(
-        default=2.0, description="seconds between two job state queries (squeue, bjobs)")
+        default=2.0, description="seconds between two job state queries (squeue, bjobs), "
+                                 "at least 1")
     # throughput
     prefetch = luigi.IntParameter(
         default=1, description="blocks a worker keeps in hand beyond the one it processes "
@@ -132,6 +133,10 @@ def check_section() -> None:
 
 
 def settings() -> luigi_daisy:
-    """The current ``[luigi_daisy]`` settings, after checking the section's keys."""
+    """The current ``[luigi_daisy]`` settings, after checking the section's keys (and
+    that ``job_poll_interval`` is not below the minimum)."""
+    from .launching import check_job_poll_interval
     check_section()
-    return luigi_daisy()
+    current = luigi_daisy()
+    check_job_poll_interval(current.job_poll_interval)
+    return current

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LauncherError
 from ..launchers.base import Launcher
+from ..launchers.batch import check_poll_interval
 from ..launchers.command import CommandLauncher
 from ..launchers.local import LocalLauncher
 from ..launchers.lsf import LsfLauncher
@@ -26,6 +27,7 @@ def make_launcher(name: str, resources: dict, config) -> Launcher:
     config:
         The ``[luigi_daisy]`` settings (``log_dir``, templates, ``job_poll_interval``).
     """
+    check_job_poll_interval(config.job_poll_interval)
     if name == "local":
         return LocalLauncher(config.log_dir, start_method=config.start_method)
     common = dict(resources, log_dir=config.log_dir, poll_interval=config.job_poll_interval)
@@ -39,6 +41,20 @@ def make_launcher(name: str, resources: dict, config) -> Launcher:
                                job_id_pattern=config.job_id_pattern,
                                status_command=config.status_command or None, **common)
     raise ConfigError(f"launcher = {name!r} is not one of local, slurm, lsf, command")
+
+
+def check_job_poll_interval(value: object) -> None:
+    """Refuse a ``[luigi_daisy] job_poll_interval`` below the minimum, naming the key.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``job_poll_interval``, the value and the minimum.
+    """
+    try:
+        check_poll_interval(value, "job_poll_interval")
+    except LauncherError as error:
+        raise ConfigError(f"[luigi_daisy] {error}") from None
 
 
 def launcher_for_closure(tasks, config) -> Launcher:
