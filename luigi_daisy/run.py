@@ -26,7 +26,6 @@ from .server import BlockServer, ServerLimits, is_loopback
 from .startup import StartupReport
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
-from .tracking import TrackingPage
 from .worker import EXIT_RESTART_ME, process_one_block, takes_block
 
 logger = logging.getLogger(__name__)
@@ -204,7 +203,10 @@ class WorkerRun:
         for task_id in self.followed:
             self.scheduler.follow(task_id)
         self.server: BlockServer | None = None
-        self.tracking = TrackingPage(self) if tracking else None
+        self.tracking = None
+        if tracking:
+            from .tracking import TrackingPage  # tornado.web: only for the block map
+            self.tracking = TrackingPage(self)
         self.started_at = time.monotonic()
         targets = dict(targets or {})
         self.payloads = {
