@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 #: seconds between two looks at workers, timeouts and progress
 MONITOR_INTERVAL = 0.05
+#: seconds between two looks at whether the run is done, and, once it is, at whether
+#: its workers have exited (a look costs a comparison per task, a poll per worker)
+END_CHECK_INTERVAL = 0.01
 #: seconds a finished run waits for its workers to exit before killing them
 SHUTDOWN_GRACE = 10.0
 #: seconds between two progress reports to observers
@@ -473,7 +476,7 @@ class WorkerRun:
             self.startup = StartupReport(self.launcher, self.server, self.workers,
                                          self.pending_report_after)
             while not self.scheduler.is_done():
-                await asyncio.sleep(MONITOR_INTERVAL)
+                await self._sleep_unless_done(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
                 now = time.monotonic()
                 self.ledgers.flush_if_due(now)
@@ -514,6 +517,18 @@ class WorkerRun:
                 self.tracking.stop()
         return RunResult(self.scheduler.task_states)
 
+    async def _sleep_unless_done(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less once every task is done (the run's end is seen
+        within ``END_CHECK_INTERVAL``, not a whole ``MONITOR_INTERVAL`` later)."""
+        import asyncio
+
+        deadline = time.monotonic() + seconds
+        while not self.scheduler.is_done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, END_CHECK_INTERVAL))
+
     async def _stop_workers(self) -> None:
         import asyncio
 
@@ -524,7 +539,7 @@ class WorkerRun:
                 return
             if any(not state.is_done() for state in self.scheduler.task_states.values()):
                 break
-            await asyncio.sleep(MONITOR_INTERVAL)
+            await asyncio.sleep(END_CHECK_INTERVAL)
         self.launcher.stop_all(STOP_TIMEOUT)
         self._reap()
 
