@@ -456,8 +456,6 @@ class WorkerRun:
             restore()
 
     async def _run(self) -> RunResult:
-        import asyncio
-
         bars = None
         last_report = 0.0
         try:
@@ -472,7 +470,6 @@ class WorkerRun:
                 self.server.expect_worker(task_id, worker_id)
             if self.tracking is not None:
                 self.tracking.start(self.host)
-            bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
             self.startup = StartupReport(self.launcher, self.server, self.workers,
                                          self.pending_report_after)
             while not self.scheduler.is_done():
@@ -483,6 +480,8 @@ class WorkerRun:
                 self._follow()
                 self._check_workers()
                 self.startup.update(now)
+                if bars is None:  # drawn once the loop serves: tqdm is off the first block's path
+                    bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
                 bars.update()
                 if now - last_report >= PROGRESS_INTERVAL:
                     last_report = now
@@ -510,6 +509,8 @@ class WorkerRun:
             if not_gone:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
+            if bars is None and self.server is not None:  # the run ended before its first look
+                bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
             if bars is not None:
                 bars.close()
             self._observe()
