@@ -19,15 +19,9 @@ import math
 from collections import deque
 from typing import Generic, TypeVar
 
+from .context import DEFAULT_PREFETCH, MAX_PREFETCH  # noqa: F401 - the hand's, kept there
 from .protocol import MAX_BATCH_BLOCKS, BlockResult
 
-#: blocks a worker keeps in hand beyond the one it processes unless told otherwise.
-#: Measured with ``benchmarks/bench_load.py`` (1,000 workers, 1 s blocks): idle 0.78%
-#: with none, 0.01% with one, 0.01% with two; one hides the round trip, more only
-#: keeps blocks from other workers
-DEFAULT_PREFETCH = 1
-#: most blocks ``prefetch`` may ask to keep in hand
-MAX_PREFETCH = 8
 #: most blocks in hand when blocks are much shorter than a round trip (a batch)
 MAX_IN_HAND = 32
 #: the hand holds the blocks of this many round trips (at least ``prefetch``), and a

@@ -23,8 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .context import safe_file_name
 from .errors import (
@@ -36,6 +35,9 @@ from .errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: 3: written since block ids are daisy's numbers. Format 2 ledgers hold the same dense
 #: indices, but were written by versions that showed users other block ids, so they are
@@ -282,6 +284,8 @@ class Ledger:
 
     def done_indices(self) -> np.ndarray:
         """Indices of the done blocks, sorted (streamed: no Python object per row)."""
+        import numpy as np  # here: a run without a ledger starts without numpy
+
         with self._guarded():
             cursor = self._connection.execute("SELECT block FROM done ORDER BY block")
             try:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
-
-# tqdm's monitor thread would be running when worker processes are forked
-tqdm.monitor_interval = 0
-
-from .scheduler import TaskState
+if TYPE_CHECKING:
+    from .scheduler import TaskState
 
 
 class ProgressBars:
@@ -32,6 +28,10 @@ class ProgressBars:
         self.bars = {}
         if not enabled:
             return
+        from tqdm import tqdm  # here: a run without bars starts without it
+
+        # tqdm's monitor thread would be running when worker processes are forked
+        tqdm.monitor_interval = 0
         for position, (task_id, state) in enumerate(states.items()):
             self.bars[task_id] = tqdm(
                 total=state.total_block_count, desc=task_id, unit="blocks",

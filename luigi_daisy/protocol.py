@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NoReturn
 
+from luigi_daisy.context import new_token
 from luigi_daisy.errors import ProtocolError
 
 __all__ = [
@@ -1084,8 +1085,3 @@ def new_nonce() -> str:
     import secrets  # only servers make nonces and tokens: workers start without it
     return secrets.token_hex(32)
 
-
-def new_token() -> str:
-    """Return a fresh run token: 32 random bytes as 64 lowercase hex characters."""
-    import secrets
-    return secrets.token_hex(32)

@@ -1,8 +1,13 @@
-"""``run_blockwise``: run tasks to completion and print daisy's execution summary."""
+"""``run_blockwise``: run tasks to completion and print daisy's execution summary.
+
+A run starts its workers before it imports asyncio and tornado and builds its block
+server (:meth:`WorkerRun.start_workers`): a fresh worker takes tens of milliseconds
+to boot, and the server is ready by the time it connects. So this module imports
+neither at its top.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -10,30 +15,41 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
 from .claims import Claims
-from .hand import DEFAULT_PREFETCH, MAX_PREFETCH
-from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
+from .context import (
+    DAISY_ENV_VARIABLE,
+    DEFAULT_PREFETCH,
+    ENV_VARIABLE,
+    MAX_PREFETCH,
+    Context,
+    new_token,
+)
 from .errors import ConfigError, LauncherError, LedgerError, TaskDefinitionError, WorkerSetupError
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
+from .listening import bind_listening_sockets, is_loopback
 from .payload import FunctionTarget, WorkerPayload
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
-from .server import BlockServer, ServerLimits, is_loopback
 from .startup import StartupReport
 from .summary import RunResult, format_summary
 from .task import Task, collect_tasks
-from .tracking import TrackingPage
 from .worker import EXIT_RESTART_ME, process_one_block, takes_block
+
+if TYPE_CHECKING:
+    from .server import BlockServer, ServerLimits
 
 logger = logging.getLogger(__name__)
 
 #: seconds between two looks at workers, timeouts and progress
 MONITOR_INTERVAL = 0.05
+#: seconds between two looks at whether the run is done, and, once it is, at whether
+#: its workers have exited (a look costs a comparison per task, a poll per worker)
+END_CHECK_INTERVAL = 0.01
 #: seconds a finished run waits for its workers to exit before killing them
 SHUTDOWN_GRACE = 10.0
 #: seconds between two progress reports to observers
@@ -258,7 +274,10 @@ class WorkerRun:
         for task_id in self.followed:
             self.scheduler.follow(task_id)
         self.server: BlockServer | None = None
-        self.tracking = TrackingPage(self) if tracking else None
+        self.tracking = None
+        if tracking:
+            from .tracking import TrackingPage  # tornado.web: only for the block map
+            self.tracking = TrackingPage(self)
         self.started_at = time.monotonic()
         targets = dict(targets or {})
         self.payloads = {
@@ -271,19 +290,48 @@ class WorkerRun:
         self.worker_tasks: dict[int, str] = {}
         self._next_worker_id = 0
         self._replacements: set[int] = set()  # ids of workers started as replacements
+        # bound by start_workers, adopted by the server in _run
+        self._listening: list[socket.socket] = []
+        self._port: int | None = None
+        self._token: str | None = None
+        self._expected_early: list[tuple[str, int]] = []  # started before the server
 
     # ------------------------------------------------------------------ workers
+    def start_workers(self) -> None:
+        """Bind the block server's port and start the workers of every task that has
+        blocks to do, before the event loop, tornado and the server exist.
+
+        A fresh worker takes tens of milliseconds to boot; the server is built
+        meanwhile (:meth:`run` adopts the bound sockets) and the workers' connections
+        wait in the listen backlog until it accepts them. :meth:`run` calls this when
+        nobody did. Whoever calls it must make sure :meth:`run` follows, or stop the
+        launcher's workers.
+        """
+        if self._listening:
+            return
+        for payload in self.payloads.values():  # followed tasks too: they may be taken over
+            self.launcher.prepare(payload)
+        self._token = new_token()
+        self._listening = bind_listening_sockets(self.host)
+        self._port = self._listening[0].getsockname()[1]
+        for task_id, state in self.scheduler.task_states.items():
+            if task_id not in self.followed and not state.is_done():
+                self._start_task(task_id)
+
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
-        return Context(hostname=self.advertise_host, port=str(self.server.port),
+        return Context(hostname=self.advertise_host, port=str(self._port),
                        task_id=task_id, worker_id=str(worker_id),
                        restartable=str(int(restartable)),
                        worker_death_timeout=f"{self.worker_death_timeout:g}",
-                       prefetch=str(self.prefetch), token=self.server.token)
+                       prefetch=str(self.prefetch), token=self._token)
 
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        self.server.expect_worker(task_id, worker_id)
+        if self.server is not None:
+            self.server.expect_worker(task_id, worker_id)
+        else:
+            self._expected_early.append((task_id, worker_id))
         encoded = self._context(task_id, worker_id, restartable).to_env()
         environment = {ENV_VARIABLE: encoded, DAISY_ENV_VARIABLE: encoded}
         if os.environ.get("PYTHONPATH"):
@@ -302,7 +350,8 @@ class WorkerRun:
     def _private_fds(self) -> tuple[int, ...]:
         """Descriptors of the run's sockets: the block server's listener and
         connections, the tracking page's listener. No worker may keep them."""
-        fds = [sock.fileno() for sock in self.server.sockets()]
+        fds = [sock.fileno() for sock in (self.server.sockets() if self.server is not None
+                                          else self._listening)]
         if self.tracking is not None:
             fds.extend(sock.fileno() for sock in self.tracking.sockets())
         return tuple(fd for fd in fds if fd >= 0)
@@ -455,6 +504,8 @@ class WorkerRun:
         SystemExit
             With code 143 after SIGTERM, once every worker is gone.
         """
+        import asyncio
+
         terminated = []
         restore = _cancel_on_sigterm(terminated)
         try:
@@ -468,27 +519,27 @@ class WorkerRun:
             restore()
 
     async def _run(self) -> RunResult:
-        for payload in self.payloads.values():  # followed tasks too: they may be taken over
-            self.launcher.prepare(payload)
-        self.server = BlockServer(self.scheduler, host=self.host,
-                                  on_worker_timeout=self._kill_worker, ledgers=self.ledgers,
-                                  limits=self.server_limits)
-        self.server.start_listening(0)
-        if self.tracking is not None:
-            self.tracking.start(self.host)
-        bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
+        bars = None
         last_report = 0.0
         # commits happen on the ledgers' writer thread: this loop only appends records
         self.ledgers.start_writer()
         failed = True
         try:
-            for task_id, state in self.scheduler.task_states.items():
-                if task_id not in self.followed and not state.is_done():
-                    self._start_task(task_id)
+            self.start_workers()
+            from .server import BlockServer
+
+            self.server = BlockServer(self.scheduler, host=self.host, token=self._token,
+                                      on_worker_timeout=self._kill_worker,
+                                      ledgers=self.ledgers, limits=self.server_limits)
+            self.server.start_listening(sockets=self._listening)
+            for task_id, worker_id in self._expected_early:
+                self.server.expect_worker(task_id, worker_id)
+            if self.tracking is not None:
+                self.tracking.start(self.host)
             self.startup = StartupReport(self.launcher, self.server, self.workers,
                                          self.pending_report_after)
             while not self.scheduler.is_done():
-                await asyncio.sleep(MONITOR_INTERVAL)
+                await self._sleep_unless_done(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
                 now = time.monotonic()
                 if self.ledgers.failure is not None:
@@ -496,6 +547,8 @@ class WorkerRun:
                 self._follow()
                 self._check_workers()
                 self.startup.update(now)
+                if bars is None:  # drawn once the loop serves: tqdm is off the first block's path
+                    bars = ProgressBars(self.scheduler.task_states, enabled=self.progress)
                 bars.update()
                 if now - last_report >= PROGRESS_INTERVAL:
                     last_report = now
@@ -515,7 +568,7 @@ class WorkerRun:
             self._end(bars, failed)
         return RunResult(self.scheduler.task_states)
 
-    def _end(self, bars: ProgressBars, failed: bool) -> None:
+    def _end(self, bars: ProgressBars | None, failed: bool) -> None:
         """End the run, however it ends: each step runs even when one before it fails,
         so that a ledger that cannot be written never leaves jobs queued, connections
         open or payload files behind. The ledgers are written last, after the jobs are
@@ -530,11 +583,26 @@ class WorkerRun:
                 logger.error("workers not confirmed gone after the run: %s",
                              ", ".join(not_gone))
 
+        def close_server() -> None:
+            if self.server is not None:
+                self.server.close_all()
+            else:  # the run ended before it built its server
+                for sock in self._listening:
+                    sock.close()
+
+        def close_bars() -> None:
+            shown = bars
+            if shown is None and self.server is not None:  # ended before its first look
+                shown = ProgressBars(self.scheduler.task_states, enabled=self.progress)
+            if shown is not None:
+                shown.close()
+
         # the hand-out hears first that the run ends (workers closed from now on were
         # not lost); workers are ended (jobs cancelled) before their connections close,
         # so a worker waiting for a block does not fail on the closed connection first
-        steps = [self.server.end_run, stop_workers, self.server.close_all, bars.close,
-                 self._observe]
+        steps = [stop_workers, close_server, close_bars, self._observe]
+        if self.server is not None:
+            steps.insert(0, self.server.end_run)
         if self.tracking is not None:
             steps.append(self.tracking.stop)
         # every record durable before the run returns (Luigi reads complete() next)
@@ -552,7 +620,21 @@ class WorkerRun:
         if errors and not failed:
             raise errors[0]
 
+    async def _sleep_unless_done(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less once every task is done (the run's end is seen
+        within ``END_CHECK_INTERVAL``, not a whole ``MONITOR_INTERVAL`` later)."""
+        import asyncio
+
+        deadline = time.monotonic() + seconds
+        while not self.scheduler.is_done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, END_CHECK_INTERVAL))
+
     async def _stop_workers(self) -> None:
+        import asyncio
+
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while time.monotonic() < deadline:
             self._reap()
@@ -560,7 +642,7 @@ class WorkerRun:
                 return
             if any(not state.is_done() for state in self.scheduler.task_states.values()):
                 break
-            await asyncio.sleep(MONITOR_INTERVAL)
+            await asyncio.sleep(END_CHECK_INTERVAL)
         self.launcher.stop_all(STOP_TIMEOUT)
         self._reap()
 
@@ -582,6 +664,8 @@ def _cancel_on_sigterm(terminated: list) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return lambda: None
+    import asyncio
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
@@ -614,6 +698,8 @@ def default_advertise_host(host: str) -> str:
 
 def run_coroutine(coroutine_function):
     """Run a coroutine on a fresh event loop, in a thread if this one already has a loop."""
+    import asyncio
+
     try:
         asyncio.get_running_loop()
         in_event_loop = True
@@ -772,7 +858,12 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                             stop_event=stop_event, advertise_host=advertise_host,
                             worker_death_timeout=worker_death_timeout,
                             pending_report_after=pending_report_after, prefetch=prefetch)
-            result = run_coroutine(run.run)
+            try:
+                run.start_workers()  # before the event loop: they boot while it starts
+                result = run_coroutine(run.run)
+            except BaseException:
+                run.launcher.stop_all(STOP_TIMEOUT)  # when the run never got to stop them
+                raise
         finally:
             ledgers.close()
     finally:

@@ -17,7 +17,6 @@ rather than repeated.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import resource
 import socket
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from .blocks import Block, BlockStatus
@@ -57,6 +55,7 @@ from .handout import (
     WorkerLost,
 )
 from .ledger import LedgerSet
+from .listening import bind_listening_sockets
 from .log_limits import WarningTally, clip
 from .protocol import (
     ALREADY_CONNECTED,
@@ -141,16 +140,6 @@ def _allow_open_files(wanted: int) -> None:
     except (ValueError, OSError):
         logger.warning("could not raise the open-file limit to %d for the block server's "
                        "connections", wanted)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names a loopback interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 _PROCESSING = int(BlockStatus.PROCESSING)
@@ -277,15 +266,18 @@ class BlockServer(TCPServer):
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
-    def start_listening(self, port: int = 0) -> int:
-        """Listen on ``host:port`` (0: any free port) and return the port.
+    def start_listening(self, port: int = 0,
+                        sockets: list[socket.socket] | None = None) -> int:
+        """Listen on ``host:port`` (0: any free port), or on ``sockets`` already bound
+        (:func:`~luigi_daisy.listening.bind_listening_sockets`), and return the port.
 
         Raises this process's soft limit on open files, as far as the hard limit allows,
         to what ``limits.max_connections`` needs, so the connection cap is what refuses
         connections rather than a failing ``accept``.
         """
         _allow_open_files(self.limits.max_connections + _SPARE_FILES)
-        sockets = bind_sockets(port, address=self.host)
+        if sockets is None:
+            sockets = bind_listening_sockets(self.host, port)
         self.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port

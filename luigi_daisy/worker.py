@@ -17,7 +17,6 @@ import traceback
 
 from . import watchdog
 from .blocks import Block, BlockStatus
-from .client import Client
 from .context import DAISY_ENV_VARIABLE, ENV_VARIABLE, Context
 from .errors import WorkerSetupError
 
@@ -76,6 +75,9 @@ def run_worker(process_function, context: Context) -> int:
     if not takes_block(process_function):
         process_function()
         return 0
+    # imported here: a run imports this module before its workers start, and needs no client
+    from .client import Client
+
     client = Client(context)
     restartable = context.get("restartable", "1") == "1"
     consecutive_failures = 0
