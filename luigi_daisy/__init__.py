@@ -32,6 +32,7 @@ from .errors import (
     UnserialisableFunctionError,
     WorkerSetupError,
 )
+
 __version__ = "0.1.0"
 
 _LAZY = {

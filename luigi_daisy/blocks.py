@@ -153,7 +153,8 @@ class BlockGrid:
                 raise GeometryError(
                     f"{name}: {argument} must be a funlib.geometry Roi, got {roi!r}")
             if roi.unbounded:
-                raise GeometryError(f"{name}: {argument} {roi} is unbounded; give it a finite shape")
+                raise GeometryError(
+                    f"{name}: {argument} {roi} is unbounded; give it a finite shape")
         dims = total_roi.dims
         if read_roi.dims != dims or write_roi.dims != dims:
             raise GeometryError(

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, cast
 
 from .blocks import Block, BlockStatus
 from .errors import ProtocolError
@@ -130,8 +130,8 @@ class RunEnding:
     where it is."""
 
 
-Event = Union[WorkerJoined, Reported, WorkerCannotWork, WorkerLeft, WorkerLost, Tick,
-              PreCheckAnswered, PostCheckAnswered, BlocksBecameReady, RunEnding]
+Event = (WorkerJoined | Reported | WorkerCannotWork | WorkerLeft | WorkerLost | Tick
+         | PreCheckAnswered | PostCheckAnswered | BlocksBecameReady | RunEnding)
 
 
 # ------------------------------------------------------------------------ instructions
@@ -204,8 +204,8 @@ class Warn:
     text: str
 
 
-Instruction = Union[SendBlocks, SendNoMoreBlocks, RecordDone, RecordFailed, StopWorker,
-                    RunPreCheck, RunPostCheck, Warn]
+Instruction = (SendBlocks | SendNoMoreBlocks | RecordDone | RecordFailed | StopWorker
+               | RunPreCheck | RunPostCheck | Warn)
 
 
 # ------------------------------------------------------------------------------ state

@@ -69,8 +69,8 @@ def redirect_stdouterr(basename: str | os.PathLike | None, mode: str = "w") -> N
                 pass
         os.dup2(descriptor, descriptor_number)
         os.close(descriptor)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 __all__ = ["DEFAULT_LOG_BASEDIR", "get_log_basedir", "get_worker_log_basename",

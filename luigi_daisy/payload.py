@@ -112,7 +112,7 @@ class WorkerPayload:
                                "task_id": self.task_id})
         try:
             body = _dumps(self.target, spawning)
-        except Exception as error:  # noqa: BLE001 - any pickling failure is reported
+        except Exception as error:
             raise UnserialisableFunctionError(
                 _unserialisable_message(self, error, spawning)) from error
         return _LENGTH.pack(len(header)) + header + _LENGTH.pack(len(body)) + body
@@ -125,7 +125,7 @@ class _SpawningChild:
 
     def __init__(self) -> None:
         from multiprocessing.popen_spawn_posix import _DupFd
-        self.DupFd = _DupFd  # noqa: N815 - the name multiprocessing.reduction calls
+        self.DupFd = _DupFd
         self.fds: list[int] = []
 
     def duplicate_for_child(self, fd: int) -> int:
@@ -136,8 +136,9 @@ class _SpawningChild:
 
 
 def _dumps(target: Any, spawning: _SpawningChild | None) -> bytes:
-    import cloudpickle
     from multiprocessing import context, reduction, synchronize
+
+    import cloudpickle
 
     class PayloadPickler(cloudpickle.Pickler):
         def __init__(self, file: BinaryIO) -> None:

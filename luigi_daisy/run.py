@@ -485,7 +485,7 @@ class WorkerRun:
         for observer in self.observers:
             try:
                 observer(self)
-            except Exception:  # noqa: BLE001 - a progress report must not stop the run
+            except Exception:
                 logger.exception("progress observer failed")
 
     # ------------------------------------------------------------------ run

@@ -156,7 +156,7 @@ class Task:
             return False
         try:
             return bool(self.pre_check(block))
-        except Exception:  # noqa: BLE001 - user code may raise anything
+        except Exception:
             logger.exception("check function of task %r raised on block %s; processing it",
                              self.task_id, block.block_id[1])
             return False

@@ -521,7 +521,7 @@ class BatchLauncher(Launcher):
     def _cancel_logged(self, jobs: list[BatchJob]) -> None:
         try:
             self.cancel(jobs)
-        except Exception:  # noqa: BLE001 - a thread's error must reach the log
+        except Exception:
             logger.exception("cancelling %d %s jobs failed", len(jobs), self.name)
 
     def cancel_all(self) -> None:

@@ -23,8 +23,8 @@ import traceback
 from pathlib import Path
 
 from ..errors import TaskDefinitionError
-from ..payload import WorkerPayload
 from ..logging import get_log_basedir
+from ..payload import WorkerPayload
 from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def _redirect_output(stdout_path: Path | None, stderr_path: Path | None) -> None
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(descriptor, descriptor_number)
         os.close(descriptor)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _forked_worker_main(spec: WorkerSpec, parent_pid: int) -> None:

@@ -14,7 +14,7 @@ LAUNCHERS = ("local", "slurm", "lsf", "command")
 
 
 
-class luigi_daisy(luigi.Config):  # noqa: N801 - Luigi names a Config class after its section
+class luigi_daisy(luigi.Config):
     """Settings of the ``[luigi_daisy]`` section.
 
     ``num_workers``, ``max_retries``, ``timeout``, ``fit`` and ``read_write_conflict``

@@ -52,7 +52,7 @@ def scheduled_dependents(scheduler, worker_id: str | None, task_id: str) -> list
         return []
     try:
         graph = scheduler.inverse_dep_graph(task_id=task_id, include_done=False)
-    except Exception:  # noqa: BLE001 - no pipelining beats a failed run
+    except Exception:
         logger.exception("could not ask the Luigi scheduler for the tasks after %s", task_id)
         return []
     dependents = []

@@ -101,7 +101,7 @@ class LuigidReporter:
                     param_visibilities=other._get_param_visibilities(),
                     priority=other.priority, resources=other.process_resources(),
                     retry_policy_dict=_get_retry_policy_dict(other))
-            except Exception:  # noqa: BLE001 - reporting must never stop the run
+            except Exception:
                 logger.exception("could not report %s to the Luigi scheduler", other.task_id)
 
     def report(self, run: WorkerRun) -> None:
@@ -134,5 +134,5 @@ class LuigidReporter:
                 self.scheduler.set_task_status_message(other.task_id, self._message(
                     other.task_id, tasks[other.task_id], states[other.task_id],
                     logs.get(other.task_id, [])))
-            except Exception:  # noqa: BLE001 - reporting must never stop the run
+            except Exception:
                 logger.exception("could not report %s to the Luigi scheduler", other.task_id)

@@ -6,7 +6,6 @@ import importlib
 import logging
 import sys
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import luigi
