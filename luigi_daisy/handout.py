@@ -291,7 +291,7 @@ class HandOut:
             WorkerLost: self._lost, Tick: self._tick,
             PreCheckAnswered: self._pre_check_answered,
             PostCheckAnswered: self._post_check_answered,
-            BlocksBecameReady: lambda event: None, RunEnding: self._run_ending,
+            BlocksBecameReady: self._blocks_became_ready, RunEnding: self._run_ending,
         }
 
     # ------------------------------------------------------------------ queries
@@ -481,6 +481,9 @@ class HandOut:
             self._release(event.block, BlockStatus.FAILED, event.failure, event.worker_id)
         self._serve_waiting()
 
+    def _blocks_became_ready(self, event: BlocksBecameReady) -> None:
+        self._serve_waiting()
+
     def _run_ending(self, event: RunEnding) -> None:
         self.ending = True
         self._serve_waiting()
@@ -530,6 +533,8 @@ class HandOut:
     def _next_block(self, task_id: str) -> Block | None:
         """A block to hand out now: one whose pre check found it not done, or, for a
         task without a pre check, the scheduler's next ready block."""
+        if self.task_states[task_id].stop_reason:
+            return None
         checked = self.checked[task_id]
         if checked:
             return checked.popleft()
@@ -602,6 +607,11 @@ class HandOut:
         """Give ready blocks to parked requests, first to workers holding no block,
         then to workers asking for more in hand; tell them when a task is done (or the
         run ends)."""
+        for task_id, checked in self.checked.items():
+            if checked and self.task_states[task_id].stop_reason:
+                # pre-checked blocks of a task that stopped will never be handed out
+                self._give_back_unstarted(list(checked))
+                checked.clear()
         for task_id, waiting in self.waiting.items():
             while waiting and not self.ending:
                 hand = next(iter(waiting))

@@ -604,8 +604,8 @@ class LedgerSet:
                 if not self._stopping and not (self._hurry and self._failing is None):
                     self._wake.wait(self.flush_interval)
                 self._hurry = False
-                if self._stopping:
-                    return
+                if self._stopping or self.failure is not None:
+                    return  # stopped, or gave up: the run stops and says why
             now = time.monotonic()
             if self._attempt(now) or self.failure is not None:
                 continue

@@ -318,6 +318,13 @@ class WorkerRun:
             if task_id not in self.followed and not state.is_done():
                 self._start_task(task_id)
 
+    def close_listening(self) -> None:
+        """Close the sockets :meth:`start_workers` bound, when no server adopted them
+        (the run failed before it built one)."""
+        if self.server is None:
+            for sock in self._listening:
+                sock.close()
+
     def _context(self, task_id: str, worker_id: int, restartable: bool = True) -> Context:
         return Context(hostname=self.advertise_host, port=str(self._port),
                        task_id=task_id, worker_id=str(worker_id),
@@ -587,8 +594,7 @@ class WorkerRun:
             if self.server is not None:
                 self.server.close_all()
             else:  # the run ended before it built its server
-                for sock in self._listening:
-                    sock.close()
+                self.close_listening()
 
         def close_bars() -> None:
             shown = bars
@@ -863,6 +869,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                 result = run_coroutine(run.run)
             except BaseException:
                 run.launcher.stop_all(STOP_TIMEOUT)  # when the run never got to stop them
+                run.close_listening()
                 raise
         finally:
             ledgers.close()

@@ -87,6 +87,8 @@ _READ_CHUNK = 1 << 16
 
 #: bytes a connection may send before its ``Hello`` is complete (a real one is < 1 KiB)
 MAX_HELLO_BYTES = 64 * 1024
+#: seconds between a launcher seeing a worker end and the server closing its connection
+DROP_GRACE = 1.0
 #: open files the process needs besides the block server's connections
 _SPARE_FILES = 256
 
@@ -170,7 +172,7 @@ class WorkerConnection:
     HandOut`), where the connection is the worker's key."""
 
     __slots__ = ("stream", "address", "nonce", "task_id", "worker_id", "closed",
-                 "buffered", "handshake_timer")
+                 "buffered", "handshake_timer", "forgotten")
 
     def __init__(self, stream: IOStream, address) -> None:
         self.stream = stream
@@ -181,6 +183,8 @@ class WorkerConnection:
         self.closed = False
         self.buffered = 0
         self.handshake_timer: object | None = None
+        #: the server dropped every trace of it (see ``BlockServer._forget_connection``)
+        self.forgotten = False
 
     @property
     def authenticated(self) -> bool:
@@ -337,7 +341,7 @@ class BlockServer(TCPServer):
         self._closed = True
         self.stop()
         for connection in list(self.connections):
-            connection.close()
+            self._close(connection)
         if self._checks is not None:
             self._checks.shutdown(wait=False, cancel_futures=True)
         self.warnings.flush(self.clock(), force=True)
@@ -352,11 +356,15 @@ class BlockServer(TCPServer):
         self.handout.forget_worker(task_id, worker_id)
 
     def drop_worker(self, task_id: str, worker_id: int) -> None:
-        """Close the connections of a worker its launcher saw end; its blocks go back
-        to the scheduler (a dead node's connection may otherwise look open for long)."""
+        """Close the connections of a worker its launcher saw end, :data:`DROP_GRACE`
+        seconds from now; its blocks go back to the scheduler (a dead node's
+        connection may otherwise look open for long). The grace lets what the worker
+        sent before it ended (the result of its last block) be read first: a process
+        that exits closes its connection itself, and the loop reads to the end."""
+        loop = IOLoop.current()
         for connection in list(self.connections):
             if connection.task_id == task_id and connection.worker_id == worker_id:
-                connection.close()
+                loop.call_later(DROP_GRACE, self._close, connection)
 
     # ------------------------------------------------------------------ connections
     async def handle_stream(self, stream: IOStream, address) -> None:
@@ -396,12 +404,24 @@ class BlockServer(TCPServer):
         finally:
             connection.closed = True
             stream.close()
+            self._account_buffer(connection, 0)
             self._forget_connection(connection)
 
+    def _close(self, connection: WorkerConnection) -> None:
+        """Close a connection and tell the hand-out at once, so that no block is handed
+        to a connection that can no longer take it."""
+        connection.close()
+        self._forget_connection(connection)
+
     def _forget_connection(self, connection: WorkerConnection) -> None:
-        """Drop every trace of a closed connection; its blocks go back to the scheduler."""
+        """Drop every trace of a closed connection (once); its blocks go back to the
+        scheduler."""
+        if connection.forgotten:
+            return
+        connection.forgotten = True
         self.connections.discard(connection)
-        self._account_buffer(connection, 0)
+        if connection.buffered:
+            self._account_buffer(connection, 0)
         if connection.handshake_timer is not None:
             IOLoop.current().remove_timeout(connection.handshake_timer)
             connection.handshake_timer = None
@@ -447,7 +467,7 @@ class BlockServer(TCPServer):
                 self.limits.max_buffered_bytes)
             self.buffered_bytes -= connection.buffered
             connection.buffered = 0
-            connection.close()
+            self._close(connection)
 
     def _dispatch(self, connection: WorkerConnection, message: Message) -> None:
         if not connection.authenticated:
@@ -463,7 +483,7 @@ class BlockServer(TCPServer):
             pass
         elif kind is Bye:
             self._feed(WorkerLeft(connection))
-            connection.close()
+            self._close(connection)
 
     def _refusal(self, message: Hello, nonce: str) -> str | None:
         """Why a ``Hello`` is refused, or None when it is welcome."""
@@ -528,7 +548,7 @@ class BlockServer(TCPServer):
                 self.workers_stopped += 1
                 if self.on_worker_timeout is not None:
                     self.on_worker_timeout(instruction.task_id, instruction.worker_id)
-                instruction.worker.close()
+                self._close(instruction.worker)
             elif kind is RunPreCheck or kind is RunPostCheck:
                 self._run_check(instruction)
 

@@ -23,6 +23,7 @@ import luigi_daisy as daisy
 from luigi_daisy import Roi
 from luigi_daisy.errors import ProtocolError
 from luigi_daisy.handout import (
+    BlocksBecameReady,
     HandOut,
     PostCheckAnswered,
     PreCheckAnswered,
@@ -36,6 +37,7 @@ from luigi_daisy.handout import (
     StopWorker,
     Tick,
     Warn,
+    WorkerCannotWork,
     WorkerJoined,
     WorkerLeft,
     WorkerLost,
@@ -297,3 +299,44 @@ def test_a_worker_stopped_for_a_timeout_gives_back_its_hand_and_is_charged_once(
     assert progress.retries == {hand[0]: 1}
     assert list(progress.ready)[:3] == hand[1:], "unstarted blocks go back first in line"
     assert scheduler.task_states[TASK].timeout_reclaim_count == 1
+
+
+def test_blocks_finished_by_another_run_reach_workers_that_wait():
+    """A task downstream of a task another run processes (followed): its workers wait
+    until blocks finished elsewhere make theirs ready."""
+    upstream = make_task(4, False, 1, False, False)
+    downstream = daisy.Task("down", total_roi=Roi((0,), (4,)), read_roi=Roi((0,), (1,)),
+                            write_roi=Roi((0,), (1,)), process_function=lambda block: None,
+                            read_write_conflict=False, upstream_tasks=[upstream])
+    scheduler = BlockScheduler([downstream])
+    scheduler.follow(TASK)
+    handout = HandOut(scheduler)
+    handout.expect_worker("down", 0)
+    handout.handle(WorkerJoined("w", "down", 0), 0.0)
+    assert handout.handle(Reported("w", (), 2), 0.0) == []  # nothing ready: parked
+    for index in range(4):
+        scheduler.complete_external(TASK, index)
+    sent = handout.handle(BlocksBecameReady(), 0.1)
+    assert [type(instruction) for instruction in sent] == [SendBlocks]
+    assert len(sent[0].blocks) == 2
+
+
+def test_a_task_stopped_with_pre_checked_blocks_waiting_ends():
+    """Blocks whose pre check said 'not done' wait to be handed out; when the task
+    stops (a worker that cannot work), they are given back and the task is done."""
+    scheduler = BlockScheduler([make_task(4, False, 1, True, False)])
+    handout = HandOut(scheduler)
+    handout.expect_worker(TASK, 0)
+    handout.handle(WorkerJoined("w", TASK, 0), 0.0)
+    checks = handout.handle(Reported("w", (), 2), 0.0)
+    assert [type(instruction) for instruction in checks] == [RunPreCheck, RunPreCheck]
+    first = handout.handle(PreCheckAnswered(checks[0].block, False), 0.0)
+    assert [type(instruction) for instruction in first] == [SendBlocks]
+    handout.handle(PreCheckAnswered(checks[1].block, False), 0.0)  # waits in `checked`
+    block = first[0].blocks[0]
+    ended = handout.handle(WorkerCannotWork("w", TASK, block.index, "no model"), 0.0)
+    assert RecordFailed in [type(instruction) for instruction in ended]
+    handout.handle(WorkerLeft("w"), 0.0)
+    state = scheduler.task_states[TASK]
+    assert state.stop_reason and state.processing_count == 0 and scheduler.is_done()
+    assert not handout.checked[TASK]

@@ -386,3 +386,36 @@ def test_status_commands_of_one_query_run_together(tmp_path):
     finally:
         assert launcher.stop_all(30) == []
     assert {handle.exit_code() for handle in handles} == {EXIT_CANCELLED}
+
+
+def test_a_submission_slower_than_the_end_of_the_run_is_still_cancelled(fake_slurm,
+                                                                          tmp_path):
+    """stop_all gives up waiting for an sbatch that takes longer than its timeout; the
+    job that sbatch then starts is ended as soon as its id arrives."""
+    (fake_slurm / "sbatch_delay").write_text("2")
+    launcher = slurm(tmp_path)
+    spec = WorkerSpec(task_id="late", worker_id=0, environment={},
+                      payload=WorkerPayload(FunctionTarget(noop), "late"),
+                      stdout_path=tmp_path / "logs" / "w.out",
+                      stderr_path=tmp_path / "logs" / "w.err", job_name="late")
+    launcher.prepare(spec.payload)
+    launcher.start(spec)
+    deadline = time.monotonic() + 10
+    while not calls_started(fake_slurm):  # the submission is running
+        assert time.monotonic() < deadline, "sbatch never started"
+        time.sleep(0.02)
+    not_gone = launcher.stop_all(timeout=0.3)
+    assert len(not_gone) == 1, not_gone
+    deadline = time.monotonic() + 20
+    while not calls(fake_slurm, "scancel"):
+        assert time.monotonic() < deadline, "the late job was never cancelled"
+        time.sleep(0.05)
+    (submission,) = calls(fake_slurm, "sbatch")
+    (cancel,) = calls(fake_slurm, "scancel")
+    assert cancel[2] == [submission[2][0]] and cancel[0] >= submission[1]
+    assert (fake_slurm / "jobs" / f"{submission[2][0]}.cancelled").exists()
+
+
+def calls_started(folder: Path) -> bool:
+    """Whether the fake sbatch has started a job (it records the call only at its end)."""
+    return any((folder / "jobs").glob("*.job"))

@@ -346,3 +346,27 @@ def test_prefetch_is_a_key_of_the_luigi_daisy_section():
     finally:
         config.remove_option("luigi_daisy", "prefetch")
     assert section().prefetch == 1
+
+
+def test_a_result_sent_just_before_the_worker_is_seen_gone_is_kept():
+    """The launcher sees a worker's process end right after its last result was sent
+    and before the server read it: the connection closes only after a grace, so the
+    result is read and the finished block is not run again."""
+    async def scenario(server: BlockServer) -> None:
+        client = await in_thread(Client, context_for(server, "drop", 0, 0))
+        block = await in_thread(client.next_block)
+        succeed(block)
+        client.report(block)
+        # on the loop's own thread: the bytes reach the kernel, the loop has not run
+        client._send_report(0)
+        server.drop_worker("drop", 0)
+        state = server.task_states["drop"]
+        await until(lambda: state.completed_count == 1, "the result read before the close")
+        await until(lambda: connection_of(server, "drop", 0) is None, "the connection closed")
+        assert server.scheduler._progress["drop"].retries == {}
+        assert state.ready_count == 1 and state.processing_count == 0
+        from luigi_daisy import watchdog
+        watchdog.unwatch(client._socket)
+        client._socket.close()
+
+    serve(scenario, line_task("drop", 2))

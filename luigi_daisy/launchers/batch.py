@@ -573,8 +573,25 @@ class BatchLauncher(Launcher):
         if not left:
             self._remove_payload_files()
             self._stop_threads()
-            self._closing.clear()
+        elif self._submitting:
+            # a submission still runs past the deadline: its job is ended on the submit
+            # thread as soon as its id arrives, after this call has returned
+            self._thread("submit").submit(self._cancel_late_submissions)
+        self._closing.clear()  # submissions dropped above are marked cancel_requested
         return [job.describe() for job in left]
+
+    def _cancel_late_submissions(self) -> None:
+        """On the submit thread, after :meth:`stop_all` stopped waiting: end the jobs
+        whose submission returned since, so that no job outlives its run."""
+        while self._submitted:
+            job, job_id, error = self._submitted.popleft()
+            self._submitting.discard(job)
+            if job_id is not None:
+                job.job_id, job.state = job_id, "SUBMITTED"
+                self.jobs[job_id] = job
+                self.cancel([job])
+                logger.warning("ended %s, whose submission returned after the run had "
+                               "stopped waiting for it", job.describe())
 
     def _stop_threads(self) -> None:
         for executor in (self._submit_thread, self._control_thread):
