@@ -37,18 +37,34 @@ class StartupReport:
         self.connected_logged = self.started == 0
         self.most_connected = 0
         self.reported_pending: set[str] = set()
-        if self.started:
-            name = getattr(launcher, "name", type(launcher).__name__)
-            jobs = [getattr(handle, "job_id", None) for handles in workers.values()
-                    for handle in handles]
-            ids = [job for job in jobs if job is not None]
-            id_text = f" (job ids {ids[0]} to {ids[-1]})" if ids else ""
-            logger.info("started %d workers for %d tasks with the %s launcher%s",
-                        self.started, sum(1 for handles in workers.values() if handles),
-                        name, id_text)
+        self.name = getattr(launcher, "name", type(launcher).__name__)
+        self.tasks_started = sum(1 for handles in workers.values() if handles)
+        self.handles = [handle for handles in workers.values() for handle in handles]
+        # a batch job's id arrives when its submission returned (off the loop): the
+        # line waits for the ids, so that it can name them
+        self.started_logged = not self.started
+        self._log_started(final=False)
+
+    def _log_started(self, final: bool) -> None:
+        """Log how many workers started, with their job ids, once every submission
+        returned (``final``: now, with the ids known so far)."""
+        if self.started_logged:
+            return
+        waiting = [handle for handle in self.handles
+                   if getattr(handle, "job_id", "") is None and handle.exit_code() is None]
+        if waiting and not final:
+            return
+        self.started_logged = True
+        ids = [handle.job_id for handle in self.handles
+               if getattr(handle, "job_id", None) is not None]
+        id_text = f" (job ids {ids[0]} to {ids[-1]})" if ids else ""
+        logger.info("started %d workers for %d tasks with the %s launcher%s",
+                    self.started, self.tasks_started, self.name, id_text)
 
     def update(self, now: float) -> None:
-        """Log the connected count once, and pending jobs once each."""
+        """Log the started workers and the connected count once, and pending jobs
+        once each."""
+        self._log_started(final=False)
         waited = now - self.started_at
         if not self.connected_logged:
             connected = len(self.server.connected_workers)
@@ -69,7 +85,9 @@ class StartupReport:
                           for job in fresh[:20]) + (" ..." if len(fresh) > 20 else ""))
 
     def finish(self) -> None:
-        """Log the connected count now if the run ended before it was logged."""
+        """Log the started workers and the connected count now if the run ended before
+        they were logged."""
+        self._log_started(final=True)
         if not self.connected_logged:
             self._log_connected(self.most_connected, time.monotonic() - self.started_at)
 

@@ -289,7 +289,7 @@ task = daisy.Task(sys.argv[4], total_roi=Roi((0,), (20,)), read_roi=Roi((0,), (1
                   write_roi=Roi((0,), (10,)), process_function=hold,
                   num_workers=int(sys.argv[3]))
 daisy.run_blockwise([task], progress=False, ledger_dir=folder / "ledgers",
-                    launcher=SlurmLauncher(log_dir=folder / "logs", poll_interval=POLL),
+                    launcher=SlurmLauncher(log_dir=folder / "logs", poll_interval=1.0),
                     worker_death_timeout=float(sys.argv[2]))
 """
 
