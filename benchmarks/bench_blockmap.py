@@ -273,7 +273,8 @@ def part_endpoint(requests: int) -> None:
             print(f"   {state!r}")
         _, stop = serve_in_thread(run.tracking)
         try:
-            base = run.tracking.url
+            base = run.tracking.url.split("?")[0]
+            token = f"token={run.tracking.token}"
             queries = [
                 ("api/run", "run report"),
                 (f"api/blocks?task=volume&slice={side_3d // 10}", "3D slice, 256 cells"),
@@ -284,8 +285,9 @@ def part_endpoint(requests: int) -> None:
             print(f"{'answer':<22} {'median ms':>10} {'p90 ms':>8} {'bytes':>10} "
                   f"{'gzip bytes':>11} {'gzip median ms':>15}")
             for path, label in queries:
-                plain = [fetch(base + path, compressed=False) for _ in range(requests)]
-                packed = [fetch(base + path, compressed=True) for _ in range(requests)]
+                url = base + path + ("&" if "?" in path else "?") + token
+                plain = [fetch(url, compressed=False) for _ in range(requests)]
+                packed = [fetch(url, compressed=True) for _ in range(requests)]
                 latencies = sorted(seconds for seconds, _ in plain)
                 print(f"{label:<22} {statistics.median(latencies) * 1e3:>10.2f} "
                       f"{latencies[int(0.9 * (len(latencies) - 1))] * 1e3:>8.2f} "

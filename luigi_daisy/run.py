@@ -215,8 +215,12 @@ class WorkerRun:
         Called with this run about once a second and once at the end (progress
         reports).
     tracking:
-        Serve the run's live block map over HTTP (``tracking.url``); the scheduler
-        then keeps each block's state (one byte per block).
+        Serve the run's live block map over HTTP (``tracking.url``, which carries the
+        page's secret token); the scheduler then keeps each block's state (one byte
+        per block).
+    block_map_host:
+        Interface the block map listens on (loopback unless told otherwise, whatever
+        ``host`` is); on every interface (``0.0.0.0``) its URL names ``advertise_host``.
     server_limits:
         Bounds on the block server's connections, handshakes and buffered bytes
         (:class:`~luigi_daisy.server.ServerLimits`; its defaults when None).
@@ -243,7 +247,8 @@ class WorkerRun:
                  stop_event: Any = None, targets: Mapping[str, object] | None = None,
                  advertise_host: str | None = None, worker_death_timeout: float = 60.0,
                  pending_report_after: float = 60.0,
-                 prefetch: int = DEFAULT_PREFETCH) -> None:
+                 prefetch: int = DEFAULT_PREFETCH,
+                 block_map_host: str = "127.0.0.1") -> None:
         check_prefetch(prefetch)
         for task in tasks:
             if task.process_function is None:
@@ -255,6 +260,7 @@ class WorkerRun:
         self.launcher = launcher
         self.host = host
         self.advertise_host = advertise_host or default_advertise_host(host)
+        self.block_map_host = block_map_host
         self.worker_death_timeout = worker_death_timeout
         self.pending_report_after = pending_report_after
         self.prefetch = prefetch
@@ -542,7 +548,7 @@ class WorkerRun:
             for task_id, worker_id in self._expected_early:
                 self.server.expect_worker(task_id, worker_id)
             if self.tracking is not None:
-                self.tracking.start(self.host)
+                self.tracking.start(self.block_map_host, self.advertise_host)
             self.startup = StartupReport(self.launcher, self.server, self.workers,
                                          self.pending_report_after)
             while not self.scheduler.is_done():
@@ -753,7 +759,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   launcher: Launcher | None = None, advertise_host: str | None = None,
                   worker_death_timeout: float = 60.0,
                   pending_report_after: float = 60.0,
-                  prefetch: int = DEFAULT_PREFETCH) -> RunResult:
+                  prefetch: int = DEFAULT_PREFETCH,
+                  block_map_host: str = "127.0.0.1") -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -792,8 +799,11 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         With worker processes: an event that, once set, ends the run (blocks not
         finished count as not run).
     tracking:
-        Serve a live block map of the run on a free port of ``host`` and print its URL
-        (with ``multiprocessing=True``).
+        Serve a live block map of the run on a free port of ``block_map_host`` and
+        print its URL (with ``multiprocessing=True``). The URL carries a secret token
+        made for this run (``?token=...``): without it, or the cookie the page sets
+        when opened with it, every request is refused (403), and so is a request whose
+        ``Host`` header names another machine. The page serves GET only.
     start_method:
         ``"spawn"`` (default): every worker is a fresh Python process,
         ``python -m luigi_daisy.worker``, that receives the process function pickled
@@ -826,6 +836,10 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Workers whose blocks are shorter than a second, or than two round trips
         to the server, keep that much work in hand (up to 32 blocks) and move blocks
         several per frame. 0: a worker holds only the block it processes.
+    block_map_host:
+        Interface the block map (``tracking=True``) listens on: loopback by default,
+        even when ``host`` is every interface; ``"0.0.0.0"`` serves it to the network,
+        its URL then naming ``advertise_host`` (or this machine's name).
 
     Returns
     -------
@@ -863,7 +877,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                             tracking=tracking, server_limits=server_limits,
                             stop_event=stop_event, advertise_host=advertise_host,
                             worker_death_timeout=worker_death_timeout,
-                            pending_report_after=pending_report_after, prefetch=prefetch)
+                            pending_report_after=pending_report_after, prefetch=prefetch,
+                            block_map_host=block_map_host)
             try:
                 run.start_workers()  # before the event loop: they boot while it starts
                 result = run_coroutine(run.run)

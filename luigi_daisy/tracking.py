@@ -20,12 +20,25 @@ Routes:
     Bad parameters are answered 400 and an unknown task 404, with ``{"error": ...}``.
 ``/state.json``
     The counters of :func:`run_state`, for scripts.
+
+Access: every request proves the run's secret (:attr:`TrackingPage.token`, made for
+this run alone and unrelated to the block server's): the URL the run prints and sends
+to luigid carries it as ``?token=...``; opening the page with it sets a cookie
+(HttpOnly, SameSite=Strict) that the page's own requests carry, and the page then drops
+the token from the address bar. A request with neither is answered 403, and so is one
+whose ``Host`` header names another machine than this one (DNS rebinding). Only GET,
+without a body; at most :data:`MAX_CONNECTIONS` connections, each closed after
+:data:`IDLE_CONNECTION_SECONDS` of silence.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import itertools
 import json
+import secrets
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -33,10 +46,12 @@ from typing import TYPE_CHECKING
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
 from .block_states import STATE_NAMES, coarsen, encode_cells, state_counts
 from .blocks import new_block
+from .listening import is_loopback
 from .summary import error_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +69,21 @@ RATE_WINDOW = 20.0
 #: the page waits this many times an answer's ``compute_seconds`` before asking again
 #: for the same picture (the copy in ``web/blockmap.js`` must agree)
 PICTURE_LOAD_FACTOR = 20
+#: connections served at once; one more is closed as soon as it is accepted (a page
+#: uses a few; the run's file descriptors stay for its workers)
+MAX_CONNECTIONS = 64
+#: seconds a connection may stay silent, before its first request or between two,
+#: and may take to send a request's headers, before it is closed
+IDLE_CONNECTION_SECONDS = 10.0
+#: bytes of a request's headers (browsers send every cookie of the host, any port)
+MAX_HEADER_BYTES = 64 * 1024
+#: bytes of a request's body: GET only, with no body
+MAX_BODY_BYTES = 0
+#: the query parameter that carries the run's secret
+TOKEN_PARAMETER = "token"
+#: host names that always mean this machine in a ``Host`` header
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
+                            "ip6-loopback"})
 
 
 def displayed_block_id(run: WorkerRun, task_id: str, index: int):
@@ -243,7 +273,33 @@ def block_plane_report(run: WorkerRun, task_id: str | None, slice_text: str | No
     }
 
 
-class _Handler(tornado.web.RequestHandler):
+class _Guarded:
+    """What every route of the block map does first: GET only, the ``Host`` header
+    names this machine, and the request proves the run's secret."""
+
+    SUPPORTED_METHODS = ("GET",)
+    page: TrackingPage
+
+    def prepare(self) -> None:
+        self.page.check_access(self)  # type: ignore[arg-type]
+
+    def set_default_headers(self) -> None:
+        handler: tornado.web.RequestHandler = self  # type: ignore[assignment]
+        # the page's URL may carry the token: never tell another site where it came from
+        handler.set_header("Referrer-Policy", "no-referrer")
+        handler.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+        handler.set_header("X-Content-Type-Options", "nosniff")
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        handler: tornado.web.RequestHandler = self  # type: ignore[assignment]
+        error = kwargs.get("exc_info", (None, None))[1]
+        message = error.message if isinstance(error, BadQuery) else handler._reason
+        handler.set_header("Content-Type", "application/json")
+        handler.set_header("Cache-Control", "no-store")
+        handler.write(json.dumps({"error": message}, separators=(",", ":")))
+
+
+class _Handler(_Guarded, tornado.web.RequestHandler):
     def initialize(self, page: TrackingPage) -> None:
         self.page = page
 
@@ -251,11 +307,6 @@ class _Handler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.write(json.dumps(data, separators=(",", ":")))
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        error = kwargs.get("exc_info", (None, None))[1]
-        message = error.message if isinstance(error, BadQuery) else self._reason
-        self.write_json({"error": message})
 
 
 class _PageHandler(_Handler):
@@ -282,16 +333,52 @@ class _StateHandler(_Handler):
         self.write_json(run_state(self.page.run))
 
 
+class _NotFoundHandler(_Handler):
+    def get(self) -> None:
+        raise BadQuery(404, f"no such page: {self.request.path[:100]!r}")
+
+
+class _StaticHandler(_Guarded, tornado.web.StaticFileHandler):
+    def initialize(self, path: str, page: TrackingPage) -> None:  # type: ignore[override]
+        super().initialize(path)
+        self.page = page
+
+
+class _BoundedHTTPServer(HTTPServer):
+    """An HTTP server that closes a connection beyond :data:`MAX_CONNECTIONS` at once."""
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+def _host_name(host: str) -> str:
+    """``host`` without brackets or a trailing dot, lower case."""
+    return host.strip("[]").rstrip(".").lower()
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
 class TrackingPage:
     """Serves a run's live block map while it runs.
 
     The run's scheduler must keep block states (``BlockScheduler(block_map=True)``).
+    :attr:`token` is this run's secret for the page; :attr:`url` (after :meth:`start`)
+    carries it.
     """
 
     def __init__(self, run: WorkerRun) -> None:
         self.run = run
         self.rates: RateMeter | None = None
         self.url: str | None = None
+        self.token = secrets.token_urlsafe(32)
+        self.cookie_name = "luigi_daisy_block_map"
+        self.allowed_hosts: frozenset[str] = frozenset()
+        self._bound_wildcard = False
         self._server: HTTPServer | None = None
 
     def application(self) -> tornado.web.Application:
@@ -302,20 +389,76 @@ class TrackingPage:
             (r"/api/run", _RunHandler, arguments),
             (r"/api/blocks", _BlocksHandler, arguments),
             (r"/state.json", _StateHandler, arguments),
-            (r"/static/(blockmap\.(?:css|js))", tornado.web.StaticFileHandler,
-             {"path": str(WEB_FOLDER)}),
-        ], compress_response=True)
+            (r"/static/(blockmap\.(?:css|js))", _StaticHandler,
+             {"path": str(WEB_FOLDER), "page": self}),
+        ], compress_response=True, default_handler_class=_NotFoundHandler,
+            default_handler_args=arguments)
 
-    def start(self, host: str) -> str:
-        """Listen on a free port of ``host`` and return the page's URL."""
+    def start(self, host: str = "127.0.0.1", advertise_host: str | None = None) -> str:
+        """Listen on a free port of ``host`` and return the page's URL, which carries
+        the token. Its host is ``host``, or, when ``host`` is every interface
+        (``0.0.0.0``, ``::``), ``advertise_host`` (this machine's name when that is
+        None or loopback)."""
         self.rates = RateMeter(self.run.started_at)
-        self._server = HTTPServer(self.application())
-        sockets = bind_sockets(0, address=host)
+        self._server = _BoundedHTTPServer(
+            self.application(), idle_connection_timeout=IDLE_CONNECTION_SECONDS,
+            body_timeout=IDLE_CONNECTION_SECONDS, max_header_size=MAX_HEADER_BYTES,
+            max_body_size=MAX_BODY_BYTES, max_buffer_size=16 * MAX_HEADER_BYTES)
+        sockets = bind_sockets(0, address=host or None)
         self._server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        shown_host = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown_host}:{port}/"
+        # cookies are shared by every port of a host: one per run
+        self.cookie_name = f"luigi_daisy_block_map_{port}"
+        self._bound_wildcard = _is_wildcard(host)
+        if self._bound_wildcard:
+            shown = advertise_host or ""
+            if not shown or is_loopback(shown) or _is_wildcard(shown):
+                shown = socket.gethostname()
+        else:
+            shown = host
+        names = {_host_name(name) for name in (shown, host, advertise_host or "")
+                 if name and not _is_wildcard(name)}
+        if self._bound_wildcard:
+            names.update(_host_name(name) for name in (socket.gethostname(), socket.getfqdn()))
+        self.allowed_hosts = frozenset(names | LOOPBACK_NAMES)
+        shown_host = f"[{shown}]" if ":" in shown else shown
+        self.url = f"http://{shown_host}:{port}/?{TOKEN_PARAMETER}={self.token}"
         return self.url
+
+    def host_allowed(self, host_name: str) -> bool:
+        """Whether a request whose ``Host`` header names ``host_name`` is served: this
+        machine's names (loopback, the advertised and bound ones) and, on loopback or
+        every interface, IP addresses (a name that is none of these may be an
+        attacker's, rebound to this machine)."""
+        name = _host_name(host_name)
+        if name in self.allowed_hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return address.is_loopback or self._bound_wildcard
+
+    def token_matches(self, value: str | None) -> bool:
+        """Whether ``value`` is this run's token (compared in constant time)."""
+        return value is not None and hmac.compare_digest(value.encode(), self.token.encode())
+
+    def check_access(self, handler: tornado.web.RequestHandler) -> None:
+        """Answer 403 unless the request's ``Host`` names this machine and it carries
+        the token (query or cookie); the page opened with the token sets the cookie."""
+        if not self.host_allowed(handler.request.host_name):
+            raise BadQuery(403, f"the block map does not answer for the host "
+                                f"{handler.request.host[:100]!r}; open the URL the run "
+                                f"printed")
+        if self.token_matches(handler.get_query_argument(TOKEN_PARAMETER, None)):
+            if handler.request.path == "/":
+                handler.set_cookie(self.cookie_name, self.token, path="/", httponly=True,
+                                   samesite="Strict")
+            return
+        if self.token_matches(handler.get_cookie(self.cookie_name)):
+            return
+        raise BadQuery(403, "this run's block map needs its token: open the URL the run "
+                            "printed (and sent to luigid), which ends with ?token=...")
 
     def sockets(self) -> list:
         """The page's listening sockets (a forked worker closes them)."""

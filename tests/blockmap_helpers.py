@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -36,15 +37,27 @@ def wait_for(condition: Callable[[], object], deadline: float, what: str,
 class GatedRun:
     """``blockmap_run.py`` in a subprocess of its own session, with its gate files."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *arguments: str) -> None:
+        """``arguments``: ``blockmap_run.py``'s optional host and block map host."""
         self.folder = folder
         for gate in GATES:
             (folder / gate).touch()
         with open(folder / "run.err", "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(folder)], stdout=subprocess.PIPE,
-                stderr=stderr, start_new_session=True)
+                [sys.executable, str(SCRIPT), str(folder), *arguments],
+                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        #: the URL the run printed, with its ``?token=...``
         self.url = self._read_url()
+        parts = urllib.parse.urlsplit(self.url)
+        #: the page's address without the token, ending in ``/``
+        self.base = urllib.parse.urlunsplit(parts._replace(query=""))
+        self.token = urllib.parse.parse_qs(parts.query).get("token", [""])[0]
+
+    def address(self, path: str, token: bool = True) -> str:
+        """The URL of ``path`` on the block map, with the run's token unless told not."""
+        if not token:
+            return self.base + path
+        return self.base + path + ("&" if "?" in path else "?") + "token=" + self.token
 
     def _read_url(self) -> str:
         selector = selectors.DefaultSelector()
@@ -72,10 +85,10 @@ class GatedRun:
         """Let the blocks held by ``gate`` go."""
         (self.folder / gate).unlink(missing_ok=True)
 
-    def get(self, path: str) -> tuple[int, dict, bytes]:
+    def get(self, path: str, token: bool = True) -> tuple[int, dict, bytes]:
         """``(status, JSON body, raw body)`` of ``GET path`` on the block map."""
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as response:  # noqa: S310
+            with urllib.request.urlopen(self.address(path, token), timeout=10) as response:  # noqa: S310
                 body = response.read()
                 status = response.status
         except urllib.error.HTTPError as error:

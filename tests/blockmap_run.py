@@ -1,7 +1,8 @@
 """A real run for the block map tests: ``python tests/blockmap_run.py FOLDER``.
 
 Runs ``run_blockwise(..., tracking=True)`` with worker processes and prints the line
-``live block map: URL``. Gate files in FOLDER hold blocks back, so a test sees known
+``live block map: URL``; ``python tests/blockmap_run.py FOLDER HOST [BLOCK_MAP_HOST]``
+passes ``host`` (and ``block_map_host``) too. Gate files in FOLDER hold blocks back, so a test sees known
 states and decides when blocks finish:
 
 - ``smooth`` (3D grid 3 x 4 x 5, 2 workers): the block at (0, 1, 2) fails with
@@ -50,7 +51,7 @@ def task(task_id: str, grid_shape: tuple[int, ...], process, **options) -> daisy
                       max_retries=0, **options)
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, *hosts: str) -> None:
     hold_smooth, hold_end = folder / "hold_smooth", folder / "hold_end"
 
     def smooth(block) -> None:
@@ -77,9 +78,10 @@ def main(folder: Path) -> None:
     frames_task = task("frames", (2, 3, 4, 5), frames)
     # prefetch=0: a block in hand would wait behind a gated block, and the tests want
     # every block that is not gated done while the gates stand
+    options = dict(zip(("host", "block_map_host"), hosts))
     daisy.run_blockwise([label_task, tiles_task, frames_task], progress=False,
-                        log_dir=folder / "logs", tracking=True, prefetch=0)
+                        log_dir=folder / "logs", tracking=True, prefetch=0, **options)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

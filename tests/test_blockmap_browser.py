@@ -115,6 +115,8 @@ def test_the_block_map_shows_every_task_and_changes_colour_as_blocks_finish(tmp_
         wait_for(lambda: {element.get_attribute("data-task-id") for element in
                           browser.find_elements(By.CSS_SELECTOR, "section.task")}
                  == {"smooth", "label", "tiles", "frames"}, PAGE_DEADLINE, "a section per task")
+        # the page's requests carry the cookie it set: the token left the address bar
+        assert "token=" in run.url and "token=" not in browser.current_url
         # a slider per axis before the last two: one for 3D, two for 4D, none for 2D
         assert [len(section(browser, task).find_elements(By.CSS_SELECTOR, "input[type=range]"))
                 for task in ("smooth", "label", "tiles", "frames")] == [1, 1, 0, 2]

@@ -181,9 +181,9 @@ def test_the_page_and_its_files_are_served_and_nothing_is_fetched_elsewhere(run)
     assert "http://" not in page and "https://" not in page
     for name in ("static/blockmap.css", "static/blockmap.js"):
         assert f'"{name}"' in page
-        with urllib.request.urlopen(run.url + name, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(run.address(name), timeout=10) as response:  # noqa: S310
             text = response.read().decode()
         assert "http://" not in text and "https://" not in text
     # larger answers travel compressed
-    assert "function poll" in get_gzip(run.url + "static/blockmap.js")
-    assert '"tasks"' in get_gzip(run.url + "api/run")
+    assert "function poll" in get_gzip(run.address("static/blockmap.js"))
+    assert '"tasks"' in get_gzip(run.address("api/run"))

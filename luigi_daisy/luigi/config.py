@@ -65,6 +65,9 @@ class luigi_daisy(luigi.Config):
     advertise_host = luigi.Parameter(
         default="", description="address workers reach the server at (default: host when "
                                 "loopback, else this machine's name)")
+    block_map_host = luigi.Parameter(
+        default="127.0.0.1", description="interface the run's block map (tracking URL) "
+                                         "listens on; 0.0.0.0 serves it to the network")
     worker_death_timeout = luigi.FloatParameter(
         default=60.0, description="seconds after which a worker whose run is gone exits")
     pending_report_after = luigi.FloatParameter(

@@ -9,6 +9,7 @@ same scheduler connection, so luigid shows how far their blocks are.
 
 from __future__ import annotations
 
+import html
 import logging
 import sys
 from collections.abc import Mapping
@@ -29,6 +30,14 @@ def progress_percentage(state: TaskState) -> int:
     if not state.total_block_count:
         return 100
     return int(100 * state.completed_count / state.total_block_count)
+
+
+def luigid_text(text: str) -> str:
+    """``text`` as luigid's page must receive it: that page puts a task's status message
+    into the page with jQuery's ``.html()`` every 500 ms, so markup in an error line
+    would run there. (The tracking URL and the progress go through templates that
+    escape, or are numbers: they are sent as they are.)"""
+    return html.escape(text, quote=False)
 
 
 def status_line(task_id: str, task: Mapping) -> str:
@@ -120,9 +129,9 @@ class LuigidReporter:
         if self.task.set_progress_percentage is not None:
             self.task.set_progress_percentage(progress_percentage(states[own]))
         if self.task.set_status_message is not None:
-            self.task.set_status_message("\n".join(
+            self.task.set_status_message(luigid_text("\n".join(
                 self._message(task_id, tasks[task_id], states[task_id], logs.get(task_id, []))
-                for task_id in tasks))
+                for task_id in tasks)))
         if self.scheduler is None:
             return
         for other in self.others:
@@ -131,8 +140,8 @@ class LuigidReporter:
             try:
                 self.scheduler.set_task_progress_percentage(
                     other.task_id, progress_percentage(states[other.task_id]))
-                self.scheduler.set_task_status_message(other.task_id, self._message(
-                    other.task_id, tasks[other.task_id], states[other.task_id],
-                    logs.get(other.task_id, [])))
+                self.scheduler.set_task_status_message(other.task_id, luigid_text(
+                    self._message(other.task_id, tasks[other.task_id],
+                                  states[other.task_id], logs.get(other.task_id, []))))
             except Exception:
                 logger.exception("could not report %s to the Luigi scheduler", other.task_id)

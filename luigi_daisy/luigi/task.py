@@ -389,7 +389,8 @@ class BlockwiseTask(luigi.Task):
                                 advertise_host=config.advertise_host or None,
                                 worker_death_timeout=config.worker_death_timeout,
                                 pending_report_after=config.pending_report_after,
-                                prefetch=config.prefetch)
+                                prefetch=config.prefetch,
+                                block_map_host=config.block_map_host)
                 result = run_coroutine(run.run)
             finally:
                 ledgers.close()

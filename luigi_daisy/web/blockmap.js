@@ -276,6 +276,11 @@ async function poll() {
   setTimeout(poll, delay);
 }
 
+// the page's answer set the cookie its requests carry: the run's token leaves the
+// address bar, the history and whatever is copied from them
+if (new URLSearchParams(location.search).has("token")) {
+  history.replaceState(null, "", location.pathname);
+}
 readColours();
 buildLegend();
 poll();
