@@ -172,9 +172,10 @@ def test_this_machines_loopback_names_are_served(run, host):
 
 
 # --------------------------------------------------------------------------- methods, bodies
+@pytest.mark.parametrize("path", ["api/run", "static/blockmap.js"])
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-def test_only_get_is_served(run, method):
-    status, _, _ = request(run, method, f"/api/run?token={run.token}")
+def test_only_get_is_served(run, method, path):
+    status, _, _ = request(run, method, f"/{path}?token={run.token}")
     assert status == 405
 
 
