@@ -2,8 +2,8 @@
 
 Runs ``run_blockwise(..., tracking=True)`` with worker processes and prints the line
 ``live block map: URL``; ``python tests/blockmap_run.py FOLDER HOST [BLOCK_MAP_HOST]``
-passes ``host`` (and ``block_map_host``) too. Gate files in FOLDER hold blocks back, so a test sees known
-states and decides when blocks finish:
+passes ``host`` (and ``block_map_host``) too. Gate files in FOLDER hold blocks back, so
+a test sees known states and decides when blocks finish:
 
 - ``smooth`` (3D grid 3 x 4 x 5, 2 workers): the block at (0, 1, 2) fails with
   :data:`FAILURE`; blocks with z >= 1 wait while ``FOLDER/hold_smooth`` exists.

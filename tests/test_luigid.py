@@ -227,8 +227,10 @@ def test_progress_and_the_tracking_page_are_visible_during_a_run(tmp_path, luigi
         for task_id, task in seen.values():
             page = http_get(task["tracking_url"]).decode()
             assert "luigi_daisy run" in page
-            state = json.loads(http_get(urllib.parse.urljoin(task["tracking_url"],
-                                                             "state.json")))
+            # the tracking URL carries the run's token; state.json needs it too
+            parts = urllib.parse.urlsplit(task["tracking_url"])
+            state = json.loads(http_get(urllib.parse.urlunsplit(
+                parts._replace(path=parts.path + "state.json"))))
             assert task_id in state["tasks"], state
             assert state["tasks"][task_id]["total"] == EXAMPLE_BLOCKS
 
