@@ -51,6 +51,7 @@ from tornado.netutil import bind_sockets
 
 from .block_states import STATE_NAMES, coarsen, encode_cells, state_counts
 from .blocks import new_block
+from .errors import ConfigError
 from .listening import is_loopback
 from .summary import error_line
 
@@ -398,13 +399,20 @@ class TrackingPage:
         """Listen on a free port of ``host`` and return the page's URL, which carries
         the token. Its host is ``host``, or, when ``host`` is every interface
         (``0.0.0.0``, ``::``), ``advertise_host`` (this machine's name when that is
-        None or loopback)."""
+        None or loopback). Raises :class:`~luigi_daisy.errors.ConfigError` when
+        ``host`` is not an address of this machine."""
         self.rates = RateMeter(self.run.started_at)
         self._server = _BoundedHTTPServer(
             self.application(), idle_connection_timeout=IDLE_CONNECTION_SECONDS,
             body_timeout=IDLE_CONNECTION_SECONDS, max_header_size=MAX_HEADER_BYTES,
             max_body_size=MAX_BODY_BYTES, max_buffer_size=16 * MAX_HEADER_BYTES)
-        sockets = bind_sockets(0, address=host or None)
+        try:
+            sockets = bind_sockets(0, address=host or None)
+        except OSError as error:
+            raise ConfigError(
+                f"block_map_host={host!r}: the block map cannot listen there ({error}); "
+                f"give an address of this machine: 127.0.0.1 (the default, this machine "
+                f"only) or 0.0.0.0 (every interface)") from error
         self._server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         # cookies are shared by every port of a host: one per run

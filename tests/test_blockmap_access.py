@@ -21,6 +21,8 @@ import pytest
 from blockmap_helpers import GatedRun, wait_for
 from blockmap_run import FAILURE
 
+import luigi_daisy as daisy
+from luigi_daisy.errors import ConfigError
 from luigi_daisy.tracking import IDLE_CONNECTION_SECONDS, MAX_CONNECTIONS
 
 pytestmark = pytest.mark.timeout(150)
@@ -234,3 +236,35 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_the_run_keeps_its_des
              "the run's descriptors back to what they were")
     status, _, _ = run.get("api/run")
     assert status == 200
+
+
+# --------------------------------------------------------------------------- block_map_host
+def test_block_map_host_0000_serves_every_interface_under_this_machines_name(tmp_path):
+    """Its own key opens the map to the network (the block server stays on loopback);
+    the URL names this machine, whose name the Host check accepts."""
+    gated = GatedRun(tmp_path, "127.0.0.1", "0.0.0.0")
+    try:
+        parts = urllib.parse.urlsplit(gated.url)
+        assert parts.hostname == socket.gethostname().lower(), gated.url
+        assert listening_addresses(parts.port) == {"0.0.0.0"}
+        for host in (socket.gethostname(), f"{socket.gethostname()}:{parts.port}"):
+            status, _, body = request(gated, "GET", f"/api/run?token={gated.token}",
+                                      {"Host": host})
+            assert status == 200, (host, body)
+        status, _, _ = request(gated, "GET", f"/api/run?token={gated.token}",
+                               {"Host": "evil.example"})
+        assert status == 403
+        status, _, _ = request(gated, "GET", "/api/run")
+        assert status == 403
+    finally:
+        exit_code = gated.stop()
+    assert exit_code == 0, gated.stderr()
+
+
+def test_a_block_map_host_that_is_not_this_machines_is_refused_naming_the_key(tmp_path):
+    block = daisy.Roi((0,), (10,))
+    task = daisy.Task("one", block, block, block, lambda block: None, num_workers=1)
+    with pytest.raises(ConfigError, match=r"block_map_host='no\.such\.host\.invalid'.*"
+                                          r"127\.0\.0\.1"):
+        daisy.run_blockwise([task], progress=False, log_dir=tmp_path / "logs", tracking=True,
+                            block_map_host="no.such.host.invalid")
