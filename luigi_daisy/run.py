@@ -8,6 +8,7 @@ neither at its top.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
@@ -192,6 +194,33 @@ class FollowedTask(Protocol):
         """Take the task over if the other run is gone; return its ledger then."""
 
 
+@dataclass
+class FollowedLook:
+    """What one look at a followed task's ledger found."""
+
+    #: blocks the other run finished since the last look
+    done: list[int]
+    #: the task's ledger, when its lock was free (the other run is gone) and taken
+    claimed: Ledger | None = None
+    #: blocks found finished once the task was claimed
+    done_after_claim: list[int] = field(default_factory=list)
+
+
+def _look_at_followed(followers: Mapping[str, FollowedTask],
+                      may_claim: Mapping[str, bool]) -> dict[str, FollowedLook]:
+    """Read what the followed runs finished, and claim the tasks whose run is gone
+    (on the follow thread: these read and lock files)."""
+    found = {}
+    for task_id, follower in followers.items():
+        look = FollowedLook(follower.new_done())
+        if may_claim[task_id]:
+            look.claimed = follower.try_claim()
+            if look.claimed is not None:
+                look.done_after_claim = follower.new_done()
+        found[task_id] = look
+    return found
+
+
 class WorkerRun:
     """One multiprocessing run: a block server, worker processes per task, progress.
 
@@ -296,6 +325,9 @@ class WorkerRun:
         self.worker_tasks: dict[int, str] = {}
         self._next_worker_id = 0
         self._replacements: set[int] = set()  # ids of workers started as replacements
+        # the look at the followed tasks' ledgers in progress, on its own thread
+        self._follow_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._follow_look: concurrent.futures.Future | None = None
         # bound by start_workers, adopted by the server in _run
         self._listening: list[socket.socket] = []
         self._port: int | None = None
@@ -473,26 +505,58 @@ class WorkerRun:
             self._start_worker(task_id)
 
     def _follow(self) -> None:
-        """Take in blocks finished by the runs this one follows; take over orphaned tasks."""
-        for task_id, follower in list(self.followed.items()):
-            finished_elsewhere = follower.new_done()
-            for index in finished_elsewhere:
+        """Take in what the last look at the followed tasks' ledgers found, and start
+        the next look. The looks run on a thread of their own: a ledger read over a
+        slow filesystem (NFS, Lustre) must not stall the loop that hands out blocks."""
+        look = self._follow_look
+        if look is not None:
+            if not look.done():
+                return
+            self._follow_look = None
+            self._take_in_followed(look.result())
+        if not self.followed:
+            return
+        if self._follow_thread is None:
+            self._follow_thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="luigi_daisy-follow")
+        may_claim = {task_id: not self.scheduler.task_states[task_id].is_done()
+                     for task_id in self.followed}
+        self._follow_look = self._follow_thread.submit(
+            _look_at_followed, dict(self.followed), may_claim)
+
+    def _take_in_followed(self, found: dict[str, FollowedLook]) -> None:
+        """Blocks finished by the runs this one follows release the blocks that wait
+        for them; a task whose run is gone is taken over."""
+        for task_id, look in found.items():
+            if task_id not in self.followed:
+                continue
+            for index in look.done:
                 self.scheduler.complete_external(task_id, index)
-            if finished_elsewhere:
+            if look.done:
                 self.server.serve_waiting()
-            if self.scheduler.task_states[task_id].is_done():
+            if look.claimed is None:
                 continue
-            ledger = follower.try_claim()
-            if ledger is None:
-                continue
-            for index in follower.new_done():
+            for index in look.done_after_claim:
                 self.scheduler.complete_external(task_id, index)
             del self.followed[task_id]
             self.scheduler.take_over(task_id)
-            self.ledgers.add(task_id, ledger)
+            self.ledgers.add(task_id, look.claimed)
             if not self.scheduler.task_states[task_id].is_done():
                 logger.warning("the run processing task %r is gone; taking it over", task_id)
                 self._start_task(task_id)
+
+    def _stop_following(self) -> None:
+        """Wait for a look at the followed ledgers still running (it may have claimed a
+        task: its ledger is then written like the others) and end the thread."""
+        look, self._follow_look = self._follow_look, None
+        if self._follow_thread is not None:
+            self._follow_thread.shutdown(wait=True)
+            self._follow_thread = None
+        if look is not None and look.done() and look.exception() is None:
+            for task_id, found in look.result().items():
+                if found.claimed is not None and task_id in self.followed:
+                    del self.followed[task_id]
+                    self.ledgers.add(task_id, found.claimed)
 
     def _observe(self) -> None:
         for observer in self.observers:
@@ -612,7 +676,7 @@ class WorkerRun:
         # the hand-out hears first that the run ends (workers closed from now on were
         # not lost); workers are ended (jobs cancelled) before their connections close,
         # so a worker waiting for a block does not fail on the closed connection first
-        steps = [stop_workers, close_server, close_bars, self._observe]
+        steps = [self._stop_following, stop_workers, close_server, close_bars, self._observe]
         if self.server is not None:
             steps.insert(0, self.server.end_run)
         if self.tracking is not None:
