@@ -93,9 +93,12 @@ def fill(template: str, values: dict[str, str | list[str]], key: str) -> list[st
                 f"{', '.join('{' + name + '}' for name in sorted(unknown))}; known here: "
                 f"{', '.join('{' + name + '}' for name in values)}")
         stripped = word.strip()
-        if stripped.startswith("{") and stripped.endswith("}") and \
-                isinstance(values.get(stripped[1:-1]), list):
-            command.extend(values[stripped[1:-1]])
+        if stripped.startswith("{") and stripped.endswith("}") and stripped[1:-1] in values:
+            value = values[stripped[1:-1]]  # a word of its own: no shell reads it
+            if isinstance(value, list):
+                command.extend(value)
+            else:
+                command.append(value)
             continue
         # inside a word (``sh -c "... > {stdout}"``, ``--wrap=...``) every value is
         # shell-quoted: a folder named ``$(...)`` must not run in the job's shell
