@@ -29,6 +29,7 @@ from .errors import (
     SchedulerError,
     ServerUnreachableError,
     TaskDefinitionError,
+    UnsafePathError,
     UnserialisableFunctionError,
     WorkerSetupError,
 )
@@ -80,7 +81,8 @@ __all__ = [
     "LauncherError", "LedgerError", "LedgerTarget", "LuigiDaisyError", "PayloadError",
     "ProtocolError", "RefusedByServerError", "ReleaseOutcome", "Roi", "RunResult",
     "Scheduler", "SchedulerError", "SerialServer", "Server", "ServerUnreachableError",
-    "Task", "TaskDefinitionError", "TaskState", "UnserialisableFunctionError",
+    "Task", "TaskDefinitionError", "TaskState", "UnsafePathError",
+    "UnserialisableFunctionError",
     "WorkerSetupError", "ZarrTarget", "check_write_alignment", "logging", "open_ds",
     "prepare_ds", "run_blockwise",
 ]

@@ -25,6 +25,7 @@ from .errors import (
     LedgerStorageError,
 )
 from .ledger import Ledger, ledger_path
+from .safe_files import check_folder, open_own
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class TaskLock:
         if self._descriptor is not None:
             return True
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            check_folder(self.path.parent, "ledger folder")
+            descriptor = open_own(self.path, os.O_RDWR | os.O_CREAT, "task lock")
         except OSError as error:
             raise self._error(error) from None
         try:

@@ -87,3 +87,9 @@ class PayloadError(LuigiDaisyError):
 
 class LauncherError(LuigiDaisyError, RuntimeError):
     """Workers could not be submitted, queried or cancelled (or a resource is invalid)."""
+
+
+class UnsafePathError(LuigiDaisyError):
+    """A file or folder a run would write is a symbolic link, belongs to another user,
+    or sits in a folder others can write (and that is not sticky); the message names it
+    and says what to change."""

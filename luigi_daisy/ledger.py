@@ -33,6 +33,7 @@ from .errors import (
     LedgerReadOnlyError,
     LedgerStorageError,
 )
+from .safe_files import check_folder, open_own, refuse_links
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,23 @@ def _check_format(path: Path, found: str | None) -> None:
         f"{AFRESH}")
 
 
+def _check_place(path: Path) -> None:
+    """Refuse a ledger folder others can write (unless sticky), and a ledger, or a file
+    SQLite keeps beside it, that is a symbolic link or another user's (SQLite would
+    write through it)."""
+    check_folder(path.parent, "ledger folder")
+    refuse_links(path, "ledger", ("-wal", "-shm", "-journal"))
+
+
+def _create(path: Path) -> None:
+    """Create a missing ledger file without following a link (an empty file is a new
+    SQLite database); a failure is left for SQLite to report."""
+    try:
+        os.close(open_own(path, os.O_WRONLY | os.O_CREAT, "ledger"))
+    except OSError:
+        pass
+
+
 def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
     """The ledger file of ``task_id`` inside ``folder``."""
     return Path(folder) / f"{safe_file_name(task_id)}{SUFFIX}"
@@ -170,9 +188,14 @@ class Ledger:
         self.path = Path(path)
         self.task_id = task_id
         self.geometry = geometry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            _check_place(self.path)
         if fresh and self.path.exists():
             self.path.unlink()
+        if not read_only:
+            _create(self.path)
         self._pending_done: list[int] = []
         self._pending_failed: dict[int, str | None] = {}
         #: guards the pending records: the loop appends, the writer thread takes them

@@ -10,7 +10,14 @@ It is serialised in two frames: the first (plain pickle) holds ``sys.path`` and 
 working directory and is applied before the second (cloudpickle) is loaded. It reaches
 the worker through a pipe of a local child (``--payload-fd N``) or, for cluster jobs, a
 file only its owner can read, named by ``LUIGI_DAISY_PAYLOAD_FILE``; never on a command
-line.
+line. A cluster job's context (with the run's token) comes in a file of its own, named
+by ``LUIGI_DAISY_CONTEXT_FILE``, which the worker deletes once read: a job's environment
+is kept in the batch system's records, which other users may query (``qsub -V``).
+
+Workers never delete the payload file: one file serves every worker of a task, the
+replacements started later and a job the batch system starts again (a requeue). The run
+removes it when it ends; a run killed outright leaves it to the next run with the same
+log folder, which removes it when it writes its own (:func:`remove_stale_files`).
 
 For a local child the target is pickled while multiprocessing's *spawning popen* is set,
 so objects multiprocessing lets travel to its own spawn children (shared-memory arenas of
@@ -22,9 +29,11 @@ named semaphore before pickling (see :func:`_rehome_fork_semlock`).
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pickle
+import stat
 import struct
 import sys
 import types
@@ -34,12 +43,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .errors import PayloadError, UnserialisableFunctionError
+from .safe_files import check_folder, own_subfolder
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 #: environment variable naming the payload file of a cluster job
 PAYLOAD_FILE_VARIABLE = "LUIGI_DAISY_PAYLOAD_FILE"
+#: environment variable naming the context file of a cluster job (its token: a job's
+#: environment may be shown to other users, e.g. by ``qstat -f`` after ``qsub -V``)
+CONTEXT_FILE_VARIABLE = "LUIGI_DAISY_CONTEXT_FILE"
 
 _LENGTH = struct.Struct("<Q")
 _MAX_FRAME = 1 << 34
@@ -339,6 +352,102 @@ def read_payload_file(path: str | os.PathLike) -> WorkerPayload:
         return read_payload(stream)
 
 
+def private_folder(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` (``<log_dir>/.payloads``) with mode 0700 if missing; check its
+    parent like every log folder and refuse it unless it is a real folder of this user
+    that no one else can write.
+
+    Raises
+    ------
+    UnsafePathError
+        The log folder is open to others, or ``folder`` is a link or another user's.
+    PayloadError
+        ``folder`` is writable by group or others.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    check_folder(folder.parent, "log folder")
+    own_subfolder(folder, "payload folder", mode=0o700)
+    status = os.stat(folder)
+    if status.st_mode & 0o022:
+        raise PayloadError(
+            f"payload folder {folder} must belong to this user and be writable by no one "
+            f"else (found mode {status.st_mode & 0o777:o}); chmod 700 {folder}")
+    return folder
+
+
+def write_private_file(folder: str | os.PathLike, prefix: str, data: bytes,
+                       suffix: str = ".pickle") -> tuple[Path, int]:
+    """Write ``data`` to a new file in ``folder`` (checked by :func:`private_folder`)
+    that only its owner can read; return its path and a descriptor that holds a shared
+    ``flock`` on it until closed: while it is held, :func:`remove_stale_files` of a
+    later run leaves the file alone."""
+    import tempfile
+    from pathlib import Path
+
+    folder = private_folder(folder)
+    # mkstemp opens with O_CREAT | O_EXCL and mode 0600
+    descriptor, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # before the first byte: see remove_stale_files
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+    except BaseException:
+        os.close(descriptor)
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name), descriptor
+
+
+#: seconds after which an empty file of a dead run counts as stale (its run died
+#: between creating and writing it)
+EMPTY_FILE_GRACE = 60.0
+
+
+def remove_stale_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the files of runs that are gone from a payload folder; return them.
+
+    A run holds a ``flock`` on each payload and context file it wrote until it has
+    removed them (see :func:`write_private_file`), and the OS lets go of the lock however
+    the run ends (a SIGKILL included; on NFS, once the dead host's lease ends). A file
+    whose lock can be taken belongs to a run that is gone. An empty file may be one a
+    live run has just created and not locked yet: it is left for
+    :data:`EMPTY_FILE_GRACE` seconds.
+    """
+    import time
+    from pathlib import Path
+
+    removed: list[Path] = []
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        path = folder / name
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            status = os.fstat(descriptor)
+            if status.st_uid != os.getuid() or not stat.S_ISREG(status.st_mode):
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its run is alive
+            if status.st_size == 0 and time.time() - status.st_mtime < EMPTY_FILE_GRACE:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(descriptor)
+    return removed
+
+
 def write_payload_file(payload: WorkerPayload, folder: str | os.PathLike) -> Path:
     """Write ``payload`` to a new file in ``folder`` that only its owner can read.
 
@@ -346,19 +455,34 @@ def write_payload_file(payload: WorkerPayload, folder: str | os.PathLike) -> Pat
     file is created with ``O_EXCL`` and mode 0600. Returns the file's path (for
     ``LUIGI_DAISY_PAYLOAD_FILE``).
     """
-    import tempfile
-    from pathlib import Path
+    path, descriptor = write_private_file(folder, "payload-", payload.to_bytes())
+    os.close(descriptor)
+    return path
 
-    folder = Path(folder)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = folder.stat()
-    if status.st_uid != os.getuid() or status.st_mode & 0o022:
-        raise PayloadError(
-            f"payload folder {folder} must belong to this user and be writable by no one "
-            f"else (found mode {status.st_mode & 0o777:o})")
-    data = payload.to_bytes()
-    descriptor, name = tempfile.mkstemp(prefix="payload-", suffix=".pickle", dir=folder)
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0600
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(data)
-    return Path(name)
+
+def read_context_file(path: str | os.PathLike) -> str:
+    """Read a worker's context file (``LUIGI_DAISY_CONTEXT_FILE``) and delete it: it
+    serves one job, and the token it holds is best not left on disk.
+
+    Raises
+    ------
+    PayloadError
+        The file is missing, a link, not this user's or readable by others.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise PayloadError(f"cannot open the worker context file {path}: {error}. Each "
+                           f"job reads its own once; a job the batch system started "
+                           f"again (a requeue) finds it gone and ends, and the run "
+                           f"starts a replacement") from None
+    with os.fdopen(descriptor, "rb") as stream:
+        status = os.fstat(descriptor)
+        if status.st_uid != os.getuid() or status.st_mode & 0o077:
+            raise PayloadError(
+                f"refusing the worker context file {path}: it must belong to this user "
+                f"and be readable by no one else (mode 0600), found uid {status.st_uid} "
+                f"and mode {status.st_mode & 0o777:o}")
+        text = stream.read().decode()
+    os.unlink(path)
+    return text

@@ -1,7 +1,8 @@
 """The worker entry point, ``python -m luigi_daisy.worker``, and the generic worker loop.
 
 Every launcher starts workers with the same command. A worker reads its context (server
-address, task, worker id, token) from ``LUIGI_DAISY_CONTEXT`` and what to run, a
+address, task, worker id, token) from ``LUIGI_DAISY_CONTEXT`` (a cluster job: from the
+file named by ``LUIGI_DAISY_CONTEXT_FILE``, deleted once read) and what to run, a
 :class:`~luigi_daisy.payload.WorkerPayload`, from the pipe named by ``--payload-fd N``
 (a local child) or from the file named by ``LUIGI_DAISY_PAYLOAD_FILE`` (a cluster job).
 ``LUIGI_DAISY_PARENT_PID`` asks the kernel to kill the worker when that process dies.
@@ -135,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one worker: read the context and the payload, process blocks, return the
     exit code (0: the worker is done or chose to stop; see :func:`run_worker`)."""
     from .errors import PayloadError
-    from .payload import PAYLOAD_FILE_VARIABLE, read_payload_file, read_payload_from_fd
+    from .payload import (
+        CONTEXT_FILE_VARIABLE,
+        PAYLOAD_FILE_VARIABLE,
+        read_context_file,
+        read_payload_file,
+        read_payload_from_fd,
+    )
 
     # no argparse: a worker's start is on the critical path of every run
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -151,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     if parent_pid:
         die_with_parent(int(parent_pid))
     configure_worker_logging()
+    if os.environ.get(CONTEXT_FILE_VARIABLE):  # a cluster job's context (its token)
+        try:
+            text = read_context_file(os.environ.pop(CONTEXT_FILE_VARIABLE))
+        except PayloadError as error:
+            sys.stderr.write(f"worker stopped: {error}\n")
+            return 1
+        os.environ[ENV_VARIABLE] = os.environ[DAISY_ENV_VARIABLE] = text
     context = Context.from_env()
     watchdog.start(context)  # a worker whose run is gone exits on its own
     os.environ.setdefault(ENV_VARIABLE, context.to_env())

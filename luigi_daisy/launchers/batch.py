@@ -3,9 +3,12 @@ polled in one command, every job cancelled and waited for at the end.
 
 A subclass says how to build the submit command, read the job id from its output, ask
 for the states of many jobs in one call and cancel jobs (see ``slurm.py``, ``lsf.py``,
-``command.py``). The worker's context (with the run's token) and the payload file's
-name travel in the submit command's environment, never on its command line: ``ps`` and
-``squeue`` show command lines to every user.
+``command.py``). The names of the worker's payload file and of its context file (the
+context holds the run's token; the worker deletes the file once read) travel in the
+submit command's environment, never on its command line: ``ps`` and ``squeue`` show
+command lines to every user, and a batch system may keep a job's environment where
+others can query it (``qstat -f`` after ``qsub -V``). Both files are in
+``<log_dir>/.payloads`` (mode 0700), readable by their owner only.
 
 No batch command runs on the caller's thread (the run's event loop, which hands out
 blocks). A launcher owns two background threads, created on first use:
@@ -39,8 +42,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE
 from ..errors import LauncherError
-from ..payload import PAYLOAD_FILE_VARIABLE, WorkerPayload, write_payload_file
+from ..payload import (
+    CONTEXT_FILE_VARIABLE,
+    PAYLOAD_FILE_VARIABLE,
+    WorkerPayload,
+    remove_stale_files,
+    write_private_file,
+)
+from ..safe_files import check_log_folders, open_log
 from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -258,6 +269,9 @@ class BatchLauncher(Launcher):
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
         self._payload_files: dict[int, Path] = {}
+        #: files this run wrote into ``.payloads`` -> descriptors holding their flocks
+        self._private_files: dict[Path, int] = {}
+        self._checked_folders: set[Path] = set()
         self.poll_interval = check_poll_interval(poll_interval)
         self.jobs: dict[str, BatchJob] = {}
         self.command_counts: collections.Counter[str] = collections.Counter()
@@ -316,8 +330,10 @@ class BatchLauncher(Launcher):
         stdout_path = Path(spec.stdout_path).absolute()
         stderr_path = Path(spec.stderr_path).absolute()
         spec = dataclasses.replace(spec, stdout_path=stdout_path, stderr_path=stderr_path)
-        stdout_path.parent.mkdir(parents=True, exist_ok=True)
-        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        for path in (stdout_path, stderr_path):
+            check_log_folders(path.parent, self._checked_folders)
+            # made here, by this user: the batch system appends to it, not to a link
+            os.close(open_log(path))
         environment = {**self.submit_environment(), **self.job_environment(spec)}
         job_name = self.job_name(spec)
         command = self.submit_command(spec, job_name)
@@ -371,22 +387,45 @@ class BatchLauncher(Launcher):
         return dict(os.environ)
 
     def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
-        """Variables the job gets on top of the submitting environment: the worker's
-        context and the name of its payload file (one file per payload)."""
-        environment = {key: str(value) for key, value in dict(spec.environment).items()}
+        """Variables the job gets on top of the submitting environment: the names of its
+        payload file (one file per payload) and of its context file (one per job: the
+        context holds the run's token, and a batch system may show a job's environment
+        to other users, e.g. ``qstat -f`` after ``qsub -V``)."""
+        environment = {key: str(value) for key, value in dict(spec.environment).items()
+                       if key not in (ENV_VARIABLE, DAISY_ENV_VARIABLE)}
         environment[PAYLOAD_FILE_VARIABLE] = str(self._payload_file(spec.payload))
+        context = spec.environment.get(ENV_VARIABLE)
+        if context is not None:
+            environment[CONTEXT_FILE_VARIABLE] = str(
+                self._private_file("context-", context.encode(), ".txt"))
         return environment
+
+    def _payload_folder(self) -> Path:
+        return self.log_dir.absolute() / ".payloads"
+
+    def _private_file(self, prefix: str, data: bytes, suffix: str) -> Path:
+        """A file of this run in ``.payloads``; the first one removes those of runs that
+        are gone (killed outright: nothing of theirs removed them)."""
+        if not self._private_files:
+            folder = self._payload_folder()
+            for path in remove_stale_files(folder):
+                logger.info("removed %s, left behind by a run that is gone", path)
+        path, descriptor = write_private_file(self._payload_folder(), prefix, data, suffix)
+        self._private_files[path] = descriptor
+        return path
 
     def _payload_file(self, payload: WorkerPayload) -> Path:
         path = self._payload_files.get(id(payload))
         if path is None:
-            path = write_payload_file(payload, self.log_dir.absolute() / ".payloads")
+            path = self._private_file("payload-", payload.to_bytes(), ".pickle")
             self._payload_files[id(payload)] = path
         return path
 
     def _remove_payload_files(self) -> None:
-        for path in self._payload_files.values():
+        for path, descriptor in self._private_files.items():
             path.unlink(missing_ok=True)
+            os.close(descriptor)
+        self._private_files.clear()
         self._payload_files.clear()
 
     def poll(self) -> None:

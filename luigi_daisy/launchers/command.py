@@ -5,7 +5,7 @@ word has its placeholders filled in:
 
 =====================  ===================================================================
 ``{worker_command}``   what the job must run; as a word of its own it becomes several
-                       words, inside a word it is shell-quoted
+                       words
 ``{job_name}``         ``<task>.worker<id>``
 ``{stdout}``           file the job's standard output should go to
 ``{stderr}``           file the job's standard error should go to
@@ -18,6 +18,14 @@ word has its placeholders filled in:
                        submit command's output with ``job_id_pattern``
 =====================  ===================================================================
 
+A placeholder that is a word of its own is passed as one word (several for
+``{worker_command}`` and ``{job_extra}``), as it is. Inside a longer word, such as the
+script of ``sh -c "{worker_command} > {stdout}"``, every value is shell-quoted
+(``shlex.quote``; values of plain letters, digits and ``@%+=:,./-`` are unchanged), so
+a folder name with ``$(...)`` or a space stays a name. A value with other characters
+inside a word that no shell reads (``--output={stdout}``) would keep its quotes: write
+such options as two words (``--output {stdout}``).
+
 ``job_id_pattern`` is a regular expression whose first group (or group ``job_id``) is the
 job id, e.g. ``Job <(\\d+)>`` for ``bsub`` or ``(\\S+)`` for ``qsub``. The optional
 ``status_command`` exits 0 while the job is queued or running and non-zero once the
@@ -29,8 +37,13 @@ Without it, a job counts as ended when its worker command has finished (it recor
 exit code next to the job's logs) or when ``cancel_command`` succeeded for it, so a job
 killed from outside is not replaced.
 
-The worker's context travels in the submit command's environment: the template must
-make the batch system pass it on (``qsub -V``, HTCondor ``getenv = True``, ...).
+The job needs the variables the run adds to the submit command's environment
+(``LUIGI_DAISY_PAYLOAD_FILE``, ``LUIGI_DAISY_CONTEXT_FILE``, ``PYTHONPATH``): the
+template must make the batch system pass them on (``qsub -V``, HTCondor
+``getenv = True``, ...). Those copy the submitting process's whole environment into the
+job's record, which other users may query (``qstat -f``, ``condor_q -l``); the run's
+token is not in it (it travels in a file only its owner can read), but any other
+secret in the environment of the process that runs the workflow is.
 """
 
 from __future__ import annotations
@@ -42,7 +55,8 @@ import shlex
 import string
 from pathlib import Path
 
-from ..errors import LauncherError
+from ..errors import LauncherError, UnsafePathError
+from ..safe_files import read_own
 from .batch import EXIT_CANCELLED, EXIT_UNKNOWN, BatchJob, BatchLauncher, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -53,8 +67,10 @@ STATUS_CONCURRENCY = 16
 PLACEHOLDERS = ("worker_command", "job_name", "stdout", "stderr", "queue", "account", "cpus",
                 "gpus", "memory_mb", "walltime_minutes", "job_extra", "job_id")
 
-# the worker's exit code is written to the file named by $0, whatever ended it
-_RECORD_EXIT = '"$@"; code=$?; echo "$code" > "$0.tmp" && mv "$0.tmp" "$0"; exit "$code"'
+# the worker's exit code is written to the file named by $0, whatever ended it: into a
+# fresh temporary file (mktemp: O_EXCL, mode 0600, never through a planted link), renamed
+_RECORD_EXIT = ('"$@"; code=$?; tmp=$(mktemp "$0.XXXXXX") && echo "$code" > "$tmp" && '
+                'mv -f "$tmp" "$0"; exit "$code"')
 
 
 def _fields_of(template: str) -> set[str]:
@@ -77,11 +93,17 @@ def fill(template: str, values: dict[str, str | list[str]], key: str) -> list[st
                 f"{', '.join('{' + name + '}' for name in sorted(unknown))}; known here: "
                 f"{', '.join('{' + name + '}' for name in values)}")
         stripped = word.strip()
-        if stripped.startswith("{") and stripped.endswith("}") and \
-                isinstance(values.get(stripped[1:-1]), list):
-            command.extend(values[stripped[1:-1]])
+        if stripped.startswith("{") and stripped.endswith("}") and stripped[1:-1] in values:
+            value = values[stripped[1:-1]]  # a word of its own: no shell reads it
+            if isinstance(value, list):
+                command.extend(value)
+            else:
+                command.append(value)
             continue
-        flat = {name: shlex.join(value) if isinstance(value, list) else value
+        # inside a word (``sh -c "... > {stdout}"``, ``--wrap=...``) every value is
+        # shell-quoted: a folder named ``$(...)`` must not run in the job's shell
+        flat = {name: shlex.join(value) if isinstance(value, list)
+                else shlex.quote(value) if value else value
                 for name, value in values.items()}
         try:
             command.append(word.format(**flat))
@@ -252,9 +274,12 @@ class CommandLauncher(BatchLauncher):
 
     def _recorded_exit(self, job: BatchJob) -> int | None:
         try:
-            text = self.exit_file(job).read_text().strip()
-        except OSError:
+            data = read_own(self.exit_file(job), "exit file")
+        except (OSError, UnsafePathError):
+            return None  # a link or another user's file records nothing of ours
+        if data is None:
             return None
+        text = data.decode(errors="replace").strip()
         try:
             code = int(text)
         except ValueError:

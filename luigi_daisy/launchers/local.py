@@ -22,9 +22,10 @@ import time
 import traceback
 from pathlib import Path
 
-from ..errors import TaskDefinitionError
+from ..errors import TaskDefinitionError, UnsafePathError
 from ..logging import get_log_basedir
 from ..payload import WorkerPayload
+from ..safe_files import check_log_folders, open_log
 from .base import Launcher, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _redirect_output(stdout_path: Path | None, stderr_path: Path | None) -> None
     if stdout_path is None:  # no log files: keep the run's own stdout and stderr
         return
     for path, descriptor_number in ((stdout_path, 1), (stderr_path, 2)):
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        descriptor = open_log(path)
         os.dup2(descriptor, descriptor_number)
         os.close(descriptor)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -156,8 +157,11 @@ def _forked_worker_main(spec: WorkerSpec, parent_pid: int) -> None:
         if spec.stderr_path is None:
             sys.stderr.write(message)
         else:
-            with open(spec.stderr_path, "a") as log:
-                log.write(message)
+            try:
+                with os.fdopen(open_log(spec.stderr_path), "a") as log:
+                    log.write(message)
+            except (OSError, UnsafePathError):
+                sys.stderr.write(message)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -211,6 +215,7 @@ class LocalLauncher(Launcher):
         self.workers: list[SpawnedWorker | ForkedWorker] = []
         self._serialised: dict[int, tuple[WorkerPayload, bytes, list[int]]] = {}
         self._fork_context = multiprocessing.get_context("fork")
+        self._checked_folders: set[Path] = set()
 
     def prepare(self, payload: WorkerPayload) -> None:
         """Serialise ``payload`` once for all its workers (spawn); nothing for fork."""
@@ -225,9 +230,18 @@ class LocalLauncher(Launcher):
         return known[1], known[2]
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
-        """Start one worker."""
+        """Start one worker.
+
+        Raises
+        ------
+        UnsafePathError
+            The log folder is open to others (and not sticky), or a log file is a
+            symbolic link or another user's file.
+        """
         if spec.stdout_path is not None:
-            spec.stdout_path.parent.mkdir(parents=True, exist_ok=True)
+            check_log_folders(spec.stdout_path.parent, self._checked_folders)
+            for path in (spec.stdout_path, spec.stderr_path):
+                os.close(open_log(path))  # created here: the child appends to this file
         if self.start_method == "fork":
             worker = self._fork(spec)
         else:
@@ -251,8 +265,8 @@ class LocalLauncher(Launcher):
             with contextlib.ExitStack() as files:
                 stdout = stderr = None  # no log files: the run's own stdout and stderr
                 if spec.stdout_path is not None:
-                    stdout = files.enter_context(open(spec.stdout_path, "ab"))
-                    stderr = files.enter_context(open(spec.stderr_path, "ab"))
+                    stdout = files.enter_context(os.fdopen(open_log(spec.stdout_path), "ab"))
+                    stderr = files.enter_context(os.fdopen(open_log(spec.stderr_path), "ab"))
                 process = subprocess.Popen(
                     [*self.worker_command(), "--payload-fd", str(read_end)],
                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=environment,

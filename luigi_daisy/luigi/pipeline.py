@@ -19,11 +19,12 @@ frees. The lock and the follower (:mod:`luigi_daisy.claims`) are the same that
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 # the claims live with the ledger (run_blockwise takes them too); re-exported here
 from ..claims import LedgerFollower, TaskLock  # noqa: F401
+from ..errors import UnsafePathError
+from ..safe_files import read_own, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,23 +86,25 @@ class RunOutcome:
         self.path = Path(f"{ledger_file}.outcome.json")
 
     def write(self, worker_id: str | None, succeeded: bool, message: str) -> None:
-        """Record the outcome (atomically: written beside and renamed)."""
+        """Record the outcome (atomically: a fresh temporary file beside it, renamed)."""
         import json
 
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}")
-        partial.write_text(json.dumps({"luigi_worker": worker_id, "succeeded": succeeded,
-                                       "message": message}))
-        os.replace(partial, self.path)
+        replace_file(self.path, json.dumps({"luigi_worker": worker_id,
+                                            "succeeded": succeeded,
+                                            "message": message}).encode())
 
     def failure_for(self, worker_id: str | None) -> str | None:
         """The failure message recorded by this Luigi worker, if there is one."""
         import json
 
-        if worker_id is None or not self.path.exists():
+        if worker_id is None:
             return None
         try:
-            record = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = read_own(self.path, "pipelined run's outcome")
+            if text is None:
+                return None
+            record = json.loads(text)
+        except (OSError, ValueError, UnsafePathError):
             return None
         if record.get("luigi_worker") != worker_id or record.get("succeeded"):
             return None
