@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
+from .checks import check_folder, check_host, check_seconds, check_worker_death_timeout
 from .claims import Claims
 from .context import (
     DAISY_ENV_VARIABLE,
@@ -245,6 +246,7 @@ class WorkerRun:
                  pending_report_after: float = 60.0,
                  prefetch: int = DEFAULT_PREFETCH) -> None:
         check_prefetch(prefetch)
+        check_worker_death_timeout(worker_death_timeout)
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -844,7 +846,16 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         failures, or when it ends and its last writes still fail.
     """
     check_prefetch(prefetch)
+    check_worker_death_timeout(worker_death_timeout)
+    check_seconds(pending_report_after, "pending_report_after")
     ordered = collect_tasks(tasks)
+    check_folder(ledger_dir, "ledger_dir")
+    for task in ordered:
+        check_folder(task.ledger, f"the ledger of task {task.task_id!r} (Task(ledger=...))")
+    if multiprocessing:
+        check_host(host)
+        if launcher is None:  # built now: a bad start_method is refused before anything
+            launcher = LocalLauncher(log_dir, start_method=start_method)
     claims = Claims.take(ordered, ledger_dir)
     try:
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
@@ -855,8 +866,6 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                                         followed=claims.followed)
                 print(format_summary(result))
                 return result
-            if launcher is None:
-                launcher = LocalLauncher(log_dir, start_method=start_method)
             observers = [_BlockMapAnnouncer()] if tracking else []
             run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
                             followed=claims.followed, observers=observers,
