@@ -817,7 +817,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Address the workers reach the server at; default ``host`` when it is loopback,
         else this machine's name.
     worker_death_timeout:
-        Seconds after which a worker whose run is gone (killed) exits on its own.
+        Seconds after which a worker whose run is gone (killed) exits on its own; at
+        least 1.
     pending_report_after:
         Seconds after which worker jobs still pending are logged with their reason.
     prefetch:
@@ -836,6 +837,10 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
 
     Raises
     ------
+    ConfigError
+        Before anything starts, for a ``worker_death_timeout`` below 1 s, a
+        ``pending_report_after`` below 0, a ``host`` that does not resolve, a ledger
+        folder that is a file, or a ``prefetch`` out of range.
     LedgerError
         When a ledger cannot be used or written; its class says why
         (:class:`~luigi_daisy.errors.LedgerDamagedError`,

@@ -53,7 +53,7 @@ TASKS_MODULE = textwrap.dedent('''
 
 # a submit command that records each call (and would run the worker, were it reached)
 SUBMIT = 'sh -c "touch submitted; echo 1" {worker_command}'
-COMMAND_LAUNCHER = f"launcher = command\ncancel_command = true {{job_id}}\n"
+COMMAND_LAUNCHER = "launcher = command\ncancel_command = true {job_id}\n"
 
 # (lines added to [luigi_daisy], the words the message must hold)
 SECTION_CASES = {

@@ -255,7 +255,7 @@ class BlockwiseTask(luigi.Task):
         if self.__dict__.get("_checked_with") is config:
             return
         family = self.get_task_family()
-        for name, _ in self.get_params():
+        for name in BlockwiseTask.get_param_names():  # a subclass's own are its business
             flag = f"--{family}-{name.replace('_', '-')}"
             problem = problem_of(name, getattr(self, name),
                                  f"from {flag}, [{family}], [{SECTION}] or {family}(...)")
