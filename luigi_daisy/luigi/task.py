@@ -255,7 +255,8 @@ class BlockwiseTask(luigi.Task):
         if self.__dict__.get("_checked_with") is config:
             return
         family = self.get_task_family()
-        for name in BlockwiseTask.get_param_names():  # a subclass's own are its business
+        # a subclass's own parameters are its business
+        for name in BlockwiseTask.get_param_names(include_significant=True):
             flag = f"--{family}-{name.replace('_', '-')}"
             problem = problem_of(name, getattr(self, name),
                                  f"from {flag}, [{family}], [{SECTION}] or {family}(...)")
