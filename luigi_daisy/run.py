@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
+from .checks import check_folder, check_host, check_seconds, check_worker_death_timeout
 from .claims import Claims
 from .context import (
     DAISY_ENV_VARIABLE,
@@ -279,6 +280,7 @@ class WorkerRun:
                  prefetch: int = DEFAULT_PREFETCH,
                  block_map_host: str = "127.0.0.1") -> None:
         check_prefetch(prefetch)
+        check_worker_death_timeout(worker_death_timeout)
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -889,7 +891,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Address the workers reach the server at; default ``host`` when it is loopback,
         else this machine's name.
     worker_death_timeout:
-        Seconds after which a worker whose run is gone (killed) exits on its own.
+        Seconds after which a worker whose run is gone (killed) exits on its own; at
+        least 1.
     pending_report_after:
         Seconds after which worker jobs still pending are logged with their reason.
     prefetch:
@@ -912,6 +915,10 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
 
     Raises
     ------
+    ConfigError
+        Before anything starts, for a ``worker_death_timeout`` below 1 s, a
+        ``pending_report_after`` below 0, a ``host`` that does not resolve, a ledger
+        folder that is a file, or a ``prefetch`` out of range.
     LedgerError
         When a ledger cannot be used or written; its class says why
         (:class:`~luigi_daisy.errors.LedgerDamagedError`,
@@ -922,7 +929,16 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         failures, or when it ends and its last writes still fail.
     """
     check_prefetch(prefetch)
+    check_worker_death_timeout(worker_death_timeout)
+    check_seconds(pending_report_after, "pending_report_after")
     ordered = collect_tasks(tasks)
+    check_folder(ledger_dir, "ledger_dir")
+    for task in ordered:
+        check_folder(task.ledger, f"the ledger of task {task.task_id!r} (Task(ledger=...))")
+    if multiprocessing:
+        check_host(host)
+        if launcher is None:  # built now: a bad start_method is refused before anything
+            launcher = LocalLauncher(log_dir, start_method=start_method)
     claims = Claims.take(ordered, ledger_dir)
     try:
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
@@ -933,8 +949,6 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                                         followed=claims.followed)
                 print(format_summary(result))
                 return result
-            if launcher is None:
-                launcher = LocalLauncher(log_dir, start_method=start_method)
             observers = [_BlockMapAnnouncer()] if tracking else []
             run = WorkerRun(ordered, launcher, ledgers, host=host, progress=progress,
                             followed=claims.followed, observers=observers,

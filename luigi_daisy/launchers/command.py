@@ -167,6 +167,14 @@ class CommandLauncher(BatchLauncher):
         self.cancel_template = cancel_command
         self.status_template = status_command or None
         self._cancelled: set[str] = set()
+        # filled in once now, so that an unknown placeholder is refused before any job
+        submit_values = dict(self._values(), worker_command=["worker"], stdout="out",
+                             stderr="err")
+        del submit_values["job_id"]
+        fill(submit_command, submit_values, "submit_command")
+        fill(cancel_command, self._values(job_id="1"), "cancel_command")
+        if status_command:
+            fill(status_command, self._values(job_id="1"), "status_command")
 
     # ------------------------------------------------------------------ templates
     def _values(self, spec=None, job_name: str = "", job_id: str = "") -> dict:

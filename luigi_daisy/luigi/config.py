@@ -136,10 +136,26 @@ def check_section() -> None:
 
 
 def settings() -> luigi_daisy:
-    """The current ``[luigi_daisy]`` settings, after checking the section's keys (and
-    that ``job_poll_interval`` is not below the minimum)."""
-    from .launching import check_job_poll_interval
+    """The current ``[luigi_daisy]`` settings, after checking the section's keys and
+    values (:func:`luigi_daisy.luigi.values.check_settings`, once per distinct set of
+    values).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first key that is unknown or whose value is not allowed.
+    """
+    from .values import check_settings, parse_failure
     check_section()
-    current = luigi_daisy()
-    check_job_poll_interval(current.job_poll_interval)
+    try:
+        current = luigi_daisy()
+    except ValueError:
+        failure = parse_failure(luigi_daisy, SECTION)
+        if failure is None:
+            raise
+        raise failure from None
+    # Luigi hands out one instance per distinct set of values: each is checked once
+    if not current.__dict__.get("_checked"):
+        check_settings(current, SECTION)
+        current.__dict__["_checked"] = True
     return current

@@ -15,16 +15,17 @@ from luigi.task import flatten
 from ..blocks import Block, BlockGrid
 from ..claims import LedgerFollower, TaskLock
 from ..datasets import check_write_alignment
-from ..errors import BlockwiseRunError, WorkerSetupError
+from ..errors import BlockwiseRunError, ConfigError, LauncherError, WorkerSetupError
 from ..ledger import LedgerSet, ledger_path
 from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
-from .config import LAUNCHERS, SECTION, check_section, settings
-from .launching import launcher_for_closure
+from .config import LAUNCHERS, SECTION, settings
+from .launching import RESOURCE_PARAMETERS, launcher_for_closure, make_launcher
 from .pipeline import RunOutcome, luigi_scheduler_of, scheduled_dependents
 from .progress import LuigidReporter
 from .targets import LedgerTarget, ZarrTarget
+from .values import LenientParse, problem_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ def failure_message(task_id: str, state, summary: str) -> str:
             f"orphaned; rerun to retry them (finished blocks are skipped).\n{summary}")
 
 
-class _SectionDefault:
+class _SectionDefault(LenientParse):
     """Mixin for a Luigi parameter whose default comes from ``[luigi_daisy]``.
 
     Lookup order: command line, the task's own section (``[Smooth] num_workers``), the
     ``[luigi_daisy]`` section, the default. (Luigi's own ``config_path`` does the same
-    but warns that the shared section is deprecated.)
+    but warns that the shared section is deprecated.) A value that cannot be parsed is
+    refused by ``BlockwiseTask.check_config``, while Luigi schedules the task.
     """
 
     def _value_iterator(self, task_name, param_name):
@@ -238,8 +240,46 @@ class BlockwiseTask(luigi.Task):
         """The target that records this task's finished blocks."""
         return LedgerTarget(settings().ledger_dir, self.task_id, self.geometry())
 
+    def check_config(self) -> None:
+        """Refuse a parameter or ``[luigi_daisy]`` value that is not allowed, before
+        anything starts: ``complete()`` calls this first, so Luigi refuses the task
+        while scheduling it (``[retcode] scheduling_error``, 35 in the shipped
+        ``luigi.cfg``), and so does ``run()``.
+
+        Raises
+        ------
+        ConfigError
+            Naming the task, the key, the value, where it was set and what is allowed.
+        """
+        config = settings()
+        if self.__dict__.get("_checked_with") is config:
+            return
+        family = self.get_task_family()
+        # a subclass's own parameters are its business
+        for name in BlockwiseTask.get_param_names(include_significant=True):
+            flag = f"--{family}-{name.replace('_', '-')}"
+            problem = problem_of(name, getattr(self, name),
+                                 f"from {flag}, [{family}], [{SECTION}] or {family}(...)")
+            if problem is not None:
+                problem = problem.replace(
+                    "on the command line",
+                    f"on the command line: --{name.replace('_', '-')} / {flag}")
+                raise ConfigError(f"{self.task_id}: {problem}")
+        if self.launcher != "local":
+            # a batch launcher is built without side effects: its resources and (for
+            # command) templates and job_id_pattern are checked here, not at submission
+            resources = {name: getattr(self, name) for name in RESOURCE_PARAMETERS}
+            try:
+                make_launcher(self.launcher, resources, config)
+            except LauncherError as error:
+                raise ConfigError(f"{self.task_id} (launcher = {self.launcher}): "
+                                  f"{error}") from None
+        self.__dict__["_checked_with"] = config
+
     def complete(self) -> bool:
-        """One ledger query (plus the other outputs a subclass may declare)."""
+        """One ledger query (plus the other outputs a subclass may declare), after
+        :meth:`check_config`."""
+        self.check_config()
         if not self.ledger_target().exists():
             return False
         return all(target.exists() for target in flatten(self.output())
@@ -334,7 +374,7 @@ class BlockwiseTask(luigi.Task):
         Prints the tracking URL once, shows a progress bar per task on a terminal and
         prints daisy's execution summary at the end.
         """
-        check_section()
+        self.check_config()
         config = settings()
         scheduler, luigi_worker = luigi_scheduler_of(self)
         earlier_failure = RunOutcome(self.ledger_file()).failure_for(luigi_worker)
@@ -354,6 +394,8 @@ class BlockwiseTask(luigi.Task):
         if self.complete() and len(closure) == 1:
             logger.info("%s: every block is done already", self.task_id)
             return
+        for task in closure:
+            task.check_config()
         core_tasks: dict[str, Task] = {}
         for task in closure:
             upstream = [core_tasks[other.task_id] for other in task.blockwise_requires()
