@@ -21,10 +21,9 @@ from pathlib import Path
 from .errors import (
     LedgerDiskFullError,
     LedgerError,
-    LedgerReadOnlyError,
     LedgerStorageError,
 )
-from .ledger import Ledger, ledger_path
+from .ledger import Ledger, folder_problem, ledger_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +68,11 @@ class TaskLock:
         return True
 
     def _error(self, error: OSError) -> LedgerError:
-        """What an ``OSError`` creating the lock file means, as a ``LedgerError``."""
-        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return LedgerReadOnlyError(
-                f"cannot create the task lock {self.path}: its folder {self.path.parent} is "
-                f"read-only ({error.strerror}). Make the folder writable, or give the task "
-                f"a writable ledger folder (run_blockwise(ledger_dir=...), "
-                f"Task(ledger=...), ledger_dir in [luigi_daisy])")
+        """What an ``OSError`` creating the lock file means, as a ``LedgerError`` that
+        names the folder at fault and says what to change."""
+        problem = folder_problem(self.path, error, "task lock")
+        if problem is not None:
+            return problem
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             return LedgerDiskFullError(
                 f"cannot create the task lock {self.path}: the file system holding "
