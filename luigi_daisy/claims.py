@@ -11,7 +11,6 @@ mix of scripts and ``luigi`` commands processes each block of a task once.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -19,7 +18,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import (
-    LedgerDiskFullError,
     LedgerError,
     LedgerStorageError,
 )
@@ -73,10 +71,6 @@ class TaskLock:
         problem = folder_problem(self.path, error, "task lock")
         if problem is not None:
             return problem
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return LedgerDiskFullError(
-                f"cannot create the task lock {self.path}: the file system holding "
-                f"{self.path.parent} is full ({error.strerror}); free space there")
         return LedgerStorageError(f"cannot create the task lock {self.path}: {error}")
 
     def release(self) -> None:
