@@ -27,6 +27,11 @@ from funlib.geometry import Coordinate, Roi
 from .errors import GeometryError
 
 FIT_MODES = ("valid", "overhang", "shrink")
+#: most blocks a task may have (in its overhang grid): a block's index is a 64-bit
+#: integer in the ledger (SQLite's INTEGER) and on the wire to the workers
+MAX_BLOCKS = 2**63
+#: bound of daisy's block numbers (Cantor numbers), the wire's (``protocol._NUMBER_MAX``)
+MAX_BLOCK_NUMBER = 2**128
 
 
 class BlockStatus(enum.IntEnum):
@@ -204,6 +209,7 @@ class BlockGrid:
                 for total, read, step in zip(total_roi.shape, self.read_shape, self.write_shape))
         else:
             self.grid_shape = self.id_grid_shape
+        self._check_size(name)
         self.crop = fit == "shrink"
         strides = []
         stride = 1
@@ -214,6 +220,30 @@ class BlockGrid:
         #: ``number_of(index)``: daisy's block number (``block_id[1]``) of a block index
         self.number_of = _number_function(self.id_strides, self.number_shift)
         self.num_blocks = math.prod(self.grid_shape)
+
+    def _check_size(self, name: str) -> None:
+        """Refuse a grid whose block indices or numbers the ledger and the wire cannot
+        hold, before anything counts or lists its blocks."""
+        shape = self.id_grid_shape
+        count = math.prod(shape)
+        grid = (f"total_roi {self.total_roi} tiled by write ROIs of shape "
+                f"{self.write_template.shape} gives a grid of "
+                f"{' x '.join(str(extent) for extent in shape)} = {count:,} blocks "
+                f"(about {count:.1e})")
+        if count > MAX_BLOCKS:
+            raise GeometryError(
+                f"{name}: {grid}; a task may have at most 2^63 (about {MAX_BLOCKS:.1e}) "
+                f"blocks, because a block's index is a 64-bit integer in the ledger and on "
+                f"the wire to the workers. Use larger write ROIs (and read ROIs), or split "
+                f"total_roi into several tasks")
+        last = cantor_number(tuple(extent - 1 + shift
+                                   for extent, shift in zip(shape, self.number_shift)))
+        if last >= MAX_BLOCK_NUMBER:
+            raise GeometryError(
+                f"{name}: {grid}; its last block's number (daisy's block id, the Cantor "
+                f"number of its position) is about {last:.1e}, more than the 2^128 block "
+                f"ids can reach on the wire to the workers. Use larger write ROIs (and "
+                f"read ROIs), or split total_roi into several tasks")
 
     # ------------------------------------------------------------------ indices
     def index_of(self, position: tuple[int, ...]) -> int:

@@ -11,7 +11,6 @@ mix of scripts and ``luigi`` commands processes each block of a task once.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -19,12 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import (
-    LedgerDiskFullError,
     LedgerError,
-    LedgerReadOnlyError,
     LedgerStorageError,
 )
-from .ledger import Ledger, ledger_path
+from .ledger import Ledger, folder_problem, ledger_path
 from .safe_files import check_folder, open_own
 
 logger = logging.getLogger(__name__)
@@ -70,17 +67,11 @@ class TaskLock:
         return True
 
     def _error(self, error: OSError) -> LedgerError:
-        """What an ``OSError`` creating the lock file means, as a ``LedgerError``."""
-        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return LedgerReadOnlyError(
-                f"cannot create the task lock {self.path}: its folder {self.path.parent} is "
-                f"read-only ({error.strerror}). Make the folder writable, or give the task "
-                f"a writable ledger folder (run_blockwise(ledger_dir=...), "
-                f"Task(ledger=...), ledger_dir in [luigi_daisy])")
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return LedgerDiskFullError(
-                f"cannot create the task lock {self.path}: the file system holding "
-                f"{self.path.parent} is full ({error.strerror}); free space there")
+        """What an ``OSError`` creating the lock file means, as a ``LedgerError`` that
+        names the folder at fault and says what to change."""
+        problem = folder_problem(self.path, error, "task lock")
+        if problem is not None:
+            return problem
         return LedgerStorageError(f"cannot create the task lock {self.path}: {error}")
 
     def release(self) -> None:

@@ -74,7 +74,35 @@ class Context(dict):
         return cls.from_string(text)
 
 
+#: longest file name derived from a task id: leaves room below the 255 bytes most file
+#: systems allow for what is appended to it (``.ledger.sqlite.outcome.json.<pid>``,
+#: SQLite's ``-journal``)
+MAX_FILE_NAME = 200
+#: hexadecimal characters of the id's SHA-256 in a name that is not the id itself: two
+#: ids with the same readable prefix share a name with odds of one in 2^48
+HASH_CHARS = 12
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]*")
+_UNSAFE_CHARACTER = re.compile(r"[^A-Za-z0-9_.=+-]")
+
+
 def safe_file_name(name: str) -> str:
-    """``name`` (a task id) made safe as one file name: no separators, no ``..``."""
-    safe = re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
-    return "_" + safe if safe.startswith(".") else safe
+    """The file (or folder) name that stands for task id ``name``: the one function that
+    turns task ids into the names of ledgers, locks and worker log folders.
+
+    An id that is safe as a name (letters, digits, ``_ . = + -``; not starting with
+    ``.``; at most :data:`MAX_FILE_NAME` characters) is its own name, so the files of
+    ordinary ids keep their names. Any other id gets a readable prefix (unsafe
+    characters replaced by ``_``, cut to length) plus ``~`` and :data:`HASH_CHARS`
+    hexadecimal characters of the SHA-256 of the id: ``a/b`` becomes ``a_b~<hash>``, so
+    it never shares a file with ``a_b`` (no plain name holds ``~``), and an id of any
+    length gives a name the file system accepts.
+    """
+    if len(name) <= MAX_FILE_NAME and _PLAIN_NAME.fullmatch(name):
+        return name
+    import hashlib  # here: ordinary ids need none of it
+
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    readable = _UNSAFE_CHARACTER.sub("_", name)
+    if readable.startswith("."):
+        readable = "_" + readable  # no hidden files, no ".."
+    return f"{readable[:MAX_FILE_NAME - HASH_CHARS - 1]}~{digest}"

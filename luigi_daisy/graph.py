@@ -37,6 +37,16 @@ def _combine(terms_per_dim: list[list[int]]) -> list[int]:
     return combined
 
 
+def _sums(axes: list[range]):
+    """Sums taking one term from each axis, in row-major order, computed one at a time:
+    unlike ``itertools.product``, which holds every axis as a tuple (a MemoryError for
+    an axis of 10^9 blocks)."""
+    head, *rest = axes
+    if not rest:
+        return iter(head)
+    return (first + others for first in head for others in _sums(rest))
+
+
 class ConflictStencil:
     """Read/write conflicts between the blocks of one task, ordered by level.
 
@@ -140,10 +150,7 @@ class ConflictStencil:
             for n, stride, period in zip(grid.grid_shape, grid.id_strides, self.periods))
         if not outer:
             return iter(last)
-        # itertools.product holds each axis it is given as a tuple: the last axis, the
-        # longest run of indices, stays a range
-        return (base + offset for base in map(sum, itertools.product(*outer))
-                for offset in last)
+        return (base + offset for base in _sums(outer) for offset in last)
 
     def root_count(self) -> int:
         """Number of level-0 blocks."""

@@ -4,7 +4,8 @@ Only the block server writes it, in batches of one transaction each, from a writ
 thread of its own (:class:`LedgerSet`), so that a slow or full file system never stalls
 the hand-out of blocks. It remembers the task's geometry and refuses to resume a task
 whose geometry changed. ``complete()`` is a single query. The file for task ``T`` in
-folder ``D`` is ``D/T.ledger.sqlite``.
+folder ``D`` is ``D/T.ledger.sqlite``, or ``D/<prefix>~<hash>.ledger.sqlite`` when ``T`` is
+not a plain file name (:func:`~luigi_daisy.context.safe_file_name`).
 
 When the file system fails the writes (full, read-only, an I/O error) the records wait in
 memory and the writes are retried; each kind of failure has its own error class
@@ -15,9 +16,11 @@ delete it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -68,23 +71,102 @@ _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_FULL = 3, 8, 11, 13
 _SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
 
 
-def _read_only_place(path: Path) -> bool:
-    """Whether ``path`` (or its folder) sits on a read-only mount or is not writable."""
-    folder = path.parent
+#: where a task's ledger folder is chosen, for messages that ask for another
+ELSEWHERE = ("give the task another ledger folder (run_blockwise(ledger_dir=...), "
+             "Task(ledger=...), ledger_dir in [luigi_daisy])")
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False where the path cannot even be looked at."""
     try:
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return True
+        return path.exists()
     except OSError:
         return False
-    if not os.access(folder, os.W_OK):
-        return True
-    return path.exists() and not os.access(path, os.W_OK)
 
 
-def _full_place(path: Path) -> bool:
-    """Whether the file system holding ``path`` has no space left for us."""
+def _user() -> str:
+    """This process's user, for messages: ``name (uid N)``."""
+    uid = os.geteuid()
     try:
-        stats = os.statvfs(path.parent)
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _owner_and_mode(path: Path) -> str:
+    """``owner uid N, mode 755`` of ``path``, for messages."""
+    try:
+        status = path.stat()
+    except OSError:
+        return "owner and mode unknown"
+    return f"owner uid {status.st_uid}, mode {status.st_mode & 0o7777:o}"
+
+
+def folder_problem(path: Path, error: BaseException | None = None, kind: str = "ledger",
+                   task_id: str | None = None) -> LedgerError | None:
+    """What keeps ``path`` (a ledger, its lock) from being created or written, as a
+    ``LedgerError`` that names the folder at fault and says what to change; None when
+    nothing is wrong with the folder as far as can be seen.
+
+    Looks at the nearest folder of ``path`` that exists: a file where a folder should
+    be, a read-only file system, a folder this user may not write in, a file this user
+    may not write, a full file system, a path too long.
+    """
+    folder = path.parent
+    existing = folder
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    code = getattr(error, "errno", None)
+    reason = f" ({error.strerror or error})" if isinstance(error, OSError) else (
+        f" ({error})" if error is not None else "")
+    what = f"the {kind} {path}" + (f" of task {task_id!r}" if task_id is not None else "")
+    create = (f"{what} cannot be created" if existing == folder
+              else f"the ledger folder {folder} cannot be created for {what}")
+    if existing.exists() and not existing.is_dir():
+        return LedgerStorageError(
+            f"{create}: {existing} is a file, not a folder{reason}. Move that file away, "
+            f"or {ELSEWHERE}")
+    if code == errno.ENAMETOOLONG:
+        return LedgerStorageError(
+            f"{create}: the path is too long for the file system{reason}; {ELSEWHERE} "
+            f"with a shorter path")
+    try:
+        read_only_mount = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only_mount = False
+    if code == errno.EROFS or read_only_mount:
+        return LedgerReadOnlyError(
+            f"{create}: {existing} is on a read-only file system{reason}. Mount it "
+            f"writable, or {ELSEWHERE}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return LedgerReadOnlyError(
+            f"{create}: this user, {_user()}, may not create files in the folder "
+            f"{existing} ({_owner_and_mode(existing)}){reason}. Give this user write "
+            f"permission there (chmod u+w, or ask its owner: chmod g+w or o+w), or "
+            f"{ELSEWHERE}")
+    if existing == folder and _exists(path) and not os.access(path, os.W_OK):
+        return LedgerReadOnlyError(
+            f"{what} cannot be written: this user, {_user()}, may not write "
+            f"the file ({_owner_and_mode(path)}){reason}. Give this user write permission "
+            f"on it (chmod u+w, or ask its owner), or {ELSEWHERE}")
+    if code in (errno.ENOSPC, errno.EDQUOT) or _full_place(existing):
+        return LedgerDiskFullError(
+            f"{create}: the file system holding {existing} is full{reason}. Free space "
+            f"there, or {ELSEWHERE} on another file system")
+    if code in (errno.EACCES, errno.EPERM):
+        return LedgerReadOnlyError(
+            f"{create}: permission denied in {existing} ({_owner_and_mode(existing)})"
+            f"{reason}. Check who may write there (a security policy, an ACL), or "
+            f"{ELSEWHERE}")
+    return None
+
+
+def _full_place(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` has no space left for us."""
+    try:
+        stats = os.statvfs(folder)
     except OSError:
         return False
     return stats.f_bavail == 0 or stats.f_favail == 0
@@ -95,33 +177,35 @@ def storage_error(path: Path, task_id: str, error: sqlite3.Error,
     """The ``LedgerError`` that says what an SQLite error on ledger ``path`` means.
 
     A damaged file (:class:`~luigi_daisy.errors.LedgerDamagedError`, the only one whose
-    message advises deleting the file), a full file system
-    (:class:`~luigi_daisy.errors.LedgerDiskFullError`), a read-only folder
-    (:class:`~luigi_daisy.errors.LedgerReadOnlyError`), or another error of the file
-    system (:class:`~luigi_daisy.errors.LedgerStorageError`).
+    message advises deleting the file, and only for a file that exists), a full file
+    system (:class:`~luigi_daisy.errors.LedgerDiskFullError`), a folder or file that
+    cannot be written (:class:`~luigi_daisy.errors.LedgerReadOnlyError`: a read-only
+    mount or permissions), or another error of the file system
+    (:class:`~luigi_daisy.errors.LedgerStorageError`).
     """
     code = getattr(error, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     where = f"ledger {path} of task {task_id!r}"
+    exists = _exists(path)
     keep = ("the ledger is not damaged: keep it (the blocks it records are skipped when "
-            "the task runs again)" if path.exists() else "nothing was recorded yet")
-    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            "the task runs again)" if exists else "nothing was recorded yet")
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) and exists:
         return LedgerDamagedError(f"{where} is damaged ({error}); {AFRESH}")
-    if primary in (_SQLITE_READONLY, _SQLITE_PERM) or _read_only_place(path):
+    problem = folder_problem(path, error, "ledger", task_id)
+    if problem is not None:
+        return type(problem)(f"{problem}; {keep}")
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM):
         return LedgerReadOnlyError(
-            f"{where} cannot be {action}: its folder {path.parent} is read-only ({error}). "
-            f"Make the folder writable, or give the task a writable ledger folder "
-            f"(run_blockwise(ledger_dir=...), Task(ledger=...), ledger_dir in "
-            f"[luigi_daisy]); {keep}")
-    if primary == _SQLITE_FULL or _full_place(path):
+            f"{where} cannot be {action}: it is read-only ({error}). Make it and its "
+            f"folder {path.parent} writable, or {ELSEWHERE}; {keep}")
+    if primary == _SQLITE_FULL:
         return LedgerDiskFullError(
             f"{where} cannot be {action}: the file system holding {path.parent} is full "
-            f"({error}). Free space there, or give the task a ledger folder on another "
-            f"file system; {keep}")
+            f"({error}). Free space there, or {ELSEWHERE} on another file system; {keep}")
     if primary == _SQLITE_CANTOPEN:
         return LedgerStorageError(
             f"{where} cannot be opened ({error}); check that its folder {path.parent} "
-            f"exists and can be written")
+            f"exists and can be written, or {ELSEWHERE}; {keep}")
     return LedgerStorageError(
         f"{where} cannot be {action} ({error}): the file system holding {path.parent} "
         f"reported an error. Check that file system (a network mount, a disk); the error "
@@ -161,8 +245,55 @@ def _create(path: Path) -> None:
 
 
 def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
-    """The ledger file of ``task_id`` inside ``folder``."""
+    """The ledger file of ``task_id`` inside ``folder`` (its name from
+    :func:`~luigi_daisy.context.safe_file_name`)."""
     return Path(folder) / f"{safe_file_name(task_id)}{SUFFIX}"
+
+
+def old_ledger_path(folder: str | os.PathLike, task_id: str) -> Path | None:
+    """Where versions before hashed file names kept the ledger of ``task_id``, when that
+    is not :func:`ledger_path` (only ids that are not plain file names moved)."""
+    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", task_id)
+    path = Path(folder) / f"{'_' + name if name.startswith('.') else name}{SUFFIX}"
+    return None if path == ledger_path(folder, task_id) else path
+
+
+def _of_another_task(path: Path, task_id: str, owner: str | None) -> str:
+    """The message for ledger ``path`` of task ``task_id`` that records ``owner``."""
+    if owner is None:
+        return (f"ledger {path} of task {task_id!r} records no task id: it was not "
+                f"written by luigi_daisy, or is damaged; {AFRESH}")
+    owners_path = ledger_path(path.parent, owner)
+    move = (f"move it to {owners_path}, where this version keeps the ledger of "
+            f"{owner!r}, " if owners_path != path else "")
+    return (f"ledger {path} belongs to task {owner!r}, not {task_id!r}: it records the "
+            f"finished blocks of {owner!r} (versions before hashed file names gave ids "
+            f"like 'a/b' and 'a_b' the same file; or it was copied here). Keep it while "
+            f"task {owner!r} needs it: {move}or {ELSEWHERE} for {task_id!r}")
+
+
+def _refuse_old_name(folder: str | os.PathLike, task_id: str) -> None:
+    """Refuse to start ``task_id`` afresh beside the ledger an older version kept for it
+    under another name (a run in progress before an upgrade): say how to resume it."""
+    old = old_ledger_path(folder, task_id)
+    new = ledger_path(folder, task_id)
+    try:
+        if old is None or new.exists() or not old.is_file():
+            return
+    except OSError:
+        return  # a name too long for the file system: no file has it
+    try:
+        summary = read_ledger_summary(old)
+    except LedgerError:
+        return  # another task's, or not a ledger: not this task's record
+    if summary["task_id"] != task_id:
+        return
+    raise LedgerError(
+        f"task {task_id!r} has a ledger under its old name {old}, recording "
+        f"{summary['done']:,} finished blocks: its file name now carries a hash of the "
+        f"id ({new.name}), so that no two task ids share a file. To resume from it, move "
+        f"it (and nothing else) to {new}; to process every block again, start afresh "
+        f"(run_blockwise(..., fresh=True)) or delete it")
 
 
 class Ledger:
@@ -188,10 +319,16 @@ class Ledger:
         self.path = Path(path)
         self.task_id = task_id
         self.geometry = geometry
-        if read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            _check_place(self.path)
+        try:
+            if read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                _check_place(self.path)
+        except OSError as error:
+            raise (folder_problem(self.path, error, "ledger", task_id)
+                   or LedgerStorageError(
+                       f"the ledger folder {self.path.parent} of task {task_id!r} cannot "
+                       f"be created ({error}); {ELSEWHERE}")) from None
         if fresh and self.path.exists():
             self.path.unlink()
         if not read_only:
@@ -222,7 +359,8 @@ class Ledger:
             self._close_connection()
             found = storage_error(self.path, task_id, error,
                                   "read" if read_only else "opened for writing")
-            if isinstance(found, LedgerDamagedError) or type(error) is sqlite3.DatabaseError:
+            if isinstance(found, LedgerDamagedError) or (
+                    type(error) is sqlite3.DatabaseError and _exists(self.path)):
                 raise LedgerDamagedError(
                     f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
                     f"({error}); {AFRESH}") from None
@@ -247,9 +385,7 @@ class Ledger:
                                              expected.items())
         meta = dict(self._connection.execute("SELECT key, value FROM meta"))
         if meta.get("task_id") != self.task_id:
-            raise LedgerError(
-                f"ledger {self.path} belongs to task {meta.get('task_id')!r}, not "
-                f"{self.task_id!r}; use another ledger folder or delete the file")
+            raise LedgerError(_of_another_task(self.path, self.task_id, meta.get("task_id")))
         _check_format(self.path, meta.get("format"))
         if meta.get("geometry") != expected["geometry"]:
             raise LedgerError(
@@ -532,6 +668,8 @@ class LedgerSet:
             for task in tasks:
                 folder = task.ledger if task.ledger is not None else default_folder
                 if folder is not None:
+                    if not fresh:
+                        _refuse_old_name(folder, task.task_id)
                     opened.ledgers[task.task_id] = Ledger(
                         ledger_path(folder, task.task_id), task.task_id, task.grid.describe(),
                         fresh=fresh)

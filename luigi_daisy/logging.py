@@ -1,7 +1,8 @@
 """Where workers' logs go: daisy's ``daisy.logging`` API.
 
 ``run_blockwise`` and the local launcher write each worker's output to
-``<basedir>/<task_id>/worker_<id>.out`` and ``.err``, with ``<basedir>`` taken from here
+``<basedir>/<task_id>/worker_<id>.out`` and ``.err`` (the task id made a safe folder
+name by :func:`~luigi_daisy.context.safe_file_name`), with ``<basedir>`` taken from here
 unless ``run_blockwise(log_dir=...)`` names another folder. ``set_log_basedir(None)``
 writes no log files: workers print to the run's own stdout and stderr.
 

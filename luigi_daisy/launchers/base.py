@@ -80,7 +80,8 @@ class Launcher(abc.ABC):
     """Starts, watches and stops the workers of one run.
 
     ``log_dir`` is the folder of the workers' logs,
-    ``<log_dir>/<task_id>/worker_<id>.out|.err``.
+    ``<log_dir>/<task_id>/worker_<id>.out|.err`` (the id made a safe folder name by
+    :func:`~luigi_daisy.context.safe_file_name`).
     """
 
     log_dir: Path | None = Path("daisy_logs")

@@ -13,7 +13,7 @@ from funlib.geometry import Roi
 from luigi.task import flatten
 
 from ..blocks import Block, BlockGrid
-from ..claims import LedgerFollower, TaskLock
+from ..claims import LedgerFollower, TaskLock, lock_path
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, ConfigError, LauncherError, WorkerSetupError
 from ..ledger import LedgerSet, ledger_path
@@ -401,7 +401,7 @@ class BlockwiseTask(luigi.Task):
             upstream = [core_tasks[other.task_id] for other in task.blockwise_requires()
                         if other.task_id in core_tasks]
             core_tasks[task.task_id] = task.daisy_task(upstream)
-        locks = {task.task_id: TaskLock(f"{task.ledger_file()}.lock") for task in closure}
+        locks = {task.task_id: TaskLock(lock_path(task.ledger_file())) for task in closure}
         followed = {}
         claimed = []
         for task in closure:
