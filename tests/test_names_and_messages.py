@@ -254,11 +254,16 @@ def test_a_file_where_the_ledger_folder_should_be_says_so(tmp_path):
     in_the_way.write_text("not a folder")
     for folder in (in_the_way, in_the_way / "sub"):
         answers = refusals(tmp_path, folder, as_user=False)
-        for attempt in ("run", "ledger"):
-            kind, message = answers[attempt]
-            assert kind == "LedgerStorageError", (attempt, kind, message)
-            assert f"{in_the_way} is a file, not a folder" in message
-            assert "ledger_dir" in message and "delete" not in message
+        # run_blockwise refuses the setting before anything starts (a ConfigError);
+        # a ledger opened there says what is in the way
+        kind, message = answers["run"]
+        assert kind == "ConfigError", (kind, message)
+        assert str(in_the_way) in message and "is a file" in message
+        assert "ledger_dir" in message and "delete" not in message
+        kind, message = answers["ledger"]
+        assert kind == "LedgerStorageError", (kind, message)
+        assert f"{in_the_way} is a file, not a folder" in message
+        assert "ledger_dir" in message and "delete" not in message
     assert in_the_way.read_text() == "not a folder"
 
 
