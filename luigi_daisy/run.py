@@ -937,6 +937,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         check_folder(task.ledger, f"the ledger of task {task.task_id!r} (Task(ledger=...))")
     if multiprocessing:
         check_host(host)
+        if tracking:
+            check_host(block_map_host, "block_map_host")
         if launcher is None:  # built now: a bad start_method is refused before anything
             launcher = LocalLauncher(log_dir, start_method=start_method)
     claims = Claims.take(ordered, ledger_dir)

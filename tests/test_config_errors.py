@@ -89,6 +89,8 @@ SECTION_CASES = {
                                 ["pending_report_after", "-1", "0 or more"]),
     "host": ("host = no-such-host.invalid", ["host", "'no-such-host.invalid'",
                                              "does not resolve", "0.0.0.0"]),
+    "block_map_host": ("block_map_host = no-such-host.invalid",
+                       ["block_map_host", "'no-such-host.invalid'", "does not resolve"]),
     "ledger_dir is a file": ("ledger_dir = a_file", ["ledger_dir", "'a_file'",
                                                      "is a file, not a folder"]),
     "log_dir inside a file": ("log_dir = a_file/logs", ["log_dir", "'a_file/logs'",
@@ -184,6 +186,15 @@ def test_run_blockwise_refuses_a_host_that_does_not_resolve(tmp_path):
     with pytest.raises(ConfigError, match=r"host='no-such-host\.invalid' does not resolve"):
         daisy.run_blockwise([one_task()], ledger_dir=tmp_path / "ledgers", progress=False,
                             log_dir=tmp_path / "logs", host="no-such-host.invalid")
+    assert not (tmp_path / "ledgers").exists() and not (tmp_path / "logs").exists()
+
+
+def test_run_blockwise_refuses_a_block_map_host_that_does_not_resolve(tmp_path):
+    with pytest.raises(ConfigError,
+                       match=r"block_map_host='no-such-host\.invalid' does not resolve"):
+        daisy.run_blockwise([one_task()], ledger_dir=tmp_path / "ledgers", progress=False,
+                            log_dir=tmp_path / "logs", tracking=True,
+                            block_map_host="no-such-host.invalid")
     assert not (tmp_path / "ledgers").exists() and not (tmp_path / "logs").exists()
 
 

@@ -177,6 +177,7 @@ def check_settings(config: luigi.Config, section: str) -> None:
                 raise ConfigError(problem)
     try:
         check_host(config.host, "host")
+        check_host(config.block_map_host, "block_map_host")
         check_folder(config.ledger_dir, "ledger_dir")
         check_folder(config.log_dir, "log_dir")
     except ConfigError as error:
