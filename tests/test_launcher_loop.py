@@ -374,10 +374,21 @@ def test_status_commands_of_one_query_run_together(tmp_path):
         for worker_id in range(4)]
     try:
         deadline = time.monotonic() + 60
-        while len(calls(tmp_path, "status")) < 4 and time.monotonic() < deadline:
+        # a query may start while submissions still return: count only the queries
+        # that started once every job had its id (one query at a time: all four)
+        while any(handle.job_id is None for handle in handles):
+            assert time.monotonic() < deadline, "the submissions never returned"
             launcher.poll()
             time.sleep(0.05)
-        statuses = calls(tmp_path, "status")
+        all_known = time.time()
+
+        def later_calls() -> list:
+            return sorted(call for call in calls(tmp_path, "status") if call[0] > all_known)
+
+        while len(later_calls()) < 4 and time.monotonic() < deadline:
+            launcher.poll()
+            time.sleep(0.05)
+        statuses = later_calls()[:4]
         assert sorted(rest[0] for _, _, rest in statuses) == \
             sorted(handle.job_id for handle in handles)
         # all four ran at once: each started before any other ended
