@@ -7,12 +7,14 @@ not as a low-level error (``gaierror``, ``FileExistsError``) once workers are st
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import socket
 from pathlib import Path
 
-from .errors import ConfigError
+from . import safe_files
+from .errors import ConfigError, UnsafePathError
 
 #: smallest ``worker_death_timeout`` (seconds): a worker's watchdog looks no more often
 MIN_WORKER_DEATH_TIMEOUT = 1.0
@@ -40,7 +42,9 @@ def check_worker_death_timeout(value: object, key: str = "worker_death_timeout")
 
 
 def check_host(host: str | None, key: str = "host") -> None:
-    """Refuse a block server interface that does not resolve to an address.
+    """Refuse an interface to listen on that does not resolve to an address, or whose
+    address is not one of this machine (binding a socket to it, on a port the system
+    picks, fails with ``EADDRNOTAVAIL``). The probe binds locally and sends nothing.
 
     ``None`` or ``""`` (every interface) pass.
     """
@@ -49,14 +53,30 @@ def check_host(host: str | None, key: str = "host") -> None:
     if not isinstance(host, str):
         raise ConfigError(f"{key}={host!r}: give the name or address of an interface of "
                           f"this machine, as a string")
+    instead = ("give an interface of this machine to listen on: 127.0.0.1 (this machine "
+               "only), 0.0.0.0 (every interface) or a name or address of this machine")
     family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
     try:
-        socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        found = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as error:
-        raise ConfigError(
-            f"{key}={host!r} does not resolve to an address ({error}); give an interface of "
-            f"this machine the block server can listen on: 127.0.0.1 (this machine only), "
-            f"0.0.0.0 (every interface) or a name or address of this machine") from None
+        raise ConfigError(f"{key}={host!r} does not resolve to an address ({error}); "
+                          f"{instead}") from None
+    for address_family, kind, protocol, _, address in found:
+        try:
+            probe = socket.socket(address_family, kind, protocol)
+        except OSError:
+            continue  # a family this kernel lacks: the server skips it too
+        with probe:
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno != errno.EADDRNOTAVAIL:
+                    continue  # not this check's business; the server reports it
+                if host == "localhost" and address_family == socket.AF_INET6:
+                    continue  # IPv6 half disabled: the server skips localhost's ::1
+                raise ConfigError(
+                    f"{key}={host!r}: {address[0]} is not an address of this machine, so "
+                    f"nothing can listen on it; {instead}") from None
 
 
 def check_folder(folder: str | os.PathLike | None, key: str) -> None:
@@ -77,3 +97,20 @@ def check_folder(folder: str | os.PathLike | None, key: str) -> None:
                 raise ConfigError(f"{key}={str(folder)!r} {where} a file, not a folder; "
                                   f"give the path of a folder (it is created when missing)")
             return
+
+
+def check_folder_not_shared(folder: str | os.PathLike | None, key: str, what: str) -> None:
+    """Refuse an existing folder setting that its group or others can write and that is
+    not sticky (:func:`luigi_daisy.safe_files.check_folder`), creating nothing. A folder
+    that does not exist yet passes: the run makes it writable by its owner only.
+    ``what`` names the folder in the message ("ledger folder").
+    """
+    if folder is None or str(folder) == "":
+        return
+    path = Path(folder)
+    if not path.is_dir():
+        return  # missing (made safe when needed), or a file (check_folder says so)
+    try:
+        safe_files.check_folder(path, what, create=False)
+    except UnsafePathError as error:
+        raise ConfigError(f"{key}={str(folder)!r}: {error}") from None

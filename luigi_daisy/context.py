@@ -81,6 +81,10 @@ MAX_FILE_NAME = 200
 #: hexadecimal characters of the id's SHA-256 in a name that is not the id itself: two
 #: ids with the same readable prefix share a name with odds of one in 2^48
 HASH_CHARS = 12
+#: between the readable prefix and the hash: a character no plain name holds, that
+#: ``shlex.quote`` leaves alone (``~`` is quoted) and that batch systems read as itself
+#: (SLURM expands ``%`` in ``--output``; some tools split on ``:`` and ``,``)
+HASH_SEPARATOR = "@"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]*")
 _UNSAFE_CHARACTER = re.compile(r"[^A-Za-z0-9_.=+-]")
 
@@ -92,10 +96,12 @@ def safe_file_name(name: str) -> str:
     An id that is safe as a name (letters, digits, ``_ . = + -``; not starting with
     ``.``; at most :data:`MAX_FILE_NAME` characters) is its own name, so the files of
     ordinary ids keep their names. Any other id gets a readable prefix (unsafe
-    characters replaced by ``_``, cut to length) plus ``~`` and :data:`HASH_CHARS`
-    hexadecimal characters of the SHA-256 of the id: ``a/b`` becomes ``a_b~<hash>``, so
-    it never shares a file with ``a_b`` (no plain name holds ``~``), and an id of any
-    length gives a name the file system accepts.
+    characters replaced by ``_``, cut to length) plus :data:`HASH_SEPARATOR` and
+    :data:`HASH_CHARS` hexadecimal characters of the SHA-256 of the id: ``a/b`` becomes
+    ``a_b@<hash>``, so it never shares a file with ``a_b`` (no plain name holds ``@``),
+    and an id of any length gives a name the file system accepts. Every character of a
+    name is one ``shlex.quote`` leaves alone, so a name filled into a command template
+    (``--output={stdout}``) gains no quotes.
     """
     if len(name) <= MAX_FILE_NAME and _PLAIN_NAME.fullmatch(name):
         return name
@@ -105,4 +111,4 @@ def safe_file_name(name: str) -> str:
     readable = _UNSAFE_CHARACTER.sub("_", name)
     if readable.startswith("."):
         readable = "_" + readable  # no hidden files, no ".."
-    return f"{readable[:MAX_FILE_NAME - HASH_CHARS - 1]}~{digest}"
+    return f"{readable[:MAX_FILE_NAME - HASH_CHARS - 1]}{HASH_SEPARATOR}{digest}"

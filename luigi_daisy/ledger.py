@@ -4,7 +4,7 @@ Only the block server writes it, in batches of one transaction each, from a writ
 thread of its own (:class:`LedgerSet`), so that a slow or full file system never stalls
 the hand-out of blocks. It remembers the task's geometry and refuses to resume a task
 whose geometry changed. ``complete()`` is a single query. The file for task ``T`` in
-folder ``D`` is ``D/T.ledger.sqlite``, or ``D/<prefix>~<hash>.ledger.sqlite`` when ``T`` is
+folder ``D`` is ``D/T.ledger.sqlite``, or ``D/<prefix>@<hash>.ledger.sqlite`` when ``T`` is
 not a plain file name (:func:`~luigi_daisy.context.safe_file_name`).
 
 When the file system fails the writes (full, read-only, an I/O error) the records wait in

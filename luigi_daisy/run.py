@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BlockStatus, uncovered_strips
-from .checks import check_folder, check_host, check_seconds, check_worker_death_timeout
+from .checks import (
+    check_folder,
+    check_folder_not_shared,
+    check_host,
+    check_seconds,
+    check_worker_death_timeout,
+)
 from .claims import Claims
 from .context import (
     DAISY_ENV_VARIABLE,
@@ -917,8 +923,10 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     ------
     ConfigError
         Before anything starts, for a ``worker_death_timeout`` below 1 s, a
-        ``pending_report_after`` below 0, a ``host`` that does not resolve, a ledger
-        folder that is a file, or a ``prefetch`` out of range.
+        ``pending_report_after`` below 0, a ``host`` (or ``block_map_host``) that is
+        not an address of this machine, a ledger folder that is a file, an existing
+        ledger or log folder that its group or others can write and that is not sticky,
+        or a ``prefetch`` out of range.
     LedgerError
         When a ledger cannot be used or written; its class says why
         (:class:`~luigi_daisy.errors.LedgerDamagedError`,
@@ -933,14 +941,18 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     check_seconds(pending_report_after, "pending_report_after")
     ordered = collect_tasks(tasks)
     check_folder(ledger_dir, "ledger_dir")
+    check_folder_not_shared(ledger_dir, "ledger_dir", "ledger folder")
     for task in ordered:
-        check_folder(task.ledger, f"the ledger of task {task.task_id!r} (Task(ledger=...))")
+        key = f"the ledger of task {task.task_id!r} (Task(ledger=...))"
+        check_folder(task.ledger, key)
+        check_folder_not_shared(task.ledger, key, "ledger folder")
     if multiprocessing:
         check_host(host)
         if tracking:
             check_host(block_map_host, "block_map_host")
         if launcher is None:  # built now: a bad start_method is refused before anything
             launcher = LocalLauncher(log_dir, start_method=start_method)
+        check_folder_not_shared(getattr(launcher, "log_dir", None), "log_dir", "log folder")
     claims = Claims.take(ordered, ledger_dir)
     try:
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],

@@ -11,11 +11,14 @@ log was made.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from test_exit_codes import run_luigi, shipped_retcodes
+from test_exit_codes import REPO, run_luigi, shipped_retcodes
 
 import luigi_daisy as daisy
 from luigi_daisy import Roi
@@ -91,6 +94,12 @@ SECTION_CASES = {
                                              "does not resolve", "0.0.0.0"]),
     "block_map_host": ("block_map_host = no-such-host.invalid",
                        ["block_map_host", "'no-such-host.invalid'", "does not resolve"]),
+    "host not of this machine": ("host = 192.0.2.1",
+                                 ["host", "'192.0.2.1'", "not an address of this machine",
+                                  "127.0.0.1", "0.0.0.0"]),
+    "block_map_host not of this machine": (
+        "block_map_host = 192.0.2.1",
+        ["block_map_host", "'192.0.2.1'", "not an address of this machine", "127.0.0.1"]),
     "ledger_dir is a file": ("ledger_dir = a_file", ["ledger_dir", "'a_file'",
                                                      "is a file, not a folder"]),
     "log_dir inside a file": ("log_dir = a_file/logs", ["log_dir", "'a_file/logs'",
@@ -131,6 +140,67 @@ def test_a_bad_value_in_the_section_exits_35_before_anything_starts(tmp_path, ca
     result = run_luigi(tmp_path, "--module", "config_tasks", "Tiny",
                        config_text=with_lines(lines))
     assert_refused_before_anything(tmp_path, result, words)
+
+
+@pytest.mark.parametrize("key, mode", [("ledger_dir", 0o775), ("ledger_dir", 0o777),
+                                       ("log_dir", 0o775), ("log_dir", 0o757)])
+def test_a_folder_others_can_write_exits_35_before_anything_starts(tmp_path, key, mode):
+    # before: a ledger_dir was refused when its lock was taken, a log_dir once the
+    # lock, the ledger and the server existed: the task failed (exit 40), not 35
+    (tmp_path / "config_tasks.py").write_text(TASKS_MODULE)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    result = run_luigi(tmp_path, "--module", "config_tasks", "Tiny",
+                       config_text=with_lines(f"{key} = shared"))
+    what = "ledger folder" if key == "ledger_dir" else "log folder"
+    assert_refused_before_anything(tmp_path, result, [
+        f"{key}='shared'", f"{what} shared is writable by", "not sticky",
+        "chmod go-w shared", "chmod +t shared"])
+    assert not list(shared.iterdir()), "a lock, ledger or log was made in the folder"
+    shared.chmod(mode | 0o1000)  # sticky: accepted, as /tmp is
+    result = run_luigi(tmp_path, "--module", "config_tasks", "Tiny",
+                       config_text=with_lines(f"{key} = shared"))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+IN_A_WORKER = textwrap.dedent('''
+    import luigi
+    from luigi_daisy import Block, Roi
+    from luigi_daisy.errors import ConfigError
+    from luigi_daisy.luigi.task import _BlockFunction
+    from config_tasks import Tiny
+
+    task = Tiny()
+    # what a worker does with its task: setup, outputs checked, blocks processed
+    _BlockFunction(task)(Block(Roi((0,), (8,)), Roi((0,), (4,)), Roi((0,), (4,))))
+    print("worker: ok")
+    try:
+        task.complete()
+    except ConfigError as error:
+        print(f"scheduling: {error}")
+''')
+
+
+def test_a_worker_on_another_node_does_not_refuse_the_run_s_host(tmp_path):
+    # host names an interface of the machine the run starts on; a worker on another
+    # node (here: any address this machine lacks) rebuilds its task and reads the
+    # settings, and must not refuse them; scheduling on this machine does
+    (tmp_path / "config_tasks.py").write_text(TASKS_MODULE)
+    (tmp_path / "in_a_worker.py").write_text(IN_A_WORKER)
+    (tmp_path / "luigi.cfg").write_text(with_lines("host = 192.0.2.1")(
+        (REPO / "luigi.cfg").read_text()))
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(tmp_path / "luigi.cfg"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO),
+                                           os.environ.get("PYTHONPATH", "")]))
+    finished = subprocess.run([sys.executable, "in_a_worker.py"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert finished.stdout.splitlines() == [
+        "worker: ok", "scheduling: [luigi_daisy] host='192.0.2.1': 192.0.2.1 is not an "
+        "address of this machine, so nothing can listen on it; give an interface of this "
+        "machine to listen on: 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or "
+        "a name or address of this machine"]
 
 
 @pytest.mark.parametrize("arguments, words", [
@@ -196,6 +266,65 @@ def test_run_blockwise_refuses_a_block_map_host_that_does_not_resolve(tmp_path):
                             log_dir=tmp_path / "logs", tracking=True,
                             block_map_host="no-such-host.invalid")
     assert not (tmp_path / "ledgers").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("key", ["host", "block_map_host"])
+def test_run_blockwise_refuses_a_host_that_is_not_of_this_machine(tmp_path, key):
+    # before: host=192.0.2.1 failed with a raw OSError once the ledger and the lock
+    # existed; block_map_host=192.0.2.1 once the workers had started too
+    with pytest.raises(ConfigError, match=rf"^{key}='192\.0\.2\.1': 192\.0\.2\.1 is not "
+                                          rf"an address of this machine.*127\.0\.0\.1"):
+        daisy.run_blockwise([one_task()], ledger_dir=tmp_path / "ledgers", progress=False,
+                            log_dir=tmp_path / "logs", tracking=True, **{key: "192.0.2.1"})
+    assert not (tmp_path / "ledgers").exists() and not (tmp_path / "logs").exists()
+
+
+def shared_folder(path: Path, mode: int = 0o775) -> Path:
+    """An existing folder its group can write, not sticky."""
+    path.mkdir()
+    path.chmod(mode)
+    return path
+
+
+def assert_unsafe(raised: pytest.ExceptionInfo, key: str, what: str, folder: Path) -> None:
+    message = str(raised.value)
+    assert message.startswith(f"{key}='{folder}': {what} {folder} is writable by its group"), \
+        message
+    assert f"chmod go-w {folder}" in message and f"chmod +t {folder}" in message
+
+
+@pytest.mark.parametrize("multiprocessing", [True, False])
+def test_run_blockwise_refuses_a_ledger_dir_others_can_write(tmp_path, multiprocessing):
+    # before: an UnsafePathError when the lock was taken
+    ledgers = shared_folder(tmp_path / "ledgers")
+    with pytest.raises(ConfigError) as raised:
+        daisy.run_blockwise([one_task()], ledger_dir=ledgers, progress=False,
+                            log_dir=tmp_path / "logs", multiprocessing=multiprocessing)
+    assert_unsafe(raised, "ledger_dir", "ledger folder", ledgers)
+    with pytest.raises(ConfigError) as raised:
+        daisy.run_blockwise([one_task(ledgers)], progress=False, log_dir=tmp_path / "logs",
+                            multiprocessing=multiprocessing)
+    assert_unsafe(raised, "the ledger of task 'config' (Task(ledger=...))", "ledger folder",
+                  ledgers)
+    assert not list(ledgers.iterdir()) and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("given", ["log_dir", "launcher"])
+def test_run_blockwise_refuses_a_log_dir_others_can_write(tmp_path, given):
+    # before: an UnsafePathError once the lock, the ledger and the server existed
+    logs = shared_folder(tmp_path / "logs")
+    if given == "log_dir":
+        options: dict = {"log_dir": logs}
+    else:
+        options = {"launcher": CommandLauncher(
+            submit_command=f"sh -c 'touch {tmp_path}/submitted; echo 1' {{worker_command}}",
+            cancel_command="true {job_id}", log_dir=logs, poll_interval=1.0)}
+    with pytest.raises(ConfigError) as raised:
+        daisy.run_blockwise([one_task()], ledger_dir=tmp_path / "ledgers", progress=False,
+                            **options)
+    assert_unsafe(raised, "log_dir", "log folder", logs)
+    assert not (tmp_path / "ledgers").exists() and not list(logs.iterdir())
+    assert not (tmp_path / "submitted").exists()
 
 
 def test_run_blockwise_refuses_a_ledger_dir_that_is_a_file(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -30,11 +31,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_planted_links import fake_pbs  # noqa: F401 - fixture
 
 import luigi_daisy as daisy
 from luigi_daisy import Roi
 from luigi_daisy.context import MAX_FILE_NAME, safe_file_name
 from luigi_daisy.errors import GeometryError, LedgerError
+from luigi_daisy.launchers.command import _RECORD_EXIT, CommandLauncher
 from luigi_daisy.ledger import Ledger, ledger_path, read_ledger_summary
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
@@ -139,10 +142,77 @@ def test_names_are_plain_for_plain_ids_and_bounded_for_the_rest():
     for odd in ("a/b", "../up", ".", "..", ".hidden", "a b", "ü", "x" * (MAX_FILE_NAME + 1),
                 "a\0b", "C:\\x"):
         name = safe_file_name(odd)
-        assert name != odd and "~" in name and "/" not in name and "\0" not in name
+        assert name != odd and "@" in name and "/" not in name and "\0" not in name
+        assert shlex.quote(name) == name, "a template would quote it"
         assert not name.startswith(".") and len(name) <= MAX_FILE_NAME and name.isascii()
         assert safe_file_name(odd) == name, "the same id always gets the same name"
     assert len({safe_file_name(name) for name in ("a/b", "a_b", "a b", "a:b", "a\\b")}) == 5
+
+
+# an sbatch-shaped fake: fakesub [--job-name=N] [--output=OUT] [--error=ERR] -- COMMAND...
+# runs COMMAND in the background in its own folder, keeping its arguments one a line
+FAKE_SUB = """\
+#!/bin/sh
+here=$(dirname "$0")
+arguments=$(printf '%s\\n' "$@")
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --job-name=*) shift;;
+    --output=*) out=${1#--output=}; shift;;
+    --error=*) err=${1#--error=}; shift;;
+    --) shift; break;;
+    *) break;;
+  esac
+done
+cd "$here" || exit 1
+setsid "$@" </dev/null >>"${out:-/dev/null}" 2>>"${err:-/dev/null}" &
+printf '%s\\n' "$arguments" > "arguments/$!"
+echo "$!" > "jobs/$!"
+echo "$!.fakepbs"
+"""
+
+
+def print_block(block) -> None:
+    print(f"worker output for block {block.block_id[1]}")
+
+
+@pytest.mark.parametrize("submit", [
+    "{fake}/fakesub --job-name={{job_name}} --output={{stdout}} --error={{stderr}} -- "
+    "{{worker_command}}",
+    "{fake}/fakesub --job-name={{job_name}} -- "
+    "sh -c '{{worker_command}} > \"{{stdout}}\" 2> \"{{stderr}}\"'",
+], ids=["option_words", "shell_redirection"])
+def test_hashed_names_fill_into_templates_without_quotes(fake_pbs, tmp_path,  # noqa: F811
+                                                          submit):
+    # before: "predict affs" became predict_affs~<hash>, which shlex.quote quotes inside
+    # a word: --output='/.../predict_affs~985eefcffc70/worker_0.out' kept its quotes,
+    # and the job's logs went nowhere the run looked
+    (fake_pbs / "fakesub").write_text(FAKE_SUB)
+    (fake_pbs / "fakesub").chmod(0o755)
+    (fake_pbs / "arguments").mkdir()
+    task_id = "predict affs"
+    task = daisy.Task(task_id, total_roi=Roi((0,), (3,)), read_roi=Roi((0,), (1,)),
+                      write_roi=Roi((0,), (1,)), process_function=print_block,
+                      num_workers=1, max_retries=0, max_worker_restarts=0)
+    logs = tmp_path / "logs"
+    launcher = CommandLauncher(
+        submit_command=submit.format(fake=fake_pbs),
+        cancel_command=f"{fake_pbs}/qdel {{job_id}}", job_id_pattern=r"^(\S+)",
+        status_command=f"{fake_pbs}/qstat {{job_id}}", log_dir=logs, poll_interval=1.0)
+    result = run([task], tmp_path, launcher=launcher)
+    assert result[task_id].succeeded
+    name = safe_file_name(task_id)
+    assert name.startswith("predict_affs") and shlex.quote(name) == name
+    out = logs / name / "worker_0.out"
+    assert "worker output for block" in out.read_text()
+    assert (logs / name / "worker_0.err.exit").read_text() == "0\n"
+    (recorded_arguments,) = (fake_pbs / "arguments").iterdir()
+    arguments = recorded_arguments.read_text()
+    assert "'" not in arguments.replace(shlex.quote(_RECORD_EXIT), ""), arguments
+    assert "--job-name=predict_affs.worker0\n" in arguments
+    assert str(out) in arguments
+    quoted = [str(path) for path in tmp_path.rglob("*") if "'" in str(path)]
+    assert not quoted, f"files with quotes in their names: {quoted}"
 
 
 def test_a_ledger_of_another_task_says_whose_it_is_and_where_it_belongs(tmp_path):

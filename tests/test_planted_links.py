@@ -24,7 +24,8 @@ import pytest
 
 import luigi_daisy as daisy
 from luigi_daisy import Roi, UnsafePathError
-from luigi_daisy.claims import lock_path
+from luigi_daisy.claims import TaskLock, lock_path
+from luigi_daisy.errors import ConfigError
 from luigi_daisy.launchers.command import CommandLauncher
 from luigi_daisy.ledger import ledger_path
 
@@ -96,13 +97,17 @@ def test_a_ledger_folder_others_can_write_is_refused_unless_sticky(tmp_path, mod
     ledgers = tmp_path / "ledgers"
     ledgers.mkdir()
     ledgers.chmod(mode)
-    with pytest.raises(UnsafePathError) as raised:
+    with pytest.raises(ConfigError) as raised:  # a setting: refused before anything
         daisy.run_blockwise([small_task(tmp_path)], multiprocessing=False, progress=False,
                             ledger_dir=ledgers)
     message = str(raised.value)
     assert f"ledger folder {ledgers} is writable by" in message
     assert f"chmod go-w {ledgers}" in message and f"chmod +t {ledgers}" in message
     assert not ledger_path(ledgers, "t").exists()
+    # a folder opened up after the run's checks: its lock still refuses it
+    with pytest.raises(UnsafePathError, match=f"ledger folder {ledgers} is writable by"):
+        TaskLock(lock_path(ledger_path(ledgers, "t"))).try_acquire()
+    assert not list(ledgers.iterdir())
     ledgers.chmod(mode | 0o1000)  # sticky: accepted
     assert daisy.run_blockwise([small_task(tmp_path)], multiprocessing=False,
                                progress=False, ledger_dir=ledgers)["t"].succeeded
@@ -146,7 +151,7 @@ def test_a_log_folder_others_can_write_is_refused(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     logs.chmod(0o777)
-    with pytest.raises(UnsafePathError, match=f"log folder {logs} is writable by"):
+    with pytest.raises(ConfigError, match=f"log folder {logs} is writable by"):
         daisy.run_blockwise([small_task(tmp_path)], progress=False, log_dir=logs,
                             ledger_dir=tmp_path / "ledgers")
 

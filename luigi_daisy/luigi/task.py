@@ -25,7 +25,7 @@ from .launching import RESOURCE_PARAMETERS, launcher_for_closure, make_launcher
 from .pipeline import RunOutcome, luigi_scheduler_of, scheduled_dependents
 from .progress import LuigidReporter
 from .targets import LedgerTarget, ZarrTarget
-from .values import LenientParse, problem_of
+from .values import LenientParse, check_run_machine, problem_of
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ class BlockwiseTask(luigi.Task):
         config = settings()
         if self.__dict__.get("_checked_with") is config:
             return
+        check_run_machine(config, SECTION)
         family = self.get_task_family()
         # a subclass's own parameters are its business
         for name in BlockwiseTask.get_param_names(include_significant=True):

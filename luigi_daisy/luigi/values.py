@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 import luigi
 
-from ..checks import MIN_WORKER_DEATH_TIMEOUT, check_folder, check_host
+from ..checks import (
+    MIN_WORKER_DEATH_TIMEOUT,
+    check_folder,
+    check_folder_not_shared,
+    check_host,
+)
 from ..context import MAX_PREFETCH
 from ..errors import ConfigError, LauncherError
 from ..launchers.batch import parse_memory_mb, parse_walltime_seconds
@@ -176,9 +181,27 @@ def check_settings(config: luigi.Config, section: str) -> None:
             if problem is not None:
                 raise ConfigError(problem)
     try:
-        check_host(config.host, "host")
-        check_host(config.block_map_host, "block_map_host")
         check_folder(config.ledger_dir, "ledger_dir")
         check_folder(config.log_dir, "log_dir")
     except ConfigError as error:
         raise ConfigError(f"[{section}] {error}") from None
+
+
+def check_run_machine(config: luigi.Config, section: str) -> None:
+    """Refuse the values of ``config`` (the ``[luigi_daisy]`` settings) that only the
+    machine a run starts on can judge: a ``host`` or ``block_map_host`` that is not one
+    of its addresses, an existing ``ledger_dir`` or ``log_dir`` its group or others can
+    write that is not sticky. ``BlockwiseTask.check_config`` calls it (once per set of
+    values), not :func:`check_settings`, which every worker runs too: a worker on
+    another node is not where the run listens.
+    """
+    if config.__dict__.get("_machine_checked"):
+        return
+    try:
+        check_host(config.host, "host")
+        check_host(config.block_map_host, "block_map_host")
+        check_folder_not_shared(config.ledger_dir, "ledger_dir", "ledger folder")
+        check_folder_not_shared(config.log_dir, "log_dir", "log folder")
+    except ConfigError as error:
+        raise ConfigError(f"[{section}] {error}") from None
+    config.__dict__["_machine_checked"] = True
