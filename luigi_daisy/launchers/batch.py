@@ -387,11 +387,15 @@ class BatchLauncher(Launcher):
                     self.cancel_later([job])
 
     def submit_environment(self) -> dict[str, str]:
-        """The environment the submit command starts from: this process's, without a
-        context of a run this process serves as a worker (a nested run): its token is
-        not this run's to pass on, and a batch system may show it to others."""
+        """The environment the submit command starts from: this process's, without what
+        a worker of another run has (a run started from a block: a nested run): that
+        run's context (its token is not this run's to pass on, and a batch system may
+        show it to others) and the pid of its parent (a job has none here)."""
+        from ..worker import PARENT_PID_VARIABLE
+
         return {key: value for key, value in os.environ.items()
-                if key not in (ENV_VARIABLE, DAISY_ENV_VARIABLE, CONTEXT_FILE_VARIABLE)}
+                if key not in (ENV_VARIABLE, DAISY_ENV_VARIABLE, CONTEXT_FILE_VARIABLE,
+                               PARENT_PID_VARIABLE)}
 
     def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
         """Variables the job gets on top of the submitting environment: the names of its
