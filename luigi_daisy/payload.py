@@ -16,8 +16,9 @@ is kept in the batch system's records, which other users may query (``qsub -V``)
 
 Workers never delete the payload file: one file serves every worker of a task, the
 replacements started later and a job the batch system starts again (a requeue). The run
-removes it when it ends; a run killed outright leaves it to the next run with the same
-log folder, which removes it when it writes its own (:func:`remove_stale_files`).
+removes it when it ends; a run killed outright leaves it to a later run of the same user
+with the same log folder, which removes it once that run is clearly gone
+(:class:`RunFiles`, :func:`remove_stale_files`).
 
 For a local child the target is pickled while multiprocessing's *spawning popen* is set,
 so objects multiprocessing lets travel to its own spawn children (shared-memory arenas of
@@ -29,10 +30,13 @@ named semaphore before pickling (see :func:`_rehome_fork_semlock`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
+import logging
 import os
 import pickle
+import re
 import stat
 import struct
 import sys
@@ -47,6 +51,8 @@ from .safe_files import check_folder, own_subfolder
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 #: environment variable naming the payload file of a cluster job
 PAYLOAD_FILE_VARIABLE = "LUIGI_DAISY_PAYLOAD_FILE"
@@ -353,82 +359,214 @@ def read_payload_file(path: str | os.PathLike) -> WorkerPayload:
 
 
 def private_folder(folder: str | os.PathLike) -> Path:
-    """Make ``folder`` (``<log_dir>/.payloads``) with mode 0700 if missing; check its
-    parent like every log folder and refuse it unless it is a real folder of this user
-    that no one else can write.
+    """Make ``folder`` (``<log_dir>/.payloads-<uid>``, see :func:`payload_folder`) with
+    mode 0700 if missing; check its parent like every log folder and refuse it unless it
+    is a real folder of this user (write permission for group or others is removed).
 
     Raises
     ------
     UnsafePathError
         The log folder is open to others, or ``folder`` is a link or another user's.
-    PayloadError
-        ``folder`` is writable by group or others.
     """
     from pathlib import Path
 
     folder = Path(folder)
     check_folder(folder.parent, "log folder")
     own_subfolder(folder, "payload folder", mode=0o700)
-    status = os.stat(folder)
-    if status.st_mode & 0o022:
-        raise PayloadError(
-            f"payload folder {folder} must belong to this user and be writable by no one "
-            f"else (found mode {status.st_mode & 0o777:o}); chmod 700 {folder}")
     return folder
 
 
+def payload_folder(log_dir: str | os.PathLike) -> Path:
+    """This user's folder of payload and context files in ``log_dir``:
+    ``<log_dir>/.payloads-<uid>``. One per user, so that users sharing a sticky log
+    folder never meet in it: a ``.payloads-*`` folder of another uid is simply someone
+    else's."""
+    from pathlib import Path
+
+    return Path(log_dir).absolute() / f".payloads-{os.getuid()}"
+
+
 def write_private_file(folder: str | os.PathLike, prefix: str, data: bytes,
-                       suffix: str = ".pickle") -> tuple[Path, int]:
+                       suffix: str = ".pickle") -> Path:
     """Write ``data`` to a new file in ``folder`` (checked by :func:`private_folder`)
-    that only its owner can read; return its path and a descriptor that holds a shared
-    ``flock`` on it until closed: while it is held, :func:`remove_stale_files` of a
-    later run leaves the file alone."""
+    that only its owner can read (``mkstemp``: ``O_EXCL``, mode 0600); return its
+    path."""
     import tempfile
     from pathlib import Path
 
     folder = private_folder(folder)
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0600
     descriptor, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH)  # before the first byte: see remove_stale_files
         view = memoryview(data)
         while view:
             view = view[os.write(descriptor, view):]
     except BaseException:
-        os.close(descriptor)
         Path(name).unlink(missing_ok=True)
         raise
-    return Path(name), descriptor
+    finally:
+        os.close(descriptor)
+    return Path(name)
 
 
-#: seconds after which an empty file of a dead run counts as stale (its run died
-#: between creating and writing it)
-EMPTY_FILE_GRACE = 60.0
+#: seconds between two refreshes of a live run's lock file (its mtime)
+LOCK_REFRESH_INTERVAL = 300.0
+#: seconds without a refresh after which a run whose lock is free counts as gone; far
+#: longer than :data:`LOCK_REFRESH_INTERVAL`, so that a live run whose lock another host
+#: cannot see (locks kept per client: BeeGFS by default, NFS with ``local_lock``,
+#: Lustre ``localflock``) is never taken for a dead one
+STALE_AFTER = 3600.0
+#: ``flock`` errors that mean "this file system does not lock" (Lustre ``noflock``, some
+#: FUSE and NFS mounts): files are then never taken for stale ones
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+#: a run's files are ``<run id>.<kind>...``; others are not this module's to remove
+_RUN_FILE = re.compile(r"^(run-[0-9a-f]{16})\.")
+_said_no_locks = False
+
+
+def _locks_unsupported(error: OSError, folder: object) -> bool:
+    """True (and said once) when ``error`` of ``flock`` means the file system does not
+    lock."""
+    global _said_no_locks
+    if error.errno not in _NO_LOCKS:
+        return False
+    if not _said_no_locks:
+        _said_no_locks = True
+        logger.info("the file system of %s does not support flock (%s): payload files "
+                    "of runs killed outright are not removed there; remove old files "
+                    "in it by hand", folder, os.strerror(error.errno or 0))
+    return True
+
+
+class RunFiles:
+    """The payload and context files of one run, in this user's payload folder.
+
+    The run holds one ``flock`` on ``<run id>.lock`` for its life (one descriptor,
+    however many jobs it submits) and names its files ``<run id>.<kind>-*``. The OS
+    lets go of the lock however the run ends (a SIGKILL included; on NFS once the dead
+    host's lease ends), and the run refreshes the lock file's mtime every
+    :data:`LOCK_REFRESH_INTERVAL` seconds (:meth:`refresh`): a later run removes a
+    run's files when its lock is free *and* its lock file was not refreshed for
+    :data:`STALE_AFTER` seconds (:func:`remove_stale_files`). Where the file system
+    does not lock, nothing is removed as stale and nothing fails.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        import threading
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.run_id: str | None = None
+        self._descriptor: int | None = None
+        # refresh() runs on another thread than close(): never utime a closed descriptor
+        self._lock = threading.Lock()
+
+    def _open(self) -> str:
+        """Check the folder, remove the files of runs that are gone, create and lock
+        this run's lock file; return the run id."""
+        import secrets
+
+        if self.run_id is not None:
+            return self.run_id
+        private_folder(self.folder)
+        for path in remove_stale_files(self.folder):
+            logger.info("removed %s, left behind by a run that is gone", path)
+        run_id = f"run-{secrets.token_hex(8)}"
+        descriptor = os.open(self.folder / f"{run_id}.lock",
+                             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+        try:
+            # blocking: another run's remove_stale_files may hold it for a moment
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as error:
+            if not _locks_unsupported(error, self.folder):
+                os.close(descriptor)
+                raise
+        self.run_id, self._descriptor = run_id, descriptor
+        return run_id
+
+    def write(self, kind: str, data: bytes, suffix: str) -> Path:
+        """A new file ``<run id>.<kind>-XXXX<suffix>`` holding ``data``, mode 0600; the
+        first call of a run removes the files of runs that are gone."""
+        run_id = self._open()
+        return write_private_file(self.folder, f"{run_id}.{kind}-", data, suffix)
+
+    def refresh(self) -> None:
+        """Set the lock file's mtime to now: the run is alive (for runs on hosts that
+        cannot see its lock). Call it every :data:`LOCK_REFRESH_INTERVAL` seconds, off
+        the event loop (it touches a file, maybe on a slow file system)."""
+        with self._lock:
+            if self._descriptor is None:
+                return
+            try:
+                os.utime(self._descriptor)
+            except OSError as error:
+                logger.warning("cannot refresh the lock file of run %s in %s: %s",
+                               self.run_id, self.folder, error)
+
+    def close(self) -> None:
+        """Remove this run's files, then its lock file, and let go of the lock."""
+        with self._lock:
+            if self._descriptor is None:
+                return
+            _remove_run(self.folder, self.run_id or "")
+            os.close(self._descriptor)
+            self.run_id = self._descriptor = None
+
+
+def _remove_run(folder: Path, run_id: str, names: list[str] | None = None) -> list[Path]:
+    """Remove ``<run id>.*`` files in ``folder``, the lock file last."""
+    removed = []
+    for name in sorted(os.listdir(folder) if names is None else names,
+                       key=lambda name: name.endswith(".lock")):
+        if name.startswith(f"{run_id}."):
+            path = folder / name
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def remove_stale_files(folder: str | os.PathLike) -> list[Path]:
     """Remove the files of runs that are gone from a payload folder; return them.
 
-    A run holds a ``flock`` on each payload and context file it wrote until it has
-    removed them (see :func:`write_private_file`), and the OS lets go of the lock however
-    the run ends (a SIGKILL included; on NFS, once the dead host's lease ends). A file
-    whose lock can be taken belongs to a run that is gone. An empty file may be one a
-    live run has just created and not locked yet: it is left for
-    :data:`EMPTY_FILE_GRACE` seconds.
+    A run's files (see :class:`RunFiles`) are stale when its lock can be taken and its
+    lock file was not refreshed for :data:`STALE_AFTER` seconds; files of a run whose
+    lock file is missing, when they are that old themselves. Nothing is removed where
+    ``flock`` is not supported; files not named like a run's are left alone.
     """
     import time
     from pathlib import Path
 
-    removed: list[Path] = []
     folder = Path(folder)
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
-        return removed
+        return []
+    runs: dict[str, list[str]] = {}
     for name in names:
-        path = folder / name
+        match = _RUN_FILE.match(name)
+        if match:
+            runs.setdefault(match.group(1), []).append(name)
+    removed: list[Path] = []
+    now = time.time()
+    for run_id, files in runs.items():
+        if f"{run_id}.lock" not in files:
+            old = []
+            for name in files:
+                try:
+                    status = os.lstat(folder / name)
+                except FileNotFoundError:
+                    continue
+                if status.st_uid == os.getuid() and stat.S_ISREG(status.st_mode) \
+                        and now - status.st_mtime > STALE_AFTER:
+                    old.append(name)
+            removed += _remove_run(folder, run_id, old)
+            continue
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+            descriptor = os.open(folder / f"{run_id}.lock",
+                                 os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         try:
@@ -437,12 +575,13 @@ def remove_stale_files(folder: str | os.PathLike) -> list[Path]:
                 continue
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as error:
+                if _locks_unsupported(error, folder):
+                    return removed  # no lock tells a live run from a dead one here
                 continue  # its run is alive
-            if status.st_size == 0 and time.time() - status.st_mtime < EMPTY_FILE_GRACE:
-                continue
-            path.unlink(missing_ok=True)
-            removed.append(path)
+            if now - status.st_mtime <= STALE_AFTER:
+                continue  # refreshed lately: alive on a host whose locks are its own
+            removed += _remove_run(folder, run_id, files)
         finally:
             os.close(descriptor)
     return removed
@@ -455,9 +594,7 @@ def write_payload_file(payload: WorkerPayload, folder: str | os.PathLike) -> Pat
     file is created with ``O_EXCL`` and mode 0600. Returns the file's path (for
     ``LUIGI_DAISY_PAYLOAD_FILE``).
     """
-    path, descriptor = write_private_file(folder, "payload-", payload.to_bytes())
-    os.close(descriptor)
-    return path
+    return write_private_file(folder, "payload-", payload.to_bytes())
 
 
 def read_context_file(path: str | os.PathLike) -> str:

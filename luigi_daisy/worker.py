@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"(context in {ENV_VARIABLE}; payload from the inherited pipe N "
                          f"or the file named by {PAYLOAD_FILE_VARIABLE})\n")
         return 2
-    parent_pid = os.environ.get(PARENT_PID_VARIABLE)
+    # popped: not for the processes this one starts (a batch run started from a block)
+    parent_pid = os.environ.pop(PARENT_PID_VARIABLE, None)
     if parent_pid:
         die_with_parent(int(parent_pid))
     configure_worker_logging()

@@ -269,7 +269,7 @@ def test_a_disk_that_stays_full_stops_the_run_cleanly(small_disk, tmp_path, fake
         (small_disk / "filler").unlink(missing_ok=True)
     # every job ended, every payload file removed
     assert launcher.jobs and all(job.finished for job in launcher.jobs.values())
-    payloads = tmp_path / "logs" / ".payloads"
+    payloads = tmp_path / "logs" / f".payloads-{os.getuid()}"
     assert not payloads.exists() or not list(payloads.iterdir())
     assert len(full_warnings(caplog)) == 1, full_warnings(caplog)
     lost = [record.getMessage() for record in caplog.records

@@ -28,10 +28,13 @@ from luigi_daisy.claims import TaskLock, lock_path
 from luigi_daisy.errors import ConfigError
 from luigi_daisy.launchers.command import CommandLauncher
 from luigi_daisy.ledger import ledger_path
+from luigi_daisy.payload import STALE_AFTER, payload_folder
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
 
 VICTIM_TEXT = "the victim's own content\n"
+#: a group that is not this user's private group (nogroup)
+SHARED_GID = 65534
 
 
 def shared_folder(path: Path) -> Path:
@@ -97,6 +100,7 @@ def test_a_ledger_folder_others_can_write_is_refused_unless_sticky(tmp_path, mod
     ledgers = tmp_path / "ledgers"
     ledgers.mkdir()
     ledgers.chmod(mode)
+    os.chown(ledgers, -1, SHARED_GID)  # a group others are in, not the user's own
     with pytest.raises(ConfigError) as raised:  # a setting: refused before anything
         daisy.run_blockwise([small_task(tmp_path)], multiprocessing=False, progress=False,
                             ledger_dir=ledgers)
@@ -277,7 +281,7 @@ def test_the_token_stays_out_of_the_job_environment(fake_pbs, tmp_path):
         assert "token=" not in environment and "LUIGI_DAISY_CONTEXT=" not in environment
         assert "LUIGI_DAISY_CONTEXT_FILE=" in environment
     # each worker deleted its context file once read; the run removed the payload
-    assert not list((tmp_path / "logs" / ".payloads").iterdir())
+    assert not list(payload_folder(tmp_path / "logs").iterdir())
 
 
 # ------------------------------------------------------------------ leftovers
@@ -321,50 +325,84 @@ def wait_for(condition, what: str, seconds: float = 60.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_the_payload_of_a_killed_run_is_removed_by_the_next_run(fake_pbs, tmp_path):
+def start_held_run(fake_pbs, tmp_path: Path, extra: str = "") -> subprocess.Popen:
+    """Start KILLED_RUN (``extra``: Python run before it) in its own session; return
+    once its worker holds its block."""
     script = tmp_path / "killed_run.py"
-    script.write_text(textwrap.dedent(KILLED_RUN).format(
-        tests=str(Path(__file__).parent), folder=str(tmp_path), fake=str(fake_pbs)))
-    environment = dict(os.environ)
-    process = subprocess.Popen([sys.executable, str(script)], env=environment,
+    text = textwrap.dedent(KILLED_RUN).format(
+        tests=str(Path(__file__).parent), folder=str(tmp_path), fake=str(fake_pbs))
+    text = text.replace("daisy.run_blockwise(", f"{extra}\ndaisy.run_blockwise(", 1)
+    script.write_text(text)
+    process = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ),
                                start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (tmp_path / "holding").exists(), "the first run's worker")
-        payloads = tmp_path / "logs" / ".payloads"
-        left = [path for path in payloads.iterdir() if path.name.startswith("payload-")]
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        raise
+    return process
+
+
+def wait_for_jobs_to_end(fake_pbs) -> None:
+    for pid_file in (fake_pbs / "jobs").iterdir():
+        wait_for(lambda: not Path(f"/proc/{pid_file.name}").exists() or Path(
+            f"/proc/{pid_file.name}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            "the killed run's job to end")
+
+
+def age(path: Path, seconds: float) -> None:
+    """Set ``path``'s mtime ``seconds`` into the past (time passing for the test)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_payload_of_a_killed_run_is_removed_by_the_next_run(fake_pbs, tmp_path):
+    process = start_held_run(fake_pbs, tmp_path)
+    try:
+        payloads = payload_folder(tmp_path / "logs")
+        left = [path for path in payloads.iterdir() if ".payload-" in path.name]
         assert len(left) == 1
+        locks = [path for path in payloads.iterdir() if path.suffix == ".lock"]
+        assert len(locks) == 1 and locks[0].name == left[0].name.split(".")[0] + ".lock"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
         (tmp_path / "release").touch()
     # the killed run's job ends on its own (its run is gone); its payload stays behind
-    for pid_file in (fake_pbs / "jobs").iterdir():
-        wait_for(lambda: not Path(f"/proc/{pid_file.name}").exists() or Path(
-            f"/proc/{pid_file.name}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
-            "the killed run's job to end")
+    wait_for_jobs_to_end(fake_pbs)
     assert left[0].exists()
+    # its lock is free, but it was touched a moment ago: a run elsewhere may be alive
+    launcher = pbs_launcher(fake_pbs, tmp_path / "logs")
+    assert daisy.run_blockwise([small_task(tmp_path, "soon")], launcher=launcher,
+                               progress=False, ledger_dir=tmp_path / "ledgers")[
+        "soon"].succeeded
+    assert left[0].exists() and locks[0].exists()
+    age(locks[0], STALE_AFTER + 60)
     launcher = pbs_launcher(fake_pbs, tmp_path / "logs")
     task = small_task(tmp_path, "next")
     assert daisy.run_blockwise([task], launcher=launcher, progress=False,
                                ledger_dir=tmp_path / "ledgers")["next"].succeeded
-    assert not left[0].exists()
+    assert not left[0].exists() and not locks[0].exists()
     assert not list(payloads.iterdir())
 
 
-def test_a_live_runs_payload_is_not_removed(tmp_path):
-    from luigi_daisy.payload import remove_stale_files, write_private_file
+def test_a_live_runs_files_are_not_removed(tmp_path):
+    from luigi_daisy.payload import RunFiles, remove_stale_files
 
-    folder = tmp_path / "logs" / ".payloads"
     (tmp_path / "logs").mkdir()
-    path, descriptor = write_private_file(folder, "payload-", b"data")
+    folder = payload_folder(tmp_path / "logs")
+    files = RunFiles(folder)
+    path = files.write("payload", b"data", ".pickle")
+    lock = folder / f"{files.run_id}.lock"
     try:
+        age(lock, STALE_AFTER + 60)  # not refreshed for long, but locked: alive
         assert remove_stale_files(folder) == []
         assert path.exists()
     finally:
-        os.close(descriptor)
-    assert remove_stale_files(folder) == [path]
-    assert not path.exists()
+        files.close()
+    assert not path.exists() and not lock.exists()
 
 
 # ------------------------------------------------------------------ Luigi's RunOutcome

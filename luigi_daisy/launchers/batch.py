@@ -8,7 +8,9 @@ context holds the run's token; the worker deletes the file once read) travel in 
 submit command's environment, never on its command line: ``ps`` and ``squeue`` show
 command lines to every user, and a batch system may keep a job's environment where
 others can query it (``qstat -f`` after ``qsub -V``). Both files are in
-``<log_dir>/.payloads`` (mode 0700), readable by their owner only.
+``<log_dir>/.payloads-<uid>`` (mode 0700), readable by their owner only; the run holds
+one lock there for its life, whatever the number of its jobs (see
+:class:`~luigi_daisy.payload.RunFiles`), and refreshes it on the control thread.
 
 No batch command runs on the caller's thread (the run's event loop, which hands out
 blocks). A launcher owns two background threads, created on first use:
@@ -46,10 +48,11 @@ from ..context import DAISY_ENV_VARIABLE, ENV_VARIABLE
 from ..errors import LauncherError
 from ..payload import (
     CONTEXT_FILE_VARIABLE,
+    LOCK_REFRESH_INTERVAL,
     PAYLOAD_FILE_VARIABLE,
+    RunFiles,
     WorkerPayload,
-    remove_stale_files,
-    write_private_file,
+    payload_folder,
 )
 from ..safe_files import check_log_folders, open_log
 from .base import Launcher, WorkerHandle, WorkerSpec
@@ -269,8 +272,9 @@ class BatchLauncher(Launcher):
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
         self._payload_files: dict[int, Path] = {}
-        #: files this run wrote into ``.payloads`` -> descriptors holding their flocks
-        self._private_files: dict[Path, int] = {}
+        #: this run's files in ``.payloads-<uid>`` (one lock, however many jobs)
+        self._run_files: RunFiles | None = None
+        self._last_lock_refresh = -math.inf
         self._checked_folders: set[Path] = set()
         self.poll_interval = check_poll_interval(poll_interval)
         self.jobs: dict[str, BatchJob] = {}
@@ -383,8 +387,15 @@ class BatchLauncher(Launcher):
                     self.cancel_later([job])
 
     def submit_environment(self) -> dict[str, str]:
-        """The environment the submit command starts from (this process's)."""
-        return dict(os.environ)
+        """The environment the submit command starts from: this process's, without what
+        a worker of another run has (a run started from a block: a nested run): that
+        run's context (its token is not this run's to pass on, and a batch system may
+        show it to others) and the pid of its parent (a job has none here)."""
+        from ..worker import PARENT_PID_VARIABLE
+
+        return {key: value for key, value in os.environ.items()
+                if key not in (ENV_VARIABLE, DAISY_ENV_VARIABLE, CONTEXT_FILE_VARIABLE,
+                               PARENT_PID_VARIABLE)}
 
     def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
         """Variables the job gets on top of the submitting environment: the names of its
@@ -397,36 +408,37 @@ class BatchLauncher(Launcher):
         context = spec.environment.get(ENV_VARIABLE)
         if context is not None:
             environment[CONTEXT_FILE_VARIABLE] = str(
-                self._private_file("context-", context.encode(), ".txt"))
+                self._files().write("context", context.encode(), ".txt"))
         return environment
 
-    def _payload_folder(self) -> Path:
-        return self.log_dir.absolute() / ".payloads"
-
-    def _private_file(self, prefix: str, data: bytes, suffix: str) -> Path:
-        """A file of this run in ``.payloads``; the first one removes those of runs that
-        are gone (killed outright: nothing of theirs removed them)."""
-        if not self._private_files:
-            folder = self._payload_folder()
-            for path in remove_stale_files(folder):
-                logger.info("removed %s, left behind by a run that is gone", path)
-        path, descriptor = write_private_file(self._payload_folder(), prefix, data, suffix)
-        self._private_files[path] = descriptor
-        return path
+    def _files(self) -> RunFiles:
+        """This run's files; the first file of a run removes those of runs that are
+        gone (killed outright: nothing of theirs removed them)."""
+        if self._run_files is None:
+            self._run_files = RunFiles(payload_folder(self.log_dir))
+            self._last_lock_refresh = time.monotonic()
+        return self._run_files
 
     def _payload_file(self, payload: WorkerPayload) -> Path:
         path = self._payload_files.get(id(payload))
         if path is None:
-            path = self._private_file("payload-", payload.to_bytes(), ".pickle")
+            path = self._files().write("payload", payload.to_bytes(), ".pickle")
             self._payload_files[id(payload)] = path
         return path
 
     def _remove_payload_files(self) -> None:
-        for path, descriptor in self._private_files.items():
-            path.unlink(missing_ok=True)
-            os.close(descriptor)
-        self._private_files.clear()
+        if self._run_files is not None:
+            self._run_files.close()
+            self._run_files = None
         self._payload_files.clear()
+
+    def _refresh_lock_later(self) -> None:
+        """Every ``LOCK_REFRESH_INTERVAL``: refresh the run's lock file on the control
+        thread (a file system may be slow; the caller is the event loop)."""
+        if self._run_files is not None and \
+                time.monotonic() - self._last_lock_refresh >= LOCK_REFRESH_INTERVAL:
+            self._last_lock_refresh = time.monotonic()
+            self._thread("control").submit(self._run_files.refresh)
 
     def poll(self) -> None:
         """Apply the answers that came back (submissions, the last state query) and,
@@ -441,6 +453,7 @@ class BatchLauncher(Launcher):
         """
         self._apply_submissions()
         self._apply_query()
+        self._refresh_lock_later()
         if self._refused is not None:
             refused, self._refused = self._refused, None
             raise refused
