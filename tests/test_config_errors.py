@@ -151,6 +151,7 @@ def test_a_folder_others_can_write_exits_35_before_anything_starts(tmp_path, key
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(mode)
+    os.chown(shared, -1, SHARED_GID)  # a group others are in, not the user's own
     result = run_luigi(tmp_path, "--module", "config_tasks", "Tiny",
                        config_text=with_lines(f"{key} = shared"))
     what = "ledger folder" if key == "ledger_dir" else "log folder"
@@ -279,10 +280,15 @@ def test_run_blockwise_refuses_a_host_that_is_not_of_this_machine(tmp_path, key)
     assert not (tmp_path / "ledgers").exists() and not (tmp_path / "logs").exists()
 
 
+#: a group other users are in ("nogroup"): the user's own private group may write
+SHARED_GID = 65534
+
+
 def shared_folder(path: Path, mode: int = 0o775) -> Path:
-    """An existing folder its group can write, not sticky."""
+    """An existing folder its group (one others are in) can write, not sticky."""
     path.mkdir()
     path.chmod(mode)
+    os.chown(path, -1, SHARED_GID)
     return path
 
 

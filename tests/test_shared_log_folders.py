@@ -38,6 +38,7 @@ from test_planted_links import (  # noqa: F401 - fixtures
 
 import luigi_daisy as daisy
 from luigi_daisy import Roi, UnsafePathError
+from luigi_daisy.errors import ConfigError
 from luigi_daisy.launchers.base import WorkerSpec
 from luigi_daisy.payload import FunctionTarget, WorkerPayload
 
@@ -270,9 +271,9 @@ def test_folders_of_the_users_private_group_may_be_group_writable(tmp_path, priv
     result = daisy.run_blockwise([small_task(tmp_path)], progress=False, log_dir=logs,
                                  ledger_dir=ledgers)
     assert result["t"].succeeded
-    # writable by others: refused whatever the group
+    # writable by others: refused whatever the group (a setting: before anything)
     logs.chmod(0o777)
-    with pytest.raises(UnsafePathError, match="writable by .*others"):
+    with pytest.raises(ConfigError, match="writable by .*others"):
         daisy.run_blockwise([small_task(tmp_path, "u")], progress=False, log_dir=logs,
                             ledger_dir=ledgers)
 
