@@ -271,8 +271,6 @@ class HandOut:
         self.checked: dict[str, deque[Block]] = {t: deque() for t in task_ids}
         #: pre checks asked for and not answered, per task
         self.pre_checks: dict[str, int] = {t: 0 for t in task_ids}
-        #: post checks asked for and not answered
-        self.post_checks = 0
         #: ids of the workers that failed blocks, per task (for their log files)
         self.failed_workers: dict[str, set[int]] = {t: set() for t in task_ids}
         #: ``(task_id, daisy block number) -> worker id`` of the blocks failed for good
@@ -374,7 +372,6 @@ class HandOut:
         block = held.pop(index)
         status, error = result.status, result.error
         if status == _SUCCESS and self._post_checked[hand.task_id]:
-            self.post_checks += 1
             self._out.append(RunPostCheck(block, hand.worker_id))
             return
         if status != _SUCCESS and status != _FAILED:
@@ -474,7 +471,6 @@ class HandOut:
         self._serve_waiting()
 
     def _post_check_answered(self, event: PostCheckAnswered) -> None:
-        self.post_checks -= 1
         if event.failure is None:
             self._release(event.block, BlockStatus.SUCCESS, None, event.worker_id)
         else:
