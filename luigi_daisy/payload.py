@@ -344,18 +344,34 @@ def read_payload_file(path: str | os.PathLike) -> WorkerPayload:
     PayloadError
         The file is missing, not owned by this user, or open to group or others.
     """
+    with _open_private(path, "payload") as stream:
+        return read_payload(stream)
+
+
+def _open_private(path: str | os.PathLike, what: str, if_missing: str = "") -> BinaryIO:
+    """Open the worker's ``what`` file for reading, never through a link, refusing one
+    that is not this user's or that others could read (mode 0600 expected).
+
+    Raises
+    ------
+    PayloadError
+        The file cannot be opened (``if_missing`` follows the error), or is open to
+        others.
+    """
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as error:
-        raise PayloadError(f"cannot open the worker payload file {path}: {error}") from None
-    with os.fdopen(descriptor, "rb") as stream:
-        status = os.fstat(descriptor)
-        if status.st_uid != os.getuid() or status.st_mode & 0o077:
-            raise PayloadError(
-                f"refusing the worker payload file {path}: it must belong to this user "
-                f"and be readable by no one else (mode 0600), found uid {status.st_uid} "
-                f"and mode {status.st_mode & 0o777:o}")
-        return read_payload(stream)
+        raise PayloadError(
+            f"cannot open the worker {what} file {path}: {error}{if_missing}") from None
+    stream = os.fdopen(descriptor, "rb")
+    status = os.fstat(descriptor)
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        stream.close()
+        raise PayloadError(
+            f"refusing the worker {what} file {path}: it must belong to this user "
+            f"and be readable by no one else (mode 0600), found uid {status.st_uid} "
+            f"and mode {status.st_mode & 0o777:o}")
+    return stream
 
 
 def private_folder(folder: str | os.PathLike) -> Path:
@@ -606,20 +622,9 @@ def read_context_file(path: str | os.PathLike) -> str:
     PayloadError
         The file is missing, a link, not this user's or readable by others.
     """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as error:
-        raise PayloadError(f"cannot open the worker context file {path}: {error}. Each "
-                           f"job reads its own once; a job the batch system started "
-                           f"again (a requeue) finds it gone and ends, and the run "
-                           f"starts a replacement") from None
-    with os.fdopen(descriptor, "rb") as stream:
-        status = os.fstat(descriptor)
-        if status.st_uid != os.getuid() or status.st_mode & 0o077:
-            raise PayloadError(
-                f"refusing the worker context file {path}: it must belong to this user "
-                f"and be readable by no one else (mode 0600), found uid {status.st_uid} "
-                f"and mode {status.st_mode & 0o777:o}")
+    with _open_private(path, "context", ". Each job reads its own once; a job the "
+                       "batch system started again (a requeue) finds it gone and ends, "
+                       "and the run starts a replacement") as stream:
         text = stream.read().decode()
     os.unlink(path)
     return text
