@@ -143,23 +143,14 @@ def _follow_in_process(scheduler: BlockScheduler, followed: dict[str, FollowedTa
                        ledgers: LedgerSet) -> bool:
     """Take in the blocks other runs finished; take over tasks whose run is gone.
     True when something changed."""
-    changed = False
-    for task_id, follower in list(followed.items()):
-        for index in follower.new_done():
-            changed = scheduler.complete_external(task_id, index) or changed
-        if scheduler.task_states[task_id].is_done():
-            continue
-        ledger = follower.try_claim()
-        if ledger is None:
-            continue
-        for index in follower.new_done():
-            scheduler.complete_external(task_id, index)
-        del followed[task_id]
-        scheduler.take_over(task_id)
-        ledgers.add(task_id, ledger)
-        logger.warning("the run processing task %r is gone; taking it over", task_id)
-        changed = True
-    return changed
+    may_claim = {task_id: not scheduler.task_states[task_id].is_done()
+                 for task_id in followed}
+    released, taken = _take_in_looks(scheduler, followed, ledgers,
+                                     _look_at_followed(followed, may_claim))
+    for task_id in taken:
+        if not scheduler.task_states[task_id].is_done():
+            logger.warning("the run processing task %r is gone; taking it over", task_id)
+    return released or bool(taken)
 
 
 def _process_next_block(scheduler: BlockScheduler, task: Task, ledgers: LedgerSet) -> bool:
@@ -226,6 +217,31 @@ def _look_at_followed(followers: Mapping[str, FollowedTask],
                 look.done_after_claim = follower.new_done()
         found[task_id] = look
     return found
+
+
+def _take_in_looks(scheduler: BlockScheduler, followed: dict[str, FollowedTask],
+                   ledgers: LedgerSet, found: Mapping[str, FollowedLook]
+                   ) -> tuple[bool, list[str]]:
+    """Apply what looks at followed ledgers found: blocks finished elsewhere release
+    the blocks that wait for them; a claimed task is taken over (out of ``followed``,
+    its ledger one of ``ledgers``). Returns whether any block was new, and the ids of
+    the tasks taken over."""
+    released = False
+    taken = []
+    for task_id, look in found.items():
+        if task_id not in followed:
+            continue
+        for index in look.done:
+            released = scheduler.complete_external(task_id, index) or released
+        if look.claimed is None:
+            continue
+        for index in look.done_after_claim:
+            scheduler.complete_external(task_id, index)
+        del followed[task_id]
+        scheduler.take_over(task_id)
+        ledgers.add(task_id, look.claimed)
+        taken.append(task_id)
+    return released, taken
 
 
 class WorkerRun:
@@ -532,39 +548,28 @@ class WorkerRun:
         self._follow_look = self._follow_thread.submit(
             _look_at_followed, dict(self.followed), may_claim)
 
-    def _take_in_followed(self, found: dict[str, FollowedLook]) -> None:
+    def _take_in_followed(self, found: Mapping[str, FollowedLook]) -> None:
         """Blocks finished by the runs this one follows release the blocks that wait
-        for them; a task whose run is gone is taken over."""
-        for task_id, look in found.items():
-            if task_id not in self.followed:
-                continue
-            for index in look.done:
-                self.scheduler.complete_external(task_id, index)
-            if look.done:
-                self.server.serve_waiting()
-            if look.claimed is None:
-                continue
-            for index in look.done_after_claim:
-                self.scheduler.complete_external(task_id, index)
-            del self.followed[task_id]
-            self.scheduler.take_over(task_id)
-            self.ledgers.add(task_id, look.claimed)
+        for them (handed to the workers that wait); a task whose run is gone is taken
+        over and gets workers."""
+        released, taken = _take_in_looks(self.scheduler, self.followed, self.ledgers,
+                                         found)
+        if released:
+            self.server.serve_waiting()
+        for task_id in taken:
             if not self.scheduler.task_states[task_id].is_done():
                 logger.warning("the run processing task %r is gone; taking it over", task_id)
                 self._start_task(task_id)
 
     def _stop_following(self) -> None:
-        """Wait for a look at the followed ledgers still running (it may have claimed a
-        task: its ledger is then written like the others) and end the thread."""
+        """Wait for a look at the followed ledgers still running (a task it claimed is
+        taken in: its ledger is then written like the others) and end the thread."""
         look, self._follow_look = self._follow_look, None
         if self._follow_thread is not None:
             self._follow_thread.shutdown(wait=True)
             self._follow_thread = None
         if look is not None and look.done() and look.exception() is None:
-            for task_id, found in look.result().items():
-                if found.claimed is not None and task_id in self.followed:
-                    del self.followed[task_id]
-                    self.ledgers.add(task_id, found.claimed)
+            _take_in_looks(self.scheduler, self.followed, self.ledgers, look.result())
 
     def _observe(self) -> None:
         for observer in self.observers:
