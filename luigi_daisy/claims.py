@@ -154,6 +154,16 @@ class Claims:
         self.locks: dict[str, TaskLock] = {}
         self.followed: dict[str, LedgerFollower] = {}
 
+    def claim(self, task_id: str, ledger_file: Path, geometry: dict) -> bool:
+        """Take the lock beside ``ledger_file``; True when this run holds the task now,
+        False when another live run does (the task is followed from then on)."""
+        lock = TaskLock(lock_path(ledger_file))
+        self.locks[task_id] = lock
+        if lock.try_acquire():
+            return True
+        self.followed[task_id] = LedgerFollower(task_id, ledger_file, geometry, lock)
+        return False
+
     @classmethod
     def take(cls, tasks: Iterable, default_folder: str | os.PathLike | None) -> Claims:
         """Claim every task of ``tasks`` that keeps a ledger (``task.ledger``, else
@@ -166,13 +176,10 @@ class Claims:
                 if folder is None:
                     continue
                 ledger_file = ledger_path(folder, task.task_id)
-                lock = TaskLock(lock_path(ledger_file))
-                claims.locks[task.task_id] = lock
-                if not lock.try_acquire():
-                    logger.warning("task %r is being run by another process (its lock %s is "
-                                   "held); following it", task.task_id, lock.path)
-                    claims.followed[task.task_id] = LedgerFollower(
-                        task.task_id, ledger_file, task.grid.describe(), lock)
+                if not claims.claim(task.task_id, ledger_file, task.grid.describe()):
+                    logger.warning("task %r is being run by another process (its lock %s "
+                                   "is held); following it", task.task_id,
+                                   claims.locks[task.task_id].path)
         except BaseException:
             claims.release()
             raise

@@ -13,7 +13,7 @@ from funlib.geometry import Roi
 from luigi.task import flatten
 
 from ..blocks import Block, BlockGrid
-from ..claims import LedgerFollower, TaskLock, lock_path
+from ..claims import Claims
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, ConfigError, LauncherError, WorkerSetupError
 from ..ledger import LedgerSet, ledger_path
@@ -402,18 +402,20 @@ class BlockwiseTask(luigi.Task):
             upstream = [core_tasks[other.task_id] for other in task.blockwise_requires()
                         if other.task_id in core_tasks]
             core_tasks[task.task_id] = task.daisy_task(upstream)
-        locks = {task.task_id: TaskLock(lock_path(task.ledger_file())) for task in closure}
-        followed = {}
+        claims = Claims()
         claimed = []
-        for task in closure:
-            if locks[task.task_id].try_acquire():
-                claimed.append(core_tasks[task.task_id])
-                RunOutcome(task.ledger_file()).clear()
-            else:
-                logger.info("task %s is being run by another process; following it",
-                            task.task_id)
-                followed[task.task_id] = LedgerFollower(
-                    task.task_id, task.ledger_file(), task.geometry(), locks[task.task_id])
+        try:
+            for task in closure:
+                if claims.claim(task.task_id, task.ledger_file(), task.geometry()):
+                    claimed.append(core_tasks[task.task_id])
+                    RunOutcome(task.ledger_file()).clear()
+                else:
+                    logger.info("task %s is being run by another process; following it",
+                                task.task_id)
+        except BaseException:
+            claims.release()
+            raise
+        followed = claims.followed
         reporter = LuigidReporter(self, closure, scheduler, luigi_worker)
         try:
             ledgers = LedgerSet.open(claimed)
@@ -446,10 +448,7 @@ class BlockwiseTask(luigi.Task):
                         luigi_worker, state.succeeded, failure_message(task.task_id, state,
                                                                        summary))
         finally:
-            for follower in followed.values():
-                follower.close()
-            for lock in locks.values():
-                lock.release()
+            claims.release()
         if not result[self.task_id].succeeded:
             stopped = (f"\nThe run stopped early: {run.failure_report}"
                        if run.failure_report else "")
