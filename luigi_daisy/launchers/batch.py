@@ -344,15 +344,22 @@ class BatchLauncher(Launcher):
         job = BatchJob(self, spec.task_id, int(spec.worker_id), None, job_name,
                        stdout_path, stderr_path, submitted_at=time.monotonic())
         self._submitting.add(job)
-        self._thread("submit").submit(self._submit, job, command, environment)
+        self._thread("submit").submit(self._submit, job, command, environment,
+                                      spec.environment.get(ENV_VARIABLE))
         return job
 
-    def _submit(self, job: BatchJob, command: list[str], environment: dict[str, str]) -> None:
-        """On the submit thread: run one submit command, leave the answer for poll()."""
+    def _submit(self, job: BatchJob, command: list[str], environment: dict[str, str],
+                context: str | None) -> None:
+        """On the submit thread: write the job's context file (one per job: a file on a
+        shared file system is not written on the caller's loop), run one submit
+        command, leave the answer for poll()."""
         if self._closing.is_set() or job.cancel_requested:
             self._submitted.append((job, None, None))  # the run ended first
             return
         try:
+            if context is not None:
+                environment = {**environment, CONTEXT_FILE_VARIABLE: str(
+                    self._files().write("context", context.encode(), ".txt"))}
             result = self._run(command, environment, "submit")
             job_id = self.parse_job_id(result.stdout)
         except LauncherError as error:
@@ -398,17 +405,14 @@ class BatchLauncher(Launcher):
                                PARENT_PID_VARIABLE)}
 
     def job_environment(self, spec: WorkerSpec) -> dict[str, str]:
-        """Variables the job gets on top of the submitting environment: the names of its
-        payload file (one file per payload) and of its context file (one per job: the
-        context holds the run's token, and a batch system may show a job's environment
-        to other users, e.g. ``qstat -f`` after ``qsub -V``)."""
+        """Variables the job gets on top of the submitting environment: the name of its
+        payload file (one file per payload), and not its context (the run's token: a
+        batch system may show a job's environment to other users, e.g. ``qstat -f``
+        after ``qsub -V``), which goes in a context file of its own, written on the
+        submit thread and named by ``LUIGI_DAISY_CONTEXT_FILE``."""
         environment = {key: str(value) for key, value in dict(spec.environment).items()
                        if key not in (ENV_VARIABLE, DAISY_ENV_VARIABLE)}
         environment[PAYLOAD_FILE_VARIABLE] = str(self._payload_file(spec.payload))
-        context = spec.environment.get(ENV_VARIABLE)
-        if context is not None:
-            environment[CONTEXT_FILE_VARIABLE] = str(
-                self._files().write("context", context.encode(), ".txt"))
         return environment
 
     def _files(self) -> RunFiles:
