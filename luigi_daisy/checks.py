@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import safe_files
 from .errors import ConfigError, UnsafePathError
+from .listening import bind_listening_sockets
 
 #: smallest ``worker_death_timeout`` (seconds): a worker's watchdog looks no more often
 MIN_WORKER_DEATH_TIMEOUT = 1.0
@@ -43,8 +44,9 @@ def check_worker_death_timeout(value: object, key: str = "worker_death_timeout")
 
 def check_host(host: str | None, key: str = "host") -> None:
     """Refuse an interface to listen on that does not resolve to an address, or whose
-    address is not one of this machine (binding a socket to it, on a port the system
-    picks, fails with ``EADDRNOTAVAIL``). The probe binds locally and sends nothing.
+    address is not one of this machine: binding the server's sockets to it
+    (:func:`~luigi_daisy.listening.bind_listening_sockets`, on a port the system picks)
+    fails with ``EADDRNOTAVAIL``. The probe binds locally and sends nothing.
 
     ``None`` or ``""`` (every interface) pass.
     """
@@ -55,28 +57,18 @@ def check_host(host: str | None, key: str = "host") -> None:
                           f"this machine, as a string")
     instead = ("give an interface of this machine to listen on: 127.0.0.1 (this machine "
                "only), 0.0.0.0 (every interface) or a name or address of this machine")
-    family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
     try:
-        found = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        for sock in bind_listening_sockets(host):  # what the server does, then let go
+            sock.close()
     except (socket.gaierror, UnicodeError) as error:
         raise ConfigError(f"{key}={host!r} does not resolve to an address ({error}); "
                           f"{instead}") from None
-    for address_family, kind, protocol, _, address in found:
-        try:
-            probe = socket.socket(address_family, kind, protocol)
-        except OSError:
-            continue  # a family this kernel lacks: the server skips it too
-        with probe:
-            try:
-                probe.bind(address)
-            except OSError as error:
-                if error.errno != errno.EADDRNOTAVAIL:
-                    continue  # not this check's business; the server reports it
-                if host == "localhost" and address_family == socket.AF_INET6:
-                    continue  # IPv6 half disabled: the server skips localhost's ::1
-                raise ConfigError(
-                    f"{key}={host!r}: {address[0]} is not an address of this machine, so "
-                    f"nothing can listen on it; {instead}") from None
+    except OSError as error:
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(
+                f"{key}={host!r}: {error.filename} is not an address of this machine, so "
+                f"nothing can listen on it; {instead}") from None
+        # not this check's business: the server reports it when it binds
 
 
 def check_folder(folder: str | os.PathLike | None, key: str) -> None:

@@ -78,7 +78,8 @@ def bind_listening_sockets(host: str | None, port: int = 0,
                 if (error.errno == errno.EADDRNOTAVAIL and host == "localhost"
                         and address[0] == "::1"):
                     continue  # IPv6 half disabled (docker's default)
-                raise
+                # the same class (errno), naming the address that could not be bound
+                raise OSError(error.errno, error.strerror, address[0]) from None
             bound_port = sock.getsockname()[1]
             sock.listen(backlog)
             sockets.append(sock)
