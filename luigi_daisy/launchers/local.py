@@ -240,9 +240,12 @@ class LocalLauncher(Launcher):
         """
         if spec.stdout_path is not None:
             check_log_folders(spec.stdout_path.parent, self._checked_folders)
-            for path in (spec.stdout_path, spec.stderr_path):
-                os.close(open_log(path))  # created here: the child appends to this file
         if self.start_method == "fork":
+            if spec.stdout_path is not None:
+                # created here, where a planted link is refused with an error: the
+                # child appends to these files (a spawned child gets them opened)
+                for path in (spec.stdout_path, spec.stderr_path):
+                    os.close(open_log(path))
             worker = self._fork(spec)
         else:
             worker = self._spawn(spec)
