@@ -50,10 +50,9 @@ class StartupReport:
         returned (``final``: now, with the ids known so far)."""
         if self.started_logged:
             return
-        waiting = [handle for handle in self.handles
-                   if getattr(handle, "job_id", "") is None and handle.exit_code() is None]
-        if waiting and not final:
-            return
+        if not final and any(getattr(handle, "job_id", "") is None
+                             and handle.exit_code() is None for handle in self.handles):
+            return  # a submission has not returned yet
         self.started_logged = True
         ids = [handle.job_id for handle in self.handles
                if getattr(handle, "job_id", None) is not None]
