@@ -97,9 +97,13 @@ def rss_bytes(pid: int) -> int:
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
-    """True when the server closed ``sock`` (reset or end of stream), without waiting."""
+    """True when the server closed ``sock`` (reset or end of stream), without waiting.
+
+    The socket is made non-blocking first: a socket with a timeout polls for that long
+    before its ``recv``, whatever the flags (and the idle close came just as it gave up)."""
+    sock.setblocking(False)
     try:
-        return sock.recv(1, socket.MSG_DONTWAIT) == b""
+        return sock.recv(1) == b""
     except BlockingIOError:
         return False
     except ConnectionResetError:
