@@ -21,7 +21,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -234,6 +234,9 @@ class BlockServer(TCPServer):
         Where finished blocks are recorded; the server is the ledgers' only writer.
     limits:
         Bounds on connections, handshakes and buffered bytes (:class:`ServerLimits`).
+    pools, pool_policy:
+        Pools of workers that serve several tasks, and how their next task is chosen
+        (see :class:`~luigi_daisy.handout.HandOut`).
 
     Only workers announced with :meth:`expect_worker` are welcomed, one connection
     per worker id at a time.
@@ -243,10 +246,12 @@ class BlockServer(TCPServer):
                  token: str | None = None, clock: Callable[[], float] = time.monotonic,
                  on_worker_timeout: Callable[[str, int | None], None] | None = None,
                  ledgers: LedgerSet | None = None,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None,
+                 pools: Mapping[str, Iterable[str]] | None = None,
+                 pool_policy: str = "downstream") -> None:
         super().__init__(max_buffer_size=1 << 22)
         self.scheduler = scheduler
-        self.handout = HandOut(scheduler)
+        self.handout = HandOut(scheduler, pools, pool_policy)
         self.host = host
         self.token: str = token or new_token()
         self.clock = clock
@@ -493,7 +498,7 @@ class BlockServer(TCPServer):
         if not verify_proof(self.token, nonce, message.proof):
             return "authentication failed: the worker does not know this run's token"
         task_id, worker_id = message.task_id, message.worker_id
-        if task_id not in self.scheduler.tasks:
+        if not self.handout.is_home(task_id):
             return (f"unknown task {clip(repr(task_id))}; this server runs "
                     f"{clip(', '.join(map(repr, self.scheduler.tasks)))}")
         if not self.handout.is_expected(task_id, worker_id):

@@ -285,7 +285,7 @@ def test_a_failed_upstream_task_shows_its_failed_blocks_and_real_progress_in_lui
     assert graph[down]["progress_percentage"] == expected  # the block reading it orphaned
     error = json.loads(luigid.api("fetch_error", task_id=up)["error"])  # Luigi's JSON text
     assert "failed blocks" in error and f"ValueError: block {3 * BLOCK} of Up is broken" in error
-    assert re.search(r"logs/Up_\S+/worker_\d+\.err", error), error
+    assert re.search(r"logs/pool/worker_\d+\.err", error), error  # Up and Down's pool
     assert "failed    ✗: 1" in error
     message = graph[up]["status_message"]
     assert f"ValueError: block {3 * BLOCK} of Up is broken" in message and ".err" in message

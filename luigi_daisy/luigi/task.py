@@ -435,6 +435,8 @@ class BlockwiseTask(luigi.Task):
                                 worker_death_timeout=config.worker_death_timeout,
                                 pending_report_after=config.pending_report_after,
                                 prefetch=config.prefetch,
+                                total_workers=config.total_workers,
+                                pool_policy=config.pool_policy,
                                 block_map_host=config.block_map_host)
                 result = run_coroutine(run.run)
             finally:
