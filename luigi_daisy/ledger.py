@@ -242,12 +242,14 @@ def is_ledger(path: str | os.PathLike) -> bool:
 def find_ledgers(path: str | os.PathLike) -> list[Path]:
     """The ledger records in folder ``path`` (or ``[path]`` when it is a record), sorted.
 
-    An SQLite file of an earlier version is listed when no record of the new format
-    stands beside it (a writer converts it on its first open)."""
+    Every ``*.ledger`` entry is listed, a damaged one too (reading it then says what is
+    wrong); an SQLite file of an earlier version is listed when no record stands beside
+    it (a writer converts it on its first open)."""
     path = Path(path)
     if is_ledger(path) or not path.is_dir():
         return [path] if is_ledger(path) else []
-    found = [child for child in path.iterdir() if is_ledger(child)]
+    found = [child for child in path.iterdir()
+             if child.name.endswith(SUFFIX) or is_ledger(child)]
     names = {child.name for child in found}
     return sorted(child for child in found
                   if not (child.name.endswith(LEGACY_SUFFIX)
@@ -651,6 +653,7 @@ class Ledger:
         of ``previous`` that did not change). A file that vanished meanwhile (a newer
         commit replaced it) sends the read back to the manifest, a bounded number of
         times."""
+        missing_under: int | None = None
         for _ in range(READ_ATTEMPTS):
             manifest = self._read_manifest()
             if manifest is None:
@@ -659,7 +662,13 @@ class Ledger:
                 return previous
             try:
                 return self._read_files(manifest, previous)
-            except (FileNotFoundError, _Stale):
+            except (FileNotFoundError, _Stale) as error:
+                # the writer's own manifest, or the same one twice: nothing replaced it
+                if not self.read_only or missing_under == manifest["generation"]:
+                    name = Path(getattr(error, "filename", None) or "a file").name
+                    raise self._damaged(f"{name}, which its manifest names, is "
+                                        f"missing") from None
+                missing_under = manifest["generation"]
                 continue
         raise LedgerStorageError(
             f"ledger {self.path} of task {self.task_id!r} changed under every one of "
@@ -706,6 +715,8 @@ class Ledger:
                                     for index, error in json.loads(data).items()}
                 except (ValueError, AttributeError) as error:
                     raise self._damaged(f"{_failed_name(generation)}: {error}") from None
+        if len(state.failed) != int(manifest["failed"]):
+            raise self._damaged("its failed count does not match its failures file")
         return state
 
     def _read_named(self, name: str) -> bytes:
@@ -713,7 +724,7 @@ class Ledger:
             return _read_file(self.path / name)
         except OSError as error:
             if error.errno == errno.ESTALE:  # removed on the server (NFS): read again
-                raise _Stale() from None
+                raise _Stale(str(self.path / name)) from None
             raise
 
     def _require_state(self) -> _State:
@@ -1107,6 +1118,10 @@ class Ledger:
 
 class _Stale(Exception):
     """A file named by the manifest was removed on the server meanwhile (ESTALE)."""
+
+    @property
+    def filename(self) -> str:
+        return str(self.args[0])
 
 
 def read_ledger_summary(path: str | os.PathLike) -> dict:
