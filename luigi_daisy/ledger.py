@@ -1016,12 +1016,22 @@ class Ledger:
             if failed:
                 failed_now = {**failed_now, **failed}
                 failed_changed = True
+            packed_now = {}
+            for chunk, bits in list(changed.items()):
+                packed = np.packbits(bits)
+                old = chunks.get(chunk)
+                if np.array_equal(packed, old) if old is not None else not packed.any():
+                    del changed[chunk]  # (blocks recorded twice, forgotten ones not done)
+                else:
+                    packed_now[chunk] = packed
+            if not changed and not failed_changed:
+                return
             generation = state.generation + 1
             written: list[str] = []
             superseded: list[str] = []
             try:
                 for chunk, bits in changed.items():
-                    packed = np.packbits(bits)
+                    packed = packed_now[chunk]
                     count = int(np.count_nonzero(bits))
                     previous = files.get(chunk)
                     if previous is not None:
