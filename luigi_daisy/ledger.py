@@ -53,6 +53,7 @@ from .errors import (
     LedgerError,
     LedgerReadOnlyError,
     LedgerStorageError,
+    UnsafePathError,
 )
 from .safe_files import check_folder, open_own, own_subfolder, refuse_links
 
@@ -614,8 +615,9 @@ class Ledger:
             return None
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise LedgerStorageError(
-                    f"the manifest of ledger {self.path} is a symbolic link; remove it "
+                raise UnsafePathError(
+                    f"ledger file {self.path / MANIFEST} is a symbolic link; this run reads "
+                    f"and writes no file through a link: remove it "
                     f"(rm {self.path / MANIFEST})") from None
             raise
         try:
