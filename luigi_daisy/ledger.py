@@ -74,8 +74,10 @@ SUFFIX = ".ledger"
 #: the name of an SQLite ledger of an earlier version ends so
 LEGACY_SUFFIX = ".ledger.sqlite"
 MANIFEST = "manifest.json"
-#: blocks per bitmap chunk: 1 MiB of bits, about 120 chunks for 10^9 blocks
-CHUNK_BLOCKS = 1 << 23
+#: blocks per bitmap chunk: 128 KiB of bits, about 950 chunks for 10^9 blocks. A flush
+#: rewrites (and compresses) each chunk it touches: small chunks keep a run's flushes of
+#: a thousand blocks cheap; the manifest lists every chunk (about 35 bytes each)
+CHUNK_BLOCKS = 1 << 20
 CHUNK_BYTES = CHUNK_BLOCKS // 8
 #: zlib level of the chunks: 1 compresses runs of done blocks as well as higher ones
 ZLIB_LEVEL = 1
@@ -388,6 +390,31 @@ def _failed_name(generation: int) -> str:
     return f"failed-{generation}.json"
 
 
+def _popcount(packed: np.ndarray) -> int:
+    """How many bits of ``packed`` (uint8) are set."""
+    import numpy as np
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(np.unpackbits(packed).sum(dtype=np.int64))
+
+
+def _set_bits(packed: np.ndarray, local: np.ndarray, value: int) -> np.ndarray:
+    """Set (``value`` 1) or clear the bits ``local`` (sorted, within the chunk) of a
+    chunk's ``packed`` bits, in place where few (a run's flush: no 8 MB of unpacked
+    bits for a thousand blocks), through unpacked bits where many; returns the bits."""
+    import numpy as np
+    if local.size * 64 < CHUNK_BLOCKS:
+        masks = (0x80 >> (local & 7)).astype(np.uint8)
+        if value:
+            np.bitwise_or.at(packed, local >> 3, masks)
+        else:
+            np.bitwise_and.at(packed, local >> 3, ~masks)
+        return packed
+    bits = np.unpackbits(packed)
+    bits[local] = value
+    return np.packbits(bits)
+
+
 @dataclass
 class _State:
     """One consistent state of a record: what its manifest says, and the chunks read."""
@@ -459,7 +486,10 @@ class Ledger:
         self.geometry = geometry
         self.read_only = read_only
         self._expected_geometry = json.dumps(geometry, sort_keys=True)
-        self._pending_done: list[Any] = []
+        self._pending_done: list[int] = []
+        self._pending_arrays: list[Any] = []
+        #: blocks in the pending arrays
+        self._pending_in_arrays = 0
         self._pending_failed: dict[int, str | None] = {}
         #: guards the pending records: the loop appends, the writer thread takes them
         self._pending_lock = threading.Lock()
@@ -535,6 +565,8 @@ class Ledger:
             else:
                 self._state = state
                 if self._origin is not None and self._origin != state.manifest.get("origin"):
+                    # a new generation: readers that peek at it read the new origin
+                    state.manifest = dict(state.manifest, generation=state.generation + 1)
                     self._write_manifest(state, state.files,
                                          state.manifest.get("failed_file"))
                 self._origin = state.manifest.get("origin")
@@ -695,7 +727,7 @@ class Ledger:
             except zlib.error as error:
                 raise self._damaged(f"chunk file {_chunk_name(chunk, generation)}: "
                                     f"{error}") from None
-            if bits.size != CHUNK_BYTES or int(np.unpackbits(bits).sum()) != count:
+            if bits.size != CHUNK_BYTES or _popcount(bits) != count:
                 raise self._damaged(f"chunk file {_chunk_name(chunk, generation)} holds "
                                     f"another number of blocks than its manifest says")
             state.chunks[chunk] = bits
@@ -741,6 +773,8 @@ class Ledger:
         with self._state_lock:
             state = self._require_state()
             if self.read_only:
+                if self._peek_generation() == state.generation:
+                    return state  # nothing committed since: one read of a few bytes
                 try:
                     fresh = self._read_state(state)
                 except OSError as error:
@@ -749,6 +783,24 @@ class Ledger:
                     raise LedgerError(f"the manifest of ledger {self.path} vanished")
                 self._state = state = fresh
             return state
+
+    def _peek_generation(self) -> int | None:
+        """The generation at the head of the manifest (written first, so that a reader
+        learns whether anything changed from a few bytes, whatever the task's size);
+        None when it cannot be read so."""
+        try:
+            descriptor = os.open(self.path / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            head = os.read(descriptor, 64)
+        except OSError:
+            return None
+        finally:
+            os.close(descriptor)
+        found = _HEAD.match(head)
+        return int(found.group(1)) if found else None
 
     @property
     def origin(self) -> dict | None:
@@ -879,9 +931,10 @@ class Ledger:
         :meth:`record_done`)."""
         import numpy as np
         array = np.array(indices if isinstance(indices, np.ndarray) else list(indices),
-                         dtype=np.int64)
+                         dtype=np.int64).ravel()
         with self._pending_lock:
-            self._pending_done.append(array.ravel())
+            self._pending_arrays.append(array)
+            self._pending_in_arrays += array.size
 
     def record_failed(self, index: int, error: str | None) -> None:
         """Remember a block that failed for good; written at the next :meth:`flush`."""
@@ -890,17 +943,21 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        """Records not yet written."""
-        return sum(1 if isinstance(item, int) else len(item)
-                   for item in self._pending_done) + len(self._pending_failed)
+        """Records not yet written (counted, not walked: asked after every record)."""
+        return len(self._pending_done) + self._pending_in_arrays + len(self._pending_failed)
+
+    def _take_pending(self) -> tuple[list[int], list[Any], dict[int, str | None]]:
+        with self._pending_lock:
+            taken = self._pending_done, self._pending_arrays, self._pending_failed
+            self._pending_done, self._pending_arrays, self._pending_failed = [], [], {}
+            self._pending_in_arrays = 0
+        return taken
 
     def discard_pending(self) -> int:
         """Forget the records not yet written (their blocks will run again); return how
         many. For a run that stops because its ledger cannot be written."""
-        with self._pending_lock:
-            count = self.pending
-            self._pending_done, self._pending_failed = [], {}
-        return count
+        singles, arrays, failed = self._take_pending()
+        return len(singles) + sum(array.size for array in arrays) + len(failed)
 
     def flush(self) -> int:
         """Write the pending records in one commit; return how many.
@@ -914,21 +971,21 @@ class Ledger:
             Of the class that says what happened (see :func:`storage_error`).
         """
         with self._state_lock:
-            with self._pending_lock:
-                done, failed = self._pending_done, self._pending_failed
-                self._pending_done, self._pending_failed = [], {}
-            if not done and not failed:
+            singles, arrays, failed = self._take_pending()
+            if not singles and not arrays and not failed:
                 return 0
-            count = sum(1 if isinstance(item, int) else len(item) for item in done)
+            count = len(singles) + sum(array.size for array in arrays)
             try:
                 if self.read_only:
                     raise LedgerError(
                         f"ledger {self.path} was opened read-only; it cannot record")
-                self._commit(done, failed)
+                self._commit([*singles, *arrays], failed)
             except BaseException:
                 # not written: back in front of the records that came in meanwhile
                 with self._pending_lock:
-                    self._pending_done[:0] = done
+                    self._pending_done[:0] = singles
+                    self._pending_arrays[:0] = arrays
+                    self._pending_in_arrays += sum(array.size for array in arrays)
                     failed.update(self._pending_failed)
                     self._pending_failed = failed
                 raise
@@ -984,24 +1041,24 @@ class Ledger:
                         f"positions in the task's block grid")
             chunks = dict(state.chunks)
             files = dict(state.files)
+            #: chunk -> its packed bits after this commit
             changed: dict[int, Any] = {}
             for array, value in ((indices, 1), (forgotten, 0)):
                 if not array.size:
                     continue
-                order = np.sort(array)
+                order = array if bool((array[1:] >= array[:-1]).all()) else np.sort(array)
                 numbers = order // CHUNK_BLOCKS
                 bounds = np.flatnonzero(np.diff(numbers)) + 1
                 for part in np.split(order, bounds):
                     chunk = int(part[0] // CHUNK_BLOCKS)
-                    bits = changed.get(chunk)
-                    if bits is None:
+                    packed = changed.get(chunk)
+                    if packed is None:
                         old = chunks.get(chunk)
                         if old is None and value == 0:
                             continue
-                        bits = (np.unpackbits(old) if old is not None
-                                else np.zeros(CHUNK_BLOCKS, dtype=np.uint8))
-                    bits[part - chunk * CHUNK_BLOCKS] = value
-                    changed[chunk] = bits
+                        packed = (old.copy() if old is not None
+                                  else np.zeros(CHUNK_BYTES, dtype=np.uint8))
+                    changed[chunk] = _set_bits(packed, part - chunk * CHUNK_BLOCKS, value)
             failed_now = state.failed
             failed_changed = False
             gone = [indices, forgotten]
@@ -1018,23 +1075,18 @@ class Ledger:
             if failed:
                 failed_now = {**failed_now, **failed}
                 failed_changed = True
-            packed_now = {}
-            for chunk, bits in list(changed.items()):
-                packed = np.packbits(bits)
+            for chunk, packed in list(changed.items()):
                 old = chunks.get(chunk)
                 if np.array_equal(packed, old) if old is not None else not packed.any():
                     del changed[chunk]  # (blocks recorded twice, forgotten ones not done)
-                else:
-                    packed_now[chunk] = packed
             if not changed and not failed_changed:
                 return
             generation = state.generation + 1
             written: list[str] = []
             superseded: list[str] = []
             try:
-                for chunk, bits in changed.items():
-                    packed = packed_now[chunk]
-                    count = int(np.count_nonzero(bits))
+                for chunk, packed in changed.items():
+                    count = _popcount(packed)
                     previous = files.get(chunk)
                     if previous is not None:
                         superseded.append(_chunk_name(chunk, previous[0]))
@@ -1078,7 +1130,7 @@ class Ledger:
                         failed_file: list | None) -> None:
         """Write ``state``'s manifest (after fsyncing the folder, so the files it names
         are there for any reader), and make the rename durable."""
-        manifest = {
+        manifest = {  # format and generation first: readers peek at them (_HEAD)
             "format": FORMAT_VERSION, "generation": state.generation,
             "done": sum(count for _, count, _ in files.values()),
             "failed": len(state.failed), "task_id": self.task_id, "block_key": BLOCK_KEY,
@@ -1126,6 +1178,10 @@ class Ledger:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+#: the head of a manifest: format first, generation second (see ``_write_manifest``)
+_HEAD = re.compile(rb'\{"format": %d, "generation": (\d+),' % FORMAT_VERSION)
 
 
 class _Stale(Exception):
