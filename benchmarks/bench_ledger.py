@@ -1,4 +1,15 @@
-"""What the ledger costs, and how fast a run resumes from it.
+"""What the ledger costs, at scale, and how fast a run resumes from it.
+
+``scale``
+    Records of 10^6, 10^8 and 10^9 blocks (``--scale-blocks``) of a synthetic 1D task,
+    no workers, in this version's format and (up to ``--sqlite-max`` blocks) in the
+    SQLite ledger of the previous version, kept as ``luigi_daisy._sqlite_ledger`` for
+    this comparison and for converting old records. Patterns ``finished``, ``99%``,
+    ``50%``: bulk recording (blocks/s), size on disk, ``complete()``; single blocks
+    (``record_done``, 10^4 a flush) and one-block commits into the ``50%`` record;
+    resuming the ``99%`` record to its first remaining block, with peak memory.
+    Targets: a finished 10^9-block record under 130 MB, >= 10^7 blocks/s in bulk,
+    ``complete()`` under 10 ms, the first remaining block of 10^9 in under 5 s.
 
 ``cost``
     10^4 no-op 1D blocks (total ROI ``[0, 10000)``, one-voxel blocks,
@@ -30,7 +41,8 @@
 
 Usage::
 
-    python benchmarks/bench_ledger.py                  # both parts, --repeat 3
+    python benchmarks/bench_ledger.py                  # all parts, --repeat 3
+    python benchmarks/bench_ledger.py --parts scale --scale-blocks 1e6,1e8
     python benchmarks/bench_ledger.py --parts cost --repeat 5
     python benchmarks/bench_ledger.py --parts resume --cases conflict
 """
