@@ -493,3 +493,17 @@ def test_packed_bits_outside_the_grid_are_refused(tmp_path):
     for index in (outside, size, CHUNK_BLOCKS + 3):
         with pytest.raises(SchedulerError, match="not a block of task"):
             BlockScheduler([task], {"p": PackedBlocks.from_indices([0, index])})
+
+
+def test_status_reads_an_sqlite_ledger_without_converting_it(tmp_path):
+    geometry = {"total_roi": [[0], [10]], "read_roi": [[0], [1]], "write_roi": [[0], [1]],
+                "fit": "valid", "num_blocks": 10}
+    old = _sqlite_record(tmp_path, "t", geometry, range(6), {7: "boom\nthe last line"})
+    result = subprocess.run([sys.executable, "-m", "luigi_daisy.cli", "status", "--failed",
+                             str(tmp_path)], capture_output=True, text=True, timeout=DEADLINE,
+                            check=False)
+    assert result.returncode == 1, result
+    assert "6 done, 1 failed, 10 total" in result.stdout
+    assert "the last line" in result.stdout
+    assert old.is_file() and not ledger_path(tmp_path, "t").exists()
+    assert sorted(os.listdir(tmp_path)) == [old.name]
