@@ -9,7 +9,6 @@ exits 1 when a task there is incomplete and 2 when PATH holds no readable ledger
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -17,7 +16,14 @@ from funlib.geometry import Roi
 
 from .blocks import BlockGrid, daisy_block_id
 from .errors import GeometryError
-from .ledger import SUFFIX, LedgerError, read_ledger_summary
+from .ledger import (
+    SUFFIX,
+    LedgerError,
+    find_ledgers,
+    is_ledger,
+    read_failed_blocks,
+    read_ledger_summary,
+)
 from .summary import error_line
 
 EXIT_INCOMPLETE = 1
@@ -25,8 +31,8 @@ EXIT_UNREADABLE = 2
 
 
 def _ledger_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(path.glob(f"*{SUFFIX}"))
+    if path.is_dir() and not is_ledger(path):
+        return find_ledgers(path)
     return [path]
 
 
@@ -39,14 +45,7 @@ def _format_roi(roi: list | None) -> str:
 
 def failed_blocks(path: Path) -> list[tuple[int, str | None]]:
     """``(index, error)`` of every block a ledger records as failed for good."""
-    try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return connection.execute("SELECT block, error FROM failed ORDER BY block").fetchall()
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as error:
-        raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
+    return read_failed_blocks(path)
 
 
 def _grid_of(geometry: dict) -> BlockGrid | None:

@@ -489,3 +489,6 @@ def test_a_ledger_leaves_no_wal_or_shm_files_once_closed_whoever_read_it(tmp_pat
     writer.close()
     assert read_ledger_summary(path)["done"] == 3
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [path.name]
+    # nor inside the record: its manifest and its bitmap chunk only
+    assert [name for name in sorted(entry.name for entry in path.iterdir())
+            if not name.startswith("done-")] == ["manifest.json"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ledger_files import record_done, record_manifest
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -108,17 +108,11 @@ def run_to_completion(folder: Path, log_name: str) -> None:
 def ledger_done(folder: Path) -> dict[str, set[int]]:
     """``task_id -> blocks recorded as done`` from every ledger in ``folder/ledgers``."""
     done = {}
-    for path in sorted((folder / "ledgers").glob("*.ledger.sqlite")):
-        try:
-            connection = sqlite3.connect(path, timeout=5)
-            try:
-                task_id = connection.execute(
-                    "SELECT value FROM meta WHERE key = 'task_id'").fetchone()[0]
-                blocks = {row[0] for row in connection.execute("SELECT block FROM done")}
-            finally:
-                connection.close()
-        except (sqlite3.Error, TypeError):  # being created right now
+    for path in sorted((folder / "ledgers").glob("*.ledger")):
+        manifest = record_manifest(path)
+        if manifest is None:  # being created right now
             continue
+        task_id, blocks = manifest["task_id"], record_done(path)
         done[task_id] = blocks
     return done
 

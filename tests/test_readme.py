@@ -299,7 +299,7 @@ class SectionRun:
     def blocks_done(self) -> dict[Path, int]:
         """Blocks recorded as done, per ledger of the folder's ledger folder."""
         done = {}
-        for ledger in (self.folder / "luigi_daisy_ledgers").glob("*.ledger.sqlite"):
+        for ledger in (self.folder / "luigi_daisy_ledgers").glob("*.ledger"):
             try:
                 done[ledger] = read_ledger_summary(ledger)["done"]
             except LedgerError:

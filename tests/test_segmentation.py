@@ -131,7 +131,7 @@ def timed_blocks(folder: Path) -> Counter:
 
 def ledger_done(folder: Path, family: str) -> int:
     """Blocks of the stage ``family`` its ledger records as done."""
-    for ledger in (folder / "luigi_daisy_ledgers").glob(f"{family}_*.ledger.sqlite"):
+    for ledger in (folder / "luigi_daisy_ledgers").glob(f"{family}_*.ledger"):
         try:
             return read_ledger_summary(ledger)["done"]
         except LedgerError:  # being created right now
