@@ -312,10 +312,14 @@ class Ledger:
         Forget what the file holds and start afresh.
     read_only:
         Only read the file, which another process writes (to follow its progress).
+    origin:
+        Plain JSON data that says how to rebuild the task (``luigi-daisy
+        rerun-block``) and which tasks it reads; stored when given, kept when None.
     """
 
     def __init__(self, path: str | os.PathLike, task_id: str, geometry: dict,
-                 fresh: bool = False, read_only: bool = False) -> None:
+                 fresh: bool = False, read_only: bool = False,
+                 origin: dict | None = None) -> None:
         self.path = Path(path)
         self.task_id = task_id
         self.geometry = geometry
@@ -355,6 +359,7 @@ class Ledger:
                 self._connection.executescript(_SCHEMA)
                 self._check_integrity()
             self._check_or_write_meta()
+            self._store_origin(origin)
         except sqlite3.DatabaseError as error:
             self._close_connection()
             found = storage_error(self.path, task_id, error,
@@ -580,6 +585,49 @@ class Ledger:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    # ------------------------------------------------- shared ledger interface (issue 20)
+    def _store_origin(self, origin: dict | None) -> None:
+        """Write ``origin`` into the record (replacing the one there); None keeps it."""
+        if origin is None or self.read_only:
+            return
+        with self._transaction():
+            self._connection.execute("INSERT OR REPLACE INTO meta VALUES ('origin', ?)",
+                                     (json.dumps(origin, sort_keys=True),))
+
+    @property
+    def origin(self) -> dict | None:
+        """How to rebuild the task, as the run that wrote the record described it."""
+        with self._guarded():
+            row = self._connection.execute(
+                "SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def record_done_many(self, indices: Iterable[int] | np.ndarray) -> None:
+        """Remember many finished blocks at once; written at the next :meth:`flush`."""
+        done = [int(index) for index in indices]
+        with self._pending_lock:
+            self._pending_done.extend(done)
+
+    def forget_done(self, indices: Iterable[int]) -> int:
+        """Mark blocks not done (and forget their failures), durably; return how many of
+        them were recorded as done."""
+        chosen = [(int(index),) for index in indices]
+        if self.read_only:
+            raise LedgerError(f"ledger {self.path} was opened read-only; it cannot forget")
+        self.flush()
+        with self._transaction():
+            before = self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+            self._connection.executemany("DELETE FROM done WHERE block = ?", chosen)
+            self._connection.executemany("DELETE FROM failed WHERE block = ?", chosen)
+            after = self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+        return before - after
+
+    def failed_blocks(self) -> list[tuple[int, str | None]]:
+        """Index and error text of every block recorded as failed, by index."""
+        with self._guarded():
+            return [(int(block), error) for block, error in self._connection.execute(
+                "SELECT block, error FROM failed ORDER BY block")]
+
 
 def read_ledger_summary(path: str | os.PathLike) -> dict:
     """Task id, geometry and counts of a ledger file, without knowing its task.
@@ -592,11 +640,12 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
-            done, failed, task_id, geometry, found_format = connection.execute(
+            done, failed, task_id, geometry, found_format, origin = connection.execute(
                 "SELECT (SELECT COUNT(*) FROM done), (SELECT COUNT(*) FROM failed), "
                 "(SELECT value FROM meta WHERE key = 'task_id'), "
                 "(SELECT value FROM meta WHERE key = 'geometry'), "
-                "(SELECT value FROM meta WHERE key = 'format')").fetchone()
+                "(SELECT value FROM meta WHERE key = 'format'), "
+                "(SELECT value FROM meta WHERE key = 'origin')").fetchone()
         finally:
             connection.close()
     except sqlite3.DatabaseError as error:
@@ -606,7 +655,8 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
     _check_format(path, found_format)
     geometry = json.loads(geometry)
     return {"path": str(path), "task_id": task_id, "geometry": geometry,
-            "done": done, "failed": failed, "total": geometry.get("num_blocks")}
+            "done": done, "failed": failed, "total": geometry.get("num_blocks"),
+            "origin": json.loads(origin) if origin is not None else None}
 
 
 class LedgerSet:
@@ -864,3 +914,20 @@ class LedgerSet:
                 errors.append(error)
         if errors:
             raise errors[0]
+
+
+# ----------------------------------------------------- shared ledger interface (issue 20)
+def is_ledger(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ledger record (a file named ``*`` + :data:`SUFFIX`)."""
+    path = Path(path)
+    return path.name.endswith(SUFFIX) and path.is_file()
+
+
+def find_ledgers(path: str | os.PathLike) -> list[Path]:
+    """The ledger records in folder ``path`` (``[path]`` when it is a record), sorted."""
+    path = Path(path)
+    if is_ledger(path):
+        return [path]
+    if not path.is_dir():
+        return []
+    return sorted(found for found in path.glob(f"*{SUFFIX}") if is_ledger(found))

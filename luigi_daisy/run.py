@@ -621,6 +621,7 @@ class WorkerRun:
             self.server = BlockServer(self.scheduler, host=self.host, token=self._token,
                                       on_worker_timeout=self._kill_worker,
                                       ledgers=self.ledgers, limits=self.server_limits)
+            self.server.failure_log = self._stderr_log
             self.server.start_listening(sockets=self._listening)
             for task_id, worker_id in self._expected_early:
                 self.server.expect_worker(task_id, worker_id)
@@ -739,6 +740,12 @@ class WorkerRun:
         self.launcher.poll()
         for workers in self.workers.values():
             workers[:] = [worker for worker in workers if worker.exit_code() is None]
+
+    def _stderr_log(self, task_id: str, worker_id: int | None) -> str | None:
+        """The log file that holds what worker ``worker_id`` wrote to stderr (its
+        tracebacks), as the block map shows it; None when not known."""
+        paths = self.log_files.get(worker_id) if worker_id is not None else None
+        return paths[1] if paths else None
 
     def worker_logs(self) -> dict[str, list[str]]:
         """The ``.err`` files of the workers that failed blocks, per task."""
