@@ -745,7 +745,7 @@ class WorkerRun:
         """The log file that holds what worker ``worker_id`` wrote to stderr (its
         tracebacks), as the block map shows it; None when not known."""
         paths = self.log_files.get(worker_id) if worker_id is not None else None
-        return paths[1] if paths else None
+        return os.path.abspath(paths[1]) if paths else None
 
     def worker_logs(self) -> dict[str, list[str]]:
         """The ``.err`` files of the workers that failed blocks, per task."""

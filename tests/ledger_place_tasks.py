@@ -9,7 +9,8 @@ its block's piece (a missing file fails the block) and writes ``collect.zarr``.
 ``Loose`` declares no output but its ledger. Every processed block appends
 ``family block_id pid`` to ``calls.txt``; a file ``fail_<family>_<block_id>`` fails that
 block (its error says ``block <id> of <family> is broken``), after printing
-``stdout of <family> block <id>``.
+``stdout of <family> block <id>``; while a file ``hold_<family>`` exists, the other
+blocks of that family wait (up to 120 s) before they finish.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Chain(BlockwiseTask):
         if os.path.exists(os.path.join(self.folder, f"fail_{family}_{number}")):
             raise ValueError(f"block {number} of {family} is broken")
         time.sleep(self.block_seconds)
+        hold = os.path.join(self.folder, f"hold_{family}")
+        deadline = time.monotonic() + 120
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.compute(block)
         descriptor = os.open(os.path.join(self.folder, "calls.txt"),
                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
