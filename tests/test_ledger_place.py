@@ -39,6 +39,7 @@ def chain_args(task: str = "Collect") -> list[str]:
 
 def setup_run(tmp_path: Path) -> None:
     write_config(tmp_path, {"luigi_daisy": {"ledger_dir": "ledgers", "log_dir": "logs"}})
+    (tmp_path / "out").mkdir()
 
 
 def calls(tmp_path: Path) -> collections.Counter:
@@ -133,7 +134,6 @@ def test_a_record_that_outlived_its_output_is_not_complete(tmp_path, luigi_setti
 def test_a_task_without_outputs_keeps_its_record_in_ledger_dir(tmp_path):
     """``Loose`` declares nothing but its ledger: the record goes to ``ledger_dir``."""
     setup_run(tmp_path)
-    (tmp_path / "out").mkdir()
     args = chain_args("Loose")
     returncode, output = run_luigi(tmp_path, args, "loose.log", extra_path=TESTS)
     assert returncode == 0, output[-4000:]
@@ -142,3 +142,36 @@ def test_a_task_without_outputs_keeps_its_record_in_ledger_dir(tmp_path):
         "Loose"]
     assert read_ledger_summary(records[0])["done"] == BLOCKS
     assert not (tmp_path / "out" / ".luigi_daisy").exists()
+
+
+def test_the_shared_ledger_interface(tmp_path):
+    """What the Luigi layer and the command use of a record: origin (stored when given,
+    kept when None), bulk records, forgetting blocks (and their failures), failed
+    blocks, and finding records in a folder."""
+    from luigi_daisy.ledger import Ledger, is_ledger, ledger_path
+
+    geometry = {"total_roi": [[0], [100]], "read_roi": [[0], [10]],
+                "write_roi": [[0], [10]], "fit": "valid", "num_blocks": 10}
+    path = ledger_path(tmp_path / "records", "t")
+    origin = {"kind": "daisy", "upstream": {"s": None}}
+    with Ledger(path, "t", geometry, origin=origin) as ledger:
+        ledger.record_done_many(range(6))
+        ledger.record_failed(7, "Traceback\nValueError: seven")
+        ledger.flush()
+        assert ledger.done_count() == 6
+        assert ledger.failed_blocks() == [(7, "Traceback\nValueError: seven")]
+        assert ledger.forget_done([0, 1, 7, 9]) == 2
+        assert ledger.failed_blocks() == []
+        assert list(ledger.done_indices()) == [2, 3, 4, 5]
+    with Ledger(path, "t", geometry) as reopened:
+        assert reopened.origin == origin
+        assert list(reopened.done_indices()) == [2, 3, 4, 5]
+    with Ledger(path, "t", geometry, origin={"kind": "daisy"}) as replaced:
+        assert replaced.origin == {"kind": "daisy"}
+    assert read_ledger_summary(path)["origin"] == {"kind": "daisy"}
+    assert is_ledger(path) and not is_ledger(tmp_path / "records")
+    assert find_ledgers(path) == [path]
+    with Ledger(ledger_path(tmp_path / "records", "a"), "a", geometry):
+        pass
+    assert find_ledgers(tmp_path / "records") == sorted([path, ledger_path(
+        tmp_path / "records", "a")])
