@@ -831,6 +831,23 @@ class _BlockMapAnnouncer:
             print(f"live block map: {run.tracking.url}", flush=True)
 
 
+def _record_origins(ledgers: LedgerSet, tasks: list[Task]) -> None:
+    """Write into each ledger of a daisy-style run what it is and which tasks it reads
+    (``luigi-daisy reset --downstream`` follows that); a ledger that says so already is
+    left as it is."""
+    for task in tasks:
+        ledger = ledgers.ledgers.get(task.task_id)
+        if ledger is None:
+            continue
+        origin = {"kind": "daisy",
+                  "upstream": {upstream.task_id: None for upstream in task.upstream_tasks}}
+        if ledger.origin == origin:
+            continue
+        ledger.close()
+        ledgers.ledgers[task.task_id] = Ledger(ledger.path, task.task_id, ledger.geometry,
+                                               origin=origin)
+
+
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
                   log_dir: str | os.PathLike | None = None,
@@ -970,6 +987,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
                                  ledger_dir, fresh=fresh)
         try:
+            _record_origins(ledgers, ordered)
             if not multiprocessing:
                 result = run_in_process(ordered, ledgers, progress=progress,
                                         followed=claims.followed)

@@ -296,3 +296,44 @@ def test_user_errors_are_one_line_with_what_to_change(tmp_path):
     error = one_line_error(cli(tmp_path, "status", "nowhere"))
     assert "no record of done blocks" in error
     assert os.path.exists(record)
+
+
+def test_reset_downstream_follows_a_daisy_style_chain(tmp_path, monkeypatch):
+    """``run_blockwise`` records which tasks each task reads too: ``reset --downstream``
+    on its ledger folder reaches the task downstream, and the next run processes
+    exactly the blocks reset (counted per block id)."""
+    import luigi_daisy as daisy
+
+    monkeypatch.chdir(tmp_path)
+    processed: collections.Counter = collections.Counter()
+
+    def tasks():
+        up = daisy.Task("up", total_roi=Roi((0,), (100,)), read_roi=Roi((0,), (10,)),
+                        write_roi=Roi((0,), (10,)),
+                        process_function=lambda block: processed.update(
+                            [("up", block.block_id[1])]), read_write_conflict=False)
+        down = daisy.Task("down", total_roi=Roi((-5,), (110,)), read_roi=Roi((-5,), (20,)),
+                          write_roi=Roi((0,), (10,)), upstream_tasks=[up],
+                          process_function=lambda block: processed.update(
+                              [("down", block.block_id[1])]), read_write_conflict=False)
+        return [up, down]
+
+    assert daisy.run_blockwise(tasks(), ledger_dir="ledgers", multiprocessing=False,
+                               progress=False)
+    assert sum(processed.values()) == 20
+    result = cli(tmp_path, "reset", "ledgers", "--task", "up", "--roi", "[30:40]",
+                 "--downstream")
+    assert result.returncode == 0, result.stderr
+    # up's block [30:40]; down's blocks read [k*10-5, k*10+15): k = 2, 3 and 4 read it
+    grid = BlockGrid(Roi((-5,), (110,)), Roi((-5,), (20,)), Roi((0,), (10,)))
+    expected_down = {daisy_block_id(grid, index) for index in range(grid.num_blocks)
+                     if grid.rois_of(index)[0].intersects(Roi((30,), (10,)))}
+    assert len(expected_down) == 3
+    assert result.stdout.splitlines() == ["reset 1 blocks of task up",
+                                          "reset 3 blocks of task down"]
+    processed.clear()
+    assert daisy.run_blockwise(tasks(), ledger_dir="ledgers", multiprocessing=False,
+                               progress=False)
+    up_grid = BlockGrid(Roi((0,), (100,)), Roi((0,), (10,)), Roi((0,), (10,)))
+    assert processed == {("up", daisy_block_id(up_grid, 3)): 1,
+                         **{("down", number): 1 for number in expected_down}}
