@@ -176,11 +176,13 @@ def _writing(summary: dict) -> Iterator[Ledger]:
 
 # --------------------------------------------------------------------------- ROIs
 _SLICE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+_FUNLIB_ROI = re.compile(r"^(\[[^\]]*\])\s*\(([-\d,\s]*)\)$")
 
 
 def parse_roi(text: str) -> tuple[tuple[int, int], ...]:
     """``'[0:512, 0:256]'`` as ``((0, 512), (0, 256))``: half-open intervals in world
-    units, one per dimension.
+    units, one per dimension (funlib's way of printing a Roi, with its shape after it,
+    is read too).
 
     Raises
     ------
@@ -188,6 +190,10 @@ def parse_roi(text: str) -> tuple[tuple[int, int], ...]:
         When ``text`` is not of that form; the message shows the form expected.
     """
     stripped = text.strip()
+    shape = None
+    funlib = _FUNLIB_ROI.match(stripped)
+    if funlib is not None:  # as funlib prints a Roi: '[0:10, 0:10] (10, 10)'
+        stripped, shape = funlib.group(1), funlib.group(2)
     if not (stripped.startswith("[") and stripped.endswith("]")) or len(stripped) < 3:
         raise CommandError(f"--roi {text!r} is not a ROI; write it as {ROI_FORM}")
     intervals = []
@@ -201,6 +207,11 @@ def parse_roi(text: str) -> tuple[tuple[int, int], ...]:
             raise CommandError(f"--roi {text!r}: {part.strip()} is empty (end <= begin); "
                                f"write the ROI as {ROI_FORM}")
         intervals.append((begin, end))
+    if shape is not None:
+        extents = tuple(int(extent) for extent in shape.replace(",", " ").split())
+        if extents != tuple(end - begin for begin, end in intervals):
+            raise CommandError(f"--roi {text!r}: the shape {shape} does not match the "
+                               f"slices; write the ROI as {ROI_FORM}")
     return tuple(intervals)
 
 

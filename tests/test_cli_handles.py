@@ -295,7 +295,13 @@ def test_user_errors_are_one_line_with_what_to_change(tmp_path):
     assert "--downstream needs the folder" in error
     error = one_line_error(cli(tmp_path, "status", "nowhere"))
     assert "no record of done blocks" in error
+    error = one_line_error(cli(tmp_path, "reset", "out", "--task", raw, "--roi",
+                               "[0:10, 0:10] (10, 20)"))
+    assert "does not match the slices" in error
     assert os.path.exists(record)
+    # funlib's way of printing a Roi (as status shows write ROIs) is read too
+    result = cli(tmp_path, "reset", "out", "--task", raw, "--roi", "[0:10, 0:10] (10, 10)")
+    assert result.returncode == 0 and result.stdout.strip() == f"reset 1 blocks of task {raw}"
 
 
 def test_reset_downstream_follows_a_daisy_style_chain(tmp_path, monkeypatch):
