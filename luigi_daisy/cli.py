@@ -494,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, LuigiDaisyError) as error:
         print(f"luigi-daisy: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (| head): nothing more to say, and no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":
