@@ -167,6 +167,8 @@ class RecordFailed:
     task_id: str
     index: int
     error: str | None
+    #: the worker whose attempt failed last (None: not known)
+    worker_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,7 +645,7 @@ class HandOut:
         if outcome is ReleaseOutcome.COMPLETED:
             self._out.append(RecordDone(task_id, block.index))
         elif outcome is ReleaseOutcome.FAILED:
-            self._out.append(RecordFailed(task_id, block.index, error))
+            self._out.append(RecordFailed(task_id, block.index, error, worker_id))
             self.failed_by[(task_id, block.block_id[1])] = worker_id
 
     def _available(self, task_id: str) -> int:

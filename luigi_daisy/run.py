@@ -728,6 +728,7 @@ class WorkerRun:
                                       on_worker_timeout=self._kill_worker,
                                       ledgers=self.ledgers, limits=self.server_limits,
                                       pools=self.plan.pools, pool_policy=self.pool_policy)
+            self.server.failure_log = self._stderr_log
             self.server.start_listening(sockets=self._listening)
             for task_id, worker_id in self._expected_early:
                 self.server.expect_worker(task_id, worker_id)
@@ -848,6 +849,12 @@ class WorkerRun:
         for workers in self.workers.values():
             workers[:] = [worker for worker in workers if worker.exit_code() is None]
 
+    def _stderr_log(self, task_id: str, worker_id: int | None) -> str | None:
+        """The log file that holds what worker ``worker_id`` wrote to stderr (its
+        tracebacks), as the block map shows it; None when not known."""
+        paths = self.log_files.get(worker_id) if worker_id is not None else None
+        return os.path.abspath(paths[1]) if paths else None
+
     def worker_logs(self) -> dict[str, list[str]]:
         """The ``.err`` files of the workers that failed blocks, per task."""
         return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
@@ -936,6 +943,23 @@ class _BlockMapAnnouncer:
         if not self.printed and run.tracking is not None and run.tracking.url:
             self.printed = True
             print(f"live block map: {run.tracking.url}", flush=True)
+
+
+def _record_origins(ledgers: LedgerSet, tasks: list[Task]) -> None:
+    """Write into each ledger of a daisy-style run what it is and which tasks it reads
+    (``luigi-daisy reset --downstream`` follows that); a ledger that says so already is
+    left as it is."""
+    for task in tasks:
+        ledger = ledgers.ledgers.get(task.task_id)
+        if ledger is None:
+            continue
+        origin = {"kind": "daisy",
+                  "upstream": {upstream.task_id: None for upstream in task.upstream_tasks}}
+        if ledger.origin == origin:
+            continue
+        ledger.close()
+        ledgers.ledgers[task.task_id] = Ledger(ledger.path, task.task_id, ledger.geometry,
+                                               origin=origin)
 
 
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
@@ -1096,6 +1120,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
                                  ledger_dir, fresh=fresh)
         try:
+            _record_origins(ledgers, ordered)
             if not multiprocessing:
                 result = run_in_process(ordered, ledgers, progress=progress,
                                         followed=claims.followed)

@@ -80,6 +80,7 @@ from .protocol import (
     verify_proof,
 )
 from .scheduler import BlockScheduler, TaskState
+from .summary import with_log
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,9 @@ class BlockServer(TCPServer):
         self.shed_connections = 0
         #: workers stopped because a block of theirs ran past its task's timeout
         self.workers_stopped = 0
+        #: ``(task_id, worker_id) -> path`` of the log that holds a worker's output,
+        #: recorded with each failure (set by the run that started the workers)
+        self.failure_log: Callable[[str, int | None], str | None] | None = None
         self._checks: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -545,8 +549,10 @@ class BlockServer(TCPServer):
             elif kind is SendNoMoreBlocks:
                 instruction.worker.send(NoMoreBlocks())
             elif kind is RecordFailed:
+                log = (self.failure_log(instruction.task_id, instruction.worker_id)
+                       if self.failure_log is not None else None)
                 self.ledgers.record_failed(instruction.task_id, instruction.index,
-                                           instruction.error)
+                                           with_log(instruction.error, log))
             elif kind is Warn:
                 self.warnings.warn(instruction.kind, self.clock(), "%s", instruction.text)
             elif kind is StopWorker:

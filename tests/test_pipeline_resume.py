@@ -24,6 +24,8 @@ import pytest
 import zarr
 from ledger_files import record_done, record_manifest
 
+from luigi_daisy.cli import find_records
+
 pytestmark = pytest.mark.timeout(150)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,9 +108,10 @@ def run_to_completion(folder: Path, log_name: str) -> None:
 
 
 def ledger_done(folder: Path) -> dict[str, set[int]]:
-    """``task_id -> blocks recorded as done`` from every ledger in ``folder/ledgers``."""
+    """``task_id -> blocks recorded as done`` from every ledger below ``folder`` (the
+    tasks keep them with the arrays they write)."""
     done = {}
-    for path in sorted((folder / "ledgers").glob("*.ledger")):
+    for path in find_records(folder):
         manifest = record_manifest(path)
         if manifest is None:  # being created right now
             continue
