@@ -164,6 +164,11 @@ def test_the_run_report_has_counts_rate_eta_failures_and_workers(run):
     assert "tiles" not in holders
     assert sorted(len(worker["blocks"]) for worker in holders["smooth"]) == [1, 1]
     assert [len(worker["blocks"]) for worker in holders["frames"]] == [1]
+    # one pool serves the four tasks; each task's count is the workers holding its blocks
+    assert {worker["pool"] for worker in report["workers"]} == {"pool"}
+    assert tasks["smooth"]["worker_processes"] == 2
+    assert tasks["frames"]["worker_processes"] == 1
+    assert tasks["tiles"]["worker_processes"] == 0
 
 
 def get_gzip(url: str) -> str:

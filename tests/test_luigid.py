@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -225,6 +226,8 @@ def test_progress_and_the_tracking_page_are_visible_during_a_run(tmp_path, luigi
             time.sleep(0.1)
 
         for task_id, task in seen.values():
+            # how many of the run's pool of workers hold the task's blocks now
+            assert re.search(r"blocks/s, \d+ workers? now", task["status_message"]), task
             page = http_get(task["tracking_url"]).decode()
             assert "luigi_daisy run" in page
             # the tracking URL carries the run's token; state.json needs it too

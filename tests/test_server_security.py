@@ -560,7 +560,7 @@ def test_a_forged_release_from_another_connection_changes_nothing(tmp_path):
             assert holding in server.connections
             assert server.handout.held_by(holding) == [index]
             serving.call(ledgers.flush)
-            assert not ledgers.done_blocks()["forged"].size, "nothing recorded done"
+            assert not len(ledgers.done_blocks()["forged"]), "nothing recorded done"
 
             holder.send(result_frame(index, BlockStatus.SUCCESS))
             wait_until(lambda: state.completed_count == 1, "the holder's result")
@@ -611,7 +611,7 @@ def test_taking_and_dropping_a_block_fails_it_only_for_its_holder_and_loses_noth
             assert "worker 5 was lost" in state.failed_blocks[0]
             assert server.ignored_releases == 9
             serving.call(ledgers.flush)
-            assert not ledgers.done_blocks()["fragile"].size
+            assert not len(ledgers.done_blocks()["fragile"])
     finally:
         ledgers.close()
     result = daisy.run_blockwise([task], progress=False, log_dir=tmp_path / "logs",
