@@ -325,8 +325,8 @@ class HandOut:
         self.waiting_more: dict[str, dict[WorkerHand, None]] = {home: {} for home in homes}
         #: workers holding blocks of each task now
         self.serving: dict[str, int] = {task_id: 0 for task_id in task_ids}
-        #: the task of the block each worker ran last, by ``(home, worker_id)``: the one
-        #: charged when the worker's process exits in error
+        #: the task of the block each worker runs now (the head of its hand) or ran last,
+        #: by ``(home, worker_id)``: the one charged when its process exits in error
         self.last_task: dict[tuple[str, int], str] = {}
         #: blocks whose pre check found them not done, ready to hand out
         self.checked: dict[str, deque[Block]] = {t: deque() for t in task_ids}
@@ -447,6 +447,7 @@ class HandOut:
         task_id = _task_of(block)
         if not hand.hand:
             hand.head_since = self._now
+            self.last_task[(hand.task_id, hand.worker_id)] = task_id  # it runs now
         hand.hand[(task_id, block.index)] = block
         count = hand.held.get(task_id, 0)
         if not count:
@@ -454,11 +455,14 @@ class HandOut:
         hand.held[task_id] = count + 1
 
     def _unhold(self, hand: WorkerHand, key: tuple[str, int]) -> Block:
-        if next(iter(hand.hand)) == key:
-            hand.head_since = self._now  # the next block in hand starts now
+        was_head = next(iter(hand.hand)) == key
         block = hand.hand.pop(key)
+        if was_head:
+            hand.head_since = self._now  # the next block in hand starts now
+            head = hand.head()
+            if head is not None:
+                self.last_task[(hand.task_id, hand.worker_id)] = _task_of(head)
         task_id = key[0]
-        self.last_task[(hand.task_id, hand.worker_id)] = task_id
         count = hand.held[task_id] - 1
         if count:
             hand.held[task_id] = count
@@ -470,8 +474,6 @@ class HandOut:
     def _empty(self, hand: WorkerHand) -> list[Block]:
         """Take every block out of ``hand``, in order."""
         held = list(hand.hand.values())
-        if held:
-            self.last_task[(hand.task_id, hand.worker_id)] = _task_of(held[0])
         for task_id in hand.held:
             self.serving[task_id] -= 1
         hand.hand.clear()
@@ -649,15 +651,16 @@ class HandOut:
             self.failed_by[(task_id, block.block_id[1])] = worker_id
 
     def _available(self, task_id: str) -> int:
-        """Blocks of ``task_id`` that could be handed out now (ready or pre-checked)."""
-        if self.task_states[task_id].stop_reason:
+        """Blocks of ``task_id`` that could be handed out now (ready or pre-checked);
+        none of a task another run processes (followed)."""
+        if self.task_states[task_id].stop_reason or self.scheduler.is_followed(task_id):
             return 0
         return self.task_states[task_id].ready_count + len(self.checked[task_id])
 
     def _next_block(self, task_id: str) -> Block | None:
         """A block to hand out now: one whose pre check found it not done, or, for a
         task without a pre check, the scheduler's next ready block."""
-        if self.task_states[task_id].stop_reason:
+        if self.task_states[task_id].stop_reason or self.scheduler.is_followed(task_id):
             return None
         checked = self.checked[task_id]
         if checked:
@@ -688,30 +691,41 @@ class HandOut:
         later, find theirs."""
         return len(hand.hand) * self._workers_for(task_id) < self._available(task_id)
 
-    def _below_cap(self, hand: WorkerHand, task_id: str) -> bool:
-        """Whether ``hand`` may hold blocks of ``task_id``: it holds some already, or
-        fewer workers than the task's cap (``num_workers``) do."""
-        return task_id in hand.held or self.serving[task_id] < self._caps[task_id]
+    def _below_cap(self, hand: WorkerHand, task_id: str, extra: bool) -> bool:
+        """Whether ``hand`` may take a block of ``task_id``: it holds some already, or
+        fewer workers than the task's cap (``num_workers``) do. A block taken beyond
+        the one the worker needs next (``extra``: it waits in hand, unstarted) never
+        takes a task's last free place: a worker with nothing to do gets that."""
+        if task_id in hand.held:
+            return True
+        return self.serving[task_id] + (1 if extra else 0) < self._caps[task_id]
 
-    def _choose(self, hand: WorkerHand) -> str | None:
+    def _choose(self, hand: WorkerHand, passed: set[str], extra: bool) -> str | None:
         """The task ``hand`` takes its next block from: its own task, or the pool
-        policy's pick among the pool's tasks with blocks to hand out, below their cap."""
+        policy's pick among the pool's tasks with blocks to hand out, below their cap,
+        and not ``passed`` over already. None: take no block now (for an ``extra``
+        block: the policy's pick has no free place for it)."""
         tasks = hand.tasks
-        if hand.task_id not in self.pools:
-            return tasks[0]  # a worker of the task's own (its cap sized it)
+        if hand.task_id not in self.pools:  # a worker of the task's own (its cap sized it)
+            return tasks[0] if tasks[0] not in passed else None
         candidates = [task_id for task_id in tasks
-                      if self._available(task_id) and self._below_cap(hand, task_id)]
+                      if task_id not in passed and self._available(task_id)
+                      and self._below_cap(hand, task_id, False)]
         if not candidates:
             return None
         if self.policy == "most_ready":
-            return max(candidates, key=self._available)
-        deepest = candidates[0]  # candidates come most downstream first
-        for task_id in candidates[1:]:
-            # a task that others wait on, passed over for one that does not depend on it
-            # (which may have blocks to do for ever), gets this worker
-            if deepest not in self._descendants[task_id] and self._starving(task_id):
-                return task_id
-        return deepest
+            chosen = max(candidates, key=self._available)
+        else:
+            chosen = candidates[0]  # candidates come most downstream first
+            for task_id in candidates[1:]:
+                # a task that others wait on, passed over for one that does not depend
+                # on it (which may have blocks to do for ever), gets this worker
+                if chosen not in self._descendants[task_id] and self._starving(task_id):
+                    chosen = task_id
+                    break
+        if extra and not self._below_cap(hand, chosen, True):
+            return None  # the worker takes it once its hand is empty
+        return chosen
 
     def _starving(self, task_id: str) -> bool:
         """A task no worker holds blocks of, while a task downstream of it has nothing
@@ -725,19 +739,24 @@ class HandOut:
         """Up to ``want`` blocks for ``hand``, now held by it. Beyond the first one
         (when ``first_is_free``), blocks are taken only while :meth:`_may_hand_extra`
         says so. A pool worker's blocks come from the task :meth:`_choose` picks, one
-        block at a time."""
+        block at a time; a task that yields none now (its blocks wait for their pre
+        check) is passed over for the next."""
         blocks: list[Block] = []
+        passed: set[str] = set()
         while len(blocks) < want:
-            task_id = self._choose(hand)
+            extra = bool(blocks) or not first_is_free
+            task_id = self._choose(hand, passed, extra)
             if task_id is None:
                 break
-            if (blocks or not first_is_free) and not self._may_hand_extra(hand, task_id):
-                break
+            if extra and not self._may_hand_extra(hand, task_id):
+                passed.add(task_id)
+                continue
             block = self._next_block(task_id)
             if block is None:
                 if not blocks and self._pre_checked[task_id]:
                     self._start_pre_checks(task_id, want)
-                break
+                passed.add(task_id)
+                continue
             self._hold(hand, block)
             blocks.append(block)
         return blocks

@@ -100,8 +100,8 @@ def plan_workers(task_ids: Iterable[str], shares_workers: Callable[[str], bool],
             pool_id = tasks[0]
         else:
             pool_id = POOL if len(groups) == 1 else f"{POOL}-{number}"
-            while pool_id in groups_of_tasks(groups):  # a task named like a pool
-                pool_id = f"{pool_id}-"
+            while pool_id in plan.home_of or pool_id in groups_of_tasks(groups):
+                pool_id = f"{pool_id}-"  # a task is named like the pool
         plan.pools[pool_id] = tuple(tasks)
         for task_id in tasks:
             plan.home_of[task_id] = pool_id

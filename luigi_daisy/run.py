@@ -372,9 +372,19 @@ class WorkerRun:
             self.tasks, lambda task_id: _shares_workers(task_targets[task_id]),
             lambda task_id: id(launcher.for_task(task_id)))
         self.pool_policy = pool_policy
-        if total_workers is None and all(
-                isinstance(launcher.for_task(task_id), LocalLauncher) for task_id in self.tasks):
-            total_workers = usable_cpus()
+        if total_workers is None:
+            if all(isinstance(launcher.for_task(task_id), LocalLauncher)
+                   for task_id in self.tasks):
+                # a budget of at least one worker per home: a worker loop needs its own
+                total_workers = max(usable_cpus(), len(self.plan.homes))
+        elif total_workers < len(self.plan.homes):
+            raise ConfigError(
+                f"total_workers={total_workers} is fewer than the {len(self.plan.homes)} "
+                f"workers this run needs at least: one for each pool of tasks that share "
+                f"workers ({', '.join(self.plan.pools) or 'none'}) and one for each task "
+                f"whose process function is a worker loop of its own "
+                f"({', '.join(self.plan.own) or 'none'}); give total_workers="
+                f"{len(self.plan.homes)} or more")
         self.total_workers = total_workers
         #: the launcher of each home (a task with workers of its own, or a pool)
         self.launchers: dict[str, Launcher] = {
@@ -660,7 +670,7 @@ class WorkerRun:
         over and gets workers."""
         released, taken = _take_in_looks(self.scheduler, self.followed, self.ledgers,
                                          found)
-        if released:
+        if released or taken:  # a task taken over has blocks for the pool's workers
             self.server.serve_waiting()
         for task_id in taken:
             if not self.scheduler.task_states[task_id].is_done():

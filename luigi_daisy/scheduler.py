@@ -667,6 +667,10 @@ class BlockScheduler:
         here; :meth:`complete_external` records its finished blocks."""
         self._get(task_id).followed = True
 
+    def is_followed(self, task_id: str) -> bool:
+        """Whether another run processes ``task_id`` (nothing of it is handed out here)."""
+        return self._get(task_id).followed
+
     def take_over(self, task_id: str) -> None:
         """Process a followed task here from now on (the other run is gone)."""
         progress = self._get(task_id)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +29,7 @@ from luigi_daisy.handout import (
     POOL_POLICIES,
     HandOut,
     Reported,
+    RunPreCheck,
     SendBlocks,
     SendNoMoreBlocks,
     WorkerJoined,
@@ -146,6 +148,56 @@ def test_pool_workers_are_told_no_more_blocks_only_when_every_task_of_the_pool_i
     assert [type(instruction) for instruction in done].count(SendNoMoreBlocks) == 2
 
 
+def test_a_task_another_run_processes_is_never_handed_to_a_pool_worker():
+    for followed in "ab":  # a root task, then a downstream one
+        scheduler = BlockScheduler(chain(4, "ab"), {})
+        scheduler.follow(followed)
+        handout = HandOut(scheduler, {POOL: ["a", "b"]})
+        join(handout, 0)
+        first = sent_blocks(report(handout, 0))
+        if followed == "a":  # nothing of a here, and b waits for a: the request waits
+            assert first == [] and handout.waiting[POOL]
+            continue
+        second = sent_blocks(report(handout, 0, first))
+        # b's ready blocks wait for the other run: a goes on
+        assert (first, second) == ([("a", 0)], [("a", 1)])
+
+
+def test_a_pool_worker_takes_other_tasks_blocks_while_a_tasks_pre_checks_run():
+    """A resumed run: every pre check of 'checked' says done; the worker must not idle
+    through them one by one while 'plain' has ready blocks."""
+    def line(name, check=None):
+        return daisy.Task(name, total_roi=Roi((0,), (100,)), read_roi=Roi((0,), (1,)),
+                          write_roi=Roi((0,), (1,)), read_write_conflict=False,
+                          process_function=lambda block: None, check_function=check,
+                          num_workers=2)
+
+    handout = HandOut(BlockScheduler([line("checked", lambda block: True), line("plain")],
+                                     {}), {POOL: ["checked", "plain"]})
+    join(handout, 0)
+    instructions = report(handout, 0)
+    assert any(type(instruction) is RunPreCheck for instruction in instructions)
+    assert sent_blocks(instructions) == [("plain", 0)]
+
+
+def test_a_block_waiting_in_a_busy_hand_never_takes_a_tasks_last_place():
+    """Worker 0 runs a slow block and asks for one more; 'capped' (cap 1) must not be
+    queued behind it while worker 1 has nothing to do."""
+    def line(name, blocks, cap):
+        return daisy.Task(name, total_roi=Roi((0,), (blocks,)), read_roi=Roi((0,), (1,)),
+                          write_roi=Roi((0,), (1,)), read_write_conflict=False,
+                          process_function=lambda block: None, num_workers=cap)
+
+    handout = HandOut(BlockScheduler([line("slow", 1, 2), line("capped", 10, 1)], {}),
+                      {POOL: ["slow", "capped"]})
+    join(handout, 0, 1)
+    first = sent_blocks(report(handout, 0, want=2))
+    assert ("capped", 0) in first[:1] or all(task != "capped" for task, _ in first[1:]), first
+    second = sent_blocks(report(handout, 1))
+    assert second and second[0][0] == "capped" or first[0][0] == "capped", (first, second)
+    assert handout.workers_on("capped") == 1
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.booleans()),
                       min_size=1, max_size=120),
@@ -196,6 +248,24 @@ def test_the_budget_is_shared_and_every_home_with_work_gets_a_worker():
     assert pool_sizes(plan, caps, ["a", "b", "loop"], 2) == {POOL: 1, "loop": 1}
     assert sum(pool_sizes(plan, caps, ["a", "b", "loop"], 5).values()) == 5
     assert pool_sizes(plan, caps, ["b"], 8) == {POOL: 2, "loop": 0}
+
+
+def test_a_pool_id_never_takes_the_name_of_a_task_with_workers_of_its_own():
+    plan = plan_workers(["pool", "a", "b"], lambda task_id: task_id != "pool",
+                        lambda task_id: "local")
+    assert plan.own == ["pool"] and plan.home_of["pool"] == "pool"
+    assert plan.home_of["a"] == plan.home_of["b"] != "pool"
+
+
+def test_a_budget_below_the_workers_a_run_needs_is_refused(tmp_path):
+    def loop():
+        pass
+
+    own = daisy.Task("loop", total_roi=Roi((0,), (1,)), read_roi=Roi((0,), (1,)),
+                     write_roi=Roi((0,), (1,)), process_function=loop)
+    with pytest.raises(ConfigError, match=r"total_workers=1 is fewer than the 2 .*loop"):
+        daisy.run_blockwise([own, *chain(1, "a")], total_workers=1, progress=False,
+                            log_dir=tmp_path / "logs", ledger_dir=tmp_path / "ledgers")
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
@@ -454,3 +524,91 @@ def test_a_blockwise_pipeline_takes_total_workers_from_luigi_cfg(tmp_path):
     setups = [(path.name.split(".")[0], path.read_text())
               for path in (tmp_path / "setups").iterdir()]
     assert len(setups) == len(set(setups)), f"a worker set a task up twice: {setups}"
+
+
+# ---------------------------------------------------------------------- other runs
+def line_of(task_id: str, blocks: int, process_function, **options) -> daisy.Task:
+    return daisy.Task(task_id, total_roi=Roi((0,), (blocks,)), read_roi=Roi((0,), (1,)),
+                      write_roi=Roi((0,), (1,)), read_write_conflict=False,
+                      process_function=process_function, **options)
+
+
+@pytest.mark.timeout(180)
+def test_a_task_another_run_holds_is_not_processed_by_this_runs_pool(tmp_path):
+    from luigi_daisy.claims import TaskLock, lock_path
+    from luigi_daisy.ledger import ledger_path
+
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    recorder = Recorder(tmp_path)
+    other_run = TaskLock(lock_path(ledger_path(ledgers, "elsewhere")))
+    assert other_run.try_acquire()
+    stop = threading.Event()
+
+    def stop_when_own_is_done() -> None:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and not stop.is_set():
+            if (tmp_path / "blocks").exists() and sum(
+                    1 for path in (tmp_path / "blocks").iterdir()
+                    if path.name.startswith("own_")) >= 20:
+                break
+            time.sleep(0.05)
+        stop.set()
+
+    watcher = threading.Thread(target=stop_when_own_is_done)
+    watcher.start()
+    try:
+        result = daisy.run_blockwise(
+            [line_of("elsewhere", 4, recorder), line_of("own", 20, recorder, num_workers=2)],
+            progress=False, total_workers=2, stop_event=stop, ledger_dir=ledgers,
+            log_dir=tmp_path / "logs")
+    finally:
+        stop.set()
+        watcher.join(10)
+        other_run.release()
+    assert result["own"].succeeded
+    ran = sorted(read_blocks(tmp_path))
+    assert not [key for key in ran if key[0] == "elsewhere"], ran
+
+
+@pytest.mark.timeout(180)
+def test_a_pool_takes_over_a_task_whose_run_is_gone_and_finishes(tmp_path):
+    from luigi_daisy.claims import TaskLock, lock_path
+    from luigi_daisy.ledger import ledger_path
+
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    recorder = Recorder(tmp_path, 0.02)
+    upstream = line_of("a", 6, recorder, num_workers=1)
+    downstream = line_of("b", 6, recorder, num_workers=1, upstream_tasks=[upstream])
+    other_run = TaskLock(lock_path(ledger_path(ledgers, "b")))
+    assert other_run.try_acquire()
+    stop = threading.Event()
+
+    def let_go() -> None:  # the other run dies once this one has done all of a
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and not stop.is_set():
+            if (tmp_path / "blocks").exists() and sum(
+                    1 for path in (tmp_path / "blocks").iterdir()
+                    if path.name.startswith("a_")) >= 6:
+                break
+            time.sleep(0.05)
+        other_run.release()
+
+    releaser = threading.Thread(target=let_go)
+    releaser.start()
+    safety = threading.Timer(WAIT, stop.set)
+    safety.start()
+    try:
+        result = daisy.run_blockwise([upstream, downstream], progress=False,
+                                     total_workers=1, stop_event=stop, ledger_dir=ledgers,
+                                     log_dir=tmp_path / "logs")
+    finally:
+        safety.cancel()
+        stop.set()
+        releaser.join(10)
+        other_run.release()
+    assert result.succeeded, "the pool's one worker went on with b once it was taken over"
+    assert not stop.is_set() or result.succeeded
+    assert sorted(read_blocks(tmp_path)) == [(task, index) for task in "ab"
+                                             for index in range(6)]
