@@ -13,7 +13,9 @@ per call. The data are the segmentation example's kinds: smoothed noise (float32
 - ``Array[roi]`` / ``Array[roi] = ``: ``open_ds`` / ``prepare_ds`` arrays indexed by a
   chunk-aligned ``Roi`` (the path every block of a blockwise task takes);
 - ``Array[roi+ctx]``: a read of the chunk plus 8 voxels of context on every side (the
-  Gaussian stage's read: 27 chunks touched, most of them partly);
+  Gaussian stage's read: 27 chunks touched, 26 of them partly), with the chunks read in
+  part already decoded in the process (as for a block whose neighbour ran before it on
+  the same worker), and ``cold``: with none decoded;
 - ``zarr[...]``: the same chunk through ``zarr.Array.__getitem__`` / ``__setitem__``;
 - ``codec``: read the chunk's file and decode it with the array's own compressor, or
   encode and write a file; what any layer above it costs at the least.
@@ -34,7 +36,7 @@ import zarr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from luigi_daisy import Roi, open_ds, prepare_ds  # noqa: E402
+from luigi_daisy import Roi, datasets, open_ds, prepare_ds  # noqa: E402
 
 CHUNK = 64
 
@@ -115,6 +117,12 @@ def run(dtype: str, folder: str, repeat: int) -> list[tuple[str, float, float, f
 
     add("read  Array[roi]", lambda: reader[roi])
     add("read  Array[roi+ctx]", lambda: reader[context])
+
+    def cold_context_read():
+        datasets._DECODED.__init__(datasets._DECODED.capacity_bytes)
+        reader[context]
+
+    add("read  Array[roi+ctx] cold", cold_context_read)
     add("read  zarr[...]", lambda: plain[inner])
     add("read  codec", lambda: codec_read(chunk_file, data.dtype, data.shape))
     add("write Array[roi] =", lambda: array.__setitem__(roi, data))

@@ -22,6 +22,7 @@ chunk boundaries, and says which chunk shape would fit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -355,23 +356,29 @@ class _ChunkFiles:
              out_low: Sequence[int]) -> None:
         """Read the voxel box ``[low, high)`` of the array (inside it) into ``out``, whose
         index ``out_low`` is voxel ``low``."""
-        scratch = None
         for coords, chunk_begin, begin, end in self._chunk_boxes(low, high):
             target = out[tuple(slice(b - lo + o, e - lo + o)
                                for b, e, lo, o in zip(begin, end, low, out_low))]
+            whole = tuple(e - b for b, e in zip(begin, end)) == self.chunks
+            path = self._path(coords)
             try:
-                with open(self._path(coords), "rb") as file:
-                    encoded = file.read()
+                with open(path, "rb") as file:
+                    version = _file_version(os.fstat(file.fileno()))
+                    decoded = _DECODED.get(path, version)
+                    encoded = file.read() if decoded is None else b""
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 target[...] = self.fill_value
                 continue
-            if tuple(e - b for b, e in zip(begin, end)) == self.chunks:
+            if decoded is None and whole:
                 self._decode_into(encoded, target)
                 continue
-            if scratch is None:
-                scratch = np.empty(self.chunks, dtype=self.dtype)
-            self._decode_into(encoded, scratch)
-            target[...] = scratch[tuple(slice(b - c, e - c)
+            if decoded is None:
+                # a chunk read in part (a block's context) is read again by the blocks
+                # around it: keep it decoded
+                decoded = np.empty(self.chunks, dtype=self.dtype)
+                self._decode_into(encoded, decoded)
+                _DECODED.put(path, version, decoded)
+            target[...] = decoded[tuple(slice(b - c, e - c)
                                         for b, e, c in zip(begin, end, chunk_begin))]
 
     def covers_whole_chunks(self, low: Sequence[int], high: Sequence[int]) -> bool:
@@ -407,6 +414,51 @@ class _ChunkFiles:
                     os.unlink(partial)
                 raise
 
+
+def _file_version(status: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a chunk file is replaced (a new inode) or rewritten."""
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+class _DecodedChunks:
+    """Decoded chunks of this process, least recently used dropped first, each checked
+    against its file's inode, modification time and size before it is used."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._chunks: collections.OrderedDict[str, tuple[tuple, np.ndarray]] = (
+            collections.OrderedDict())
+
+    def get(self, path: str, version: tuple) -> np.ndarray | None:
+        found = self._chunks.get(path)
+        if found is None:
+            return None
+        if found[0] != version:
+            self._drop(path)
+            return None
+        self._chunks.move_to_end(path)
+        return found[1]
+
+    def put(self, path: str, version: tuple, chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.capacity_bytes:
+            return
+        if path in self._chunks:
+            self._drop(path)
+        chunk.flags.writeable = False
+        self._chunks[path] = (version, chunk)
+        self.used_bytes += chunk.nbytes
+        while self.used_bytes > self.capacity_bytes:
+            self._drop(next(iter(self._chunks)))
+
+    def _drop(self, path: str) -> None:
+        _, chunk = self._chunks.pop(path)
+        self.used_bytes -= chunk.nbytes
+
+
+#: chunks that reads used in part, kept decoded (64 MiB a process: the raw chunks around
+#: a few rows of blocks)
+_DECODED = _DecodedChunks(64 * 2 ** 20)
 
 _NOT_LOOKED = object()
 

@@ -11,6 +11,7 @@ trip per call) where it should and leaves the rest to zarr.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -191,3 +192,37 @@ def test_a_chunk_equal_to_the_fill_value_removes_the_stored_one(tmp_path):
     zeros[Roi((16, 16), (16, 16))] = np.zeros((16, 16), np.float32)
     assert len(chunk_files(tmp_path / "z.zarr")) == 1
     assert np.signbit(open_ds(tmp_path / "z.zarr")[Roi((0, 0), (16, 16))]).all()
+
+
+def test_chunks_kept_decoded_are_read_again_once_their_file_changes(tmp_path):
+    roi = Roi((0, 0, 0), (48, 48, 48))
+    array = prepare_ds(tmp_path / "a.zarr", roi, (1, 1, 1), np.uint8, chunk_shape=(16, 16, 16),
+                       mode="w")
+    array[roi] = np.full((48, 48, 48), 1, np.uint8)
+    reader = open_ds(tmp_path / "a.zarr")
+    block = Roi((16, 16, 16), (16, 16, 16))
+    with_context = block.grow((2, 2, 2), (2, 2, 2))
+    assert (reader[with_context] == 1).all()   # its 26 neighbours' edges, kept decoded
+    # rewritten by another process's zarr (a new file renamed into place) ...
+    zarr.open_array(tmp_path / "a.zarr", mode="r+")[0:16, 16:32, 16:32] = 2
+    # ... by this process's Array ...
+    array[Roi((32, 16, 16), (16, 16, 16))] = np.full((16, 16, 16), 3, np.uint8)
+    # ... in place, same size (a writer that does not rename)
+    plain = zarr.open_array(tmp_path / "a.zarr", mode="r")
+    chunk = tmp_path / "a.zarr" / plain.metadata.encode_chunk_key((1, 1, 0))
+    other = prepare_ds(tmp_path / "b.zarr", roi, (1, 1, 1), np.uint8, chunk_shape=(16, 16, 16),
+                       mode="w")
+    other[Roi((0, 0, 0), (16, 16, 16))] = np.full((16, 16, 16), 4, np.uint8)
+    replacement = (tmp_path / "b.zarr" / plain.metadata.encode_chunk_key((0, 0, 0))).read_bytes()
+    assert len(replacement) == len(chunk.read_bytes())
+    with open(chunk, "r+b") as file:
+        file.write(replacement)
+    os.utime(chunk, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    # ... and deleted (now the fill value)
+    os.unlink(tmp_path / "a.zarr" / plain.metadata.encode_chunk_key((1, 2, 1)))
+    got = reader[with_context]
+    assert (got[0:2, 2:18, 2:18] == 2).all()
+    assert (got[18:20, 2:18, 2:18] == 3).all()
+    assert (got[2:18, 2:18, 0:2] == 4).all()
+    assert (got[2:18, 18:20, 2:18] == 0).all()
+    assert (got[2:18, 2:18, 18:20] == 1).all()
