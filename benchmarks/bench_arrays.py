@@ -36,7 +36,7 @@ import zarr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from luigi_daisy import Roi, datasets, open_ds, prepare_ds  # noqa: E402
+from luigi_daisy import Roi, datasets, open_ds, prepare_ds
 
 CHUNK = 64
 

@@ -266,7 +266,8 @@ SITECUSTOMIZE = textwrap.dedent("""\
 #: callees of a stage's compute() and what the breakdown calls them
 PHASES = {
     "__getitem__": "read", "to_ndarray": "read", "__setitem__": "write",
-    "smooth": "compute", "smooth_inside": "compute", "label": "compute", "unique": "compute", "render": "compute",
+    "smooth": "compute", "smooth_inside": "compute", "label": "compute",
+    "unique": "compute", "render": "compute",
     "write_atomically": "write", "searchsorted": "compute", "stack": "compute",
     "concatenate": "compute", "astype": "compute", "zeros_like": "compute",
 }
@@ -298,11 +299,10 @@ def profile_pipeline(args: argparse.Namespace, pristine: str) -> None:
         cpu = process["user"] + process["system"]
         stats = pstats.Stats(os.path.join(folder, name))
         in_blocks = 0.0
-        for (filename, _, function), (_, _, _, cumulative, callers) in stats.stats.items():
+        for (filename, _, function), (_, _, _, cumulative, _) in stats.stats.items():
             if function == "process_block" and filename.endswith("segmentation.py"):
                 in_blocks += cumulative
-        for (filename, line, function), (_, _, _, cumulative, callers) in \
-                stats.stats.items():
+        for (_, _, function), (_, _, _, _, callers) in stats.stats.items():
             for caller in callers:
                 caller_file, caller_line, caller_function = caller
                 if caller_function != "compute" or not caller_file.endswith("segmentation.py"):
@@ -311,7 +311,8 @@ def profile_pipeline(args: argparse.Namespace, pristine: str) -> None:
                 phase = PHASES.get(function, "compute")
                 figures = per_stage.setdefault(stage, {})
                 figures[phase] = figures.get(phase, 0.0) + callers[caller][3]
-        if "luigi_daisy.worker" in " ".join(process["argv"]) or in_blocks:
+        arguments = " ".join(process["argv"])
+        if "luigi_daisy.worker" in arguments or "luigi_daisy/worker" in arguments:
             outside["workers"] += cpu - in_blocks
             outside["worker_processes"] += 1
         else:

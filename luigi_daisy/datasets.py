@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -427,29 +428,32 @@ class _DecodedChunks:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
+        self._lock = threading.Lock()  # process functions may read from threads
         self._chunks: collections.OrderedDict[str, tuple[tuple, np.ndarray]] = (
             collections.OrderedDict())
 
     def get(self, path: str, version: tuple) -> np.ndarray | None:
-        found = self._chunks.get(path)
-        if found is None:
-            return None
-        if found[0] != version:
-            self._drop(path)
-            return None
-        self._chunks.move_to_end(path)
-        return found[1]
+        with self._lock:
+            found = self._chunks.get(path)
+            if found is None:
+                return None
+            if found[0] != version:
+                self._drop(path)
+                return None
+            self._chunks.move_to_end(path)
+            return found[1]
 
     def put(self, path: str, version: tuple, chunk: np.ndarray) -> None:
         if chunk.nbytes > self.capacity_bytes:
             return
-        if path in self._chunks:
-            self._drop(path)
         chunk.flags.writeable = False
-        self._chunks[path] = (version, chunk)
-        self.used_bytes += chunk.nbytes
-        while self.used_bytes > self.capacity_bytes:
-            self._drop(next(iter(self._chunks)))
+        with self._lock:
+            if path in self._chunks:
+                self._drop(path)
+            self._chunks[path] = (version, chunk)
+            self.used_bytes += chunk.nbytes
+            while self.used_bytes > self.capacity_bytes:
+                self._drop(next(iter(self._chunks)))
 
     def _drop(self, path: str) -> None:
         _, chunk = self._chunks.pop(path)
