@@ -418,8 +418,13 @@ def report(args: argparse.Namespace, results: dict, dask_result: dict | None) ->
     agree = pipeline_objects == reference_objects and len(pipeline_objects) == 1
     print(f"  object counts {'agree' if agree else 'DISAGREE'}: pipeline "
           f"{sorted(pipeline_objects)}, reference {sorted(reference_objects)}")
+    for variant in ("pipeline", "reference"):
+        print(f"  {variant}: {median(variant, lambda run: run['minor_faults']):,.0f} minor page "
+              f"faults, {median(variant, lambda run: run['context_switches']):,.0f} context "
+              f"switches (the whole tree)")
     print(f"  reference phases (CPU s): {results['reference'][0]['phases']}")
-    print(f"  pipeline stages (summed block seconds): {results['pipeline'][0]['stages']}")
+    print(f"  pipeline stages (summed block seconds, SyntheticVolume's from making raw.zarr): "
+          f"{results['pipeline'][0]['stages']}")
     if dask_result is None:
         print("  dask-image: skipped (--dask-size 0)")
     elif "stopped_after" in dask_result:

@@ -363,10 +363,14 @@ class _ChunkFiles:
             whole = tuple(e - b for b, e in zip(begin, end)) == self.chunks
             path = self._path(coords)
             try:
-                with open(path, "rb") as file:
-                    version = _file_version(os.fstat(file.fileno()))
-                    decoded = _DECODED.get(path, version)
-                    encoded = file.read() if decoded is None else b""
+                # one stat when the chunk is kept decoded; the version kept is the one
+                # of the bytes read (a file replaced between stat and open is read again
+                # next time)
+                decoded = None if whole else _DECODED.get(path, _file_version(os.stat(path)))
+                if decoded is None:
+                    with open(path, "rb") as file:
+                        version = _file_version(os.fstat(file.fileno()))
+                        encoded = file.read()
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 target[...] = self.fill_value
                 continue
