@@ -247,7 +247,7 @@ def fresh_pipeline_folder(args: argparse.Namespace, pristine: str) -> None:
 SITECUSTOMIZE = textwrap.dedent("""\
     import os
     if os.environ.get("BENCH_PROFILE_DIR"):
-        import atexit, cProfile, json, sys, time
+        import atexit, cProfile, json, resource, sys, time
         _profile = cProfile.Profile(time.process_time)
         _profile.enable()
 
@@ -255,9 +255,10 @@ SITECUSTOMIZE = textwrap.dedent("""\
             _profile.disable()
             folder = os.environ["BENCH_PROFILE_DIR"]
             _profile.dump_stats(os.path.join(folder, f"{os.getpid()}.prof"))
-            times = os.times()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as file:
-                json.dump({"argv": sys.argv, "user": times.user, "system": times.system},
+                json.dump({"argv": sys.argv, "user": usage.ru_utime,
+                           "system": usage.ru_stime, "minor_faults": usage.ru_minflt},
                           file)
 
         atexit.register(_dump)
@@ -290,7 +291,8 @@ def profile_pipeline(args: argparse.Namespace, pristine: str) -> None:
     subprocess.run(luigi_command("Segmentation", args.size, "data"), cwd=args.folder,
                    env=env, check=True, capture_output=True)
     per_stage: dict[str, dict[str, float]] = {}
-    outside = {"workers": 0.0, "worker_processes": 0, "luigi": 0.0}
+    outside = {"workers": 0.0, "worker_processes": 0, "luigi": 0.0, "worker_faults": 0,
+               "luigi_faults": 0}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".prof"):
             continue
@@ -315,8 +317,10 @@ def profile_pipeline(args: argparse.Namespace, pristine: str) -> None:
         if "luigi_daisy.worker" in arguments or "luigi_daisy/worker" in arguments:
             outside["workers"] += cpu - in_blocks
             outside["worker_processes"] += 1
+            outside["worker_faults"] += process["minor_faults"]
         else:
             outside["luigi"] += cpu
+            outside["luigi_faults"] += process["minor_faults"]
     print(f"\nprofile of one pipeline run (CPU s; cProfile's own cost included), in {folder}:")
     print(f"  {'stage':<16}{'read':>8}{'compute':>9}{'write':>8}")
     for stage, figures in sorted(per_stage.items()):
@@ -325,6 +329,8 @@ def profile_pipeline(args: argparse.Namespace, pristine: str) -> None:
     print(f"  workers outside blocks ({outside['worker_processes']} processes: start, "
           f"imports, setup, waiting for blocks): {outside['workers']:.2f}")
     print(f"  other processes (luigi, block server, launchers): {outside['luigi']:.2f}")
+    print(f"  minor page faults: workers {outside['worker_faults']:,}, other processes "
+          f"{outside['luigi_faults']:,}")
 
 
 def compute_owner(filename: str, line: int) -> str:
