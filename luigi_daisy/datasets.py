@@ -211,8 +211,8 @@ def _open_zarr_array(path: str, mode: str) -> zarr.Array:
 
 # --------------------------------------------------------------------------- chunk I/O
 class _ChunkFiles:
-    """Whole chunks of one zarr array in a local folder, read and written in the calling
-    thread.
+    """The chunk files of one zarr array in a local folder: any box read, whole chunks
+    written, in the calling thread.
 
     zarr 3's synchronous API runs every call through its own event-loop thread and every
     chunk's (de)compression through ``asyncio.to_thread``: about 0.7 ms per chunk read and
