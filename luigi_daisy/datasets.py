@@ -356,17 +356,22 @@ class _ChunkFiles:
     def read(self, low: Sequence[int], high: Sequence[int], out: np.ndarray,
              out_low: Sequence[int]) -> None:
         """Read the voxel box ``[low, high)`` of the array (inside it) into ``out``, whose
-        index ``out_low`` is voxel ``low``."""
+        index ``out_low`` is voxel ``low``.
+
+        A read of several chunks (a block with its context) keeps them decoded: the
+        blocks around it read most of them again. A read of one whole chunk decodes it
+        straight into ``out``."""
+        several = any((hi - 1) // c > lo // c for lo, hi, c in zip(low, high, self.chunks))
         for coords, chunk_begin, begin, end in self._chunk_boxes(low, high):
             target = out[tuple(slice(b - lo + o, e - lo + o)
                                for b, e, lo, o in zip(begin, end, low, out_low))]
-            whole = tuple(e - b for b, e in zip(begin, end)) == self.chunks
+            direct = not several and tuple(e - b for b, e in zip(begin, end)) == self.chunks
             path = self._path(coords)
             try:
                 # one stat when the chunk is kept decoded; the version kept is the one
                 # of the bytes read (a file replaced between stat and open is read again
                 # next time)
-                decoded = None if whole else _DECODED.get(path, _file_version(os.stat(path)))
+                decoded = None if direct else _DECODED.get(path, _file_version(os.stat(path)))
                 if decoded is None:
                     with open(path, "rb") as file:
                         version = _file_version(os.fstat(file.fileno()))
@@ -374,12 +379,10 @@ class _ChunkFiles:
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 target[...] = self.fill_value
                 continue
-            if decoded is None and whole:
+            if decoded is None and direct:
                 self._decode_into(encoded, target)
                 continue
             if decoded is None:
-                # a chunk read in part (a block's context) is read again by the blocks
-                # around it: keep it decoded
                 decoded = np.empty(self.chunks, dtype=self.dtype)
                 self._decode_into(encoded, decoded)
                 _DECODED.put(path, version, decoded)

@@ -242,3 +242,34 @@ def test_chunks_kept_decoded_are_read_again_once_their_file_changes(tmp_path):
     assert (got[2:18, 2:18, 0:2] == 4).all()
     assert (got[2:18, 18:20, 2:18] == 0).all()
     assert (got[2:18, 2:18, 18:20] == 1).all()
+
+
+def test_a_neighbours_context_read_decodes_only_the_chunks_it_has_not_seen(tmp_path,
+                                                                         monkeypatch):
+    """Blocks read with context: 27 chunks each, 18 of them shared with the block before
+    along x. Each chunk is decoded once, not once per block that touches it."""
+    import numcodecs
+    decoded = []
+    real_decode = numcodecs.Zstd.decode
+
+    def counting_decode(self, buf, out=None):
+        decoded.append(1)
+        return real_decode(self, buf, out)
+
+    monkeypatch.setattr(numcodecs.Zstd, "decode", counting_decode)
+    roi = Roi((0, 0, 0), (64, 64, 96))
+    array = prepare_ds(tmp_path / "raw.zarr", roi, (1, 1, 1), np.uint8, chunk_shape=(16, 16, 16),
+                       mode="w")
+    values = sample("uint8", (64, 64, 96), seed=7) + 1
+    array[roi] = values
+    reader = open_ds(tmp_path / "raw.zarr")
+    context = (4, 4, 4)
+    for x in (16, 32, 48):
+        block = Roi((16, 16, x), (16, 16, 16))
+        decoded.clear()
+        got = reader[block.grow(context, context)]
+        np.testing.assert_array_equal(got, values[12:36, 12:36, x - 4:x + 20])
+        if x == 16:
+            assert len(decoded) == 27
+        else:
+            assert len(decoded) == 9, f"block at x={x} decoded {len(decoded)} chunks"

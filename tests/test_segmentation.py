@@ -292,3 +292,19 @@ def test_present_ids_are_numpys_unique_foreground(ids, spread):
     got = present_ids(fragments)
     assert got.dtype == np.uint64
     np.testing.assert_array_equal(got, expected)
+
+
+def test_the_gaussian_stage_smooths_bit_for_bit_as_the_whole_filter():
+    """GaussianSmooth filters axis by axis, keeping only what later passes use; the
+    result must be smooth(data)[inner] to the last bit (the reference uses smooth)."""
+    from examples.segmentation import smooth, smooth_inside
+    rng = np.random.default_rng(3)
+    for sigma in (2.0, 1.3, 0.4):
+        context = int(4.0 * sigma + 0.5)
+        data = rng.integers(0, 256, size=(20 + 2 * context, 24 + 2 * context,
+                                          16 + 2 * context)).astype(np.uint8)
+        inner = tuple(slice(context, extent - context) for extent in data.shape)
+        expected = smooth(data, sigma)[inner]
+        got = smooth_inside(data, sigma, context)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
