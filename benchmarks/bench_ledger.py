@@ -1,4 +1,15 @@
-"""What the ledger costs, and how fast a run resumes from it.
+"""What the ledger costs, at scale, and how fast a run resumes from it.
+
+``scale``
+    Records of 10^6, 10^8 and 10^9 blocks (``--scale-blocks``) of a synthetic 1D task,
+    no workers, in this version's format and (up to ``--sqlite-max`` blocks) in the
+    SQLite ledger of the previous version, kept as ``luigi_daisy._sqlite_ledger`` for
+    this comparison and for converting old records. Patterns ``finished``, ``99%``,
+    ``50%``: bulk recording (blocks/s), size on disk, ``complete()``; single blocks
+    (``record_done``, 10^4 a flush) and one-block commits into the ``50%`` record;
+    resuming the ``99%`` record to its first remaining block, with peak memory.
+    Targets: a finished 10^9-block record under 130 MB, >= 10^7 blocks/s in bulk,
+    ``complete()`` under 10 ms, the first remaining block of 10^9 in under 5 s.
 
 ``cost``
     10^4 no-op 1D blocks (total ROI ``[0, 10000)``, one-voxel blocks,
@@ -30,7 +41,8 @@
 
 Usage::
 
-    python benchmarks/bench_ledger.py                  # both parts, --repeat 3
+    python benchmarks/bench_ledger.py                  # all parts, --repeat 3
+    python benchmarks/bench_ledger.py --parts scale --scale-blocks 1e6,1e8
     python benchmarks/bench_ledger.py --parts cost --repeat 5
     python benchmarks/bench_ledger.py --parts resume --cases conflict
 """
@@ -67,6 +79,14 @@ RESUME_WORKERS = 2
 RESUME_CASES = ("noconflict", "conflict")
 TARGET_COST_RATIO = 0.90   # throughput with ledger / without
 TARGET_RESUME_S = 5.0      # time to the first remaining block
+SCALE_SLICE = 10**7        # blocks recorded per commit by the scale part
+SCALE_PATTERNS = ("finished", "99%", "50%")
+SINGLES = 100_000          # blocks recorded one by one (record_done), SINGLE_BATCH a flush
+SINGLE_BATCH = 10_000      # a run at 10^4 blocks/s flushes about so many a second
+COMMITS = 100              # blocks recorded one per commit (record_done + flush)
+TARGET_BYTES_1E9 = 130e6   # a finished 10^9-block record on disk
+TARGET_BULK_PER_S = 1e7    # recording in bulk
+TARGET_COMPLETE_S = 0.010  # complete()
 
 
 # --------------------------------------------------------------------------- #
@@ -197,7 +217,7 @@ def build_resume_ledger(case: str, folder: Path, seed: int = 0) -> dict[str, Any
     ledgers.close()
     return {"done": len(done), "remaining": remaining, "record_s": recorded - started,
             "flush_s": flushed - recorded, "build_s": time.perf_counter() - started,
-            "file_mb": sum(path.stat().st_size for path in folder.iterdir()) / 1e6}
+            "file_mb": disk_bytes(folder) / 1e6}
 
 
 def child_resume_scheduler(case: str, pristine: Path) -> int:
@@ -223,7 +243,7 @@ def child_resume_scheduler(case: str, pristine: Path) -> int:
         q0 = time.perf_counter()
         complete = ledger.is_complete(task.num_blocks)
         q1 = time.perf_counter()
-        done_set = set(done_blocks[task.task_id].tolist())
+        done_set = set(done_blocks[task.task_id].indices().tolist())
         problems = []
         if block is None:
             problems.append("no block to acquire")
@@ -289,6 +309,136 @@ def child_resume_run(case: str, pristine: Path) -> int:
         return 2
     return emit({"case": case, "first_block_s": min(starts) - called,
                  "total_s": returned - called, "processed": len(indices)})
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (or of the file ``path``)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
+
+
+def scale_task(daisy: Any, blocks: int) -> Any:
+    """A 1D task of ``blocks`` one-voxel blocks with nothing to wait for."""
+    roi = daisy.Roi
+    return daisy.Task("scale", total_roi=roi((0,), (blocks,)), read_roi=roi((0,), (1,)),
+                      write_roi=roi((0,), (1,)), process_function=noop_block,
+                      read_write_conflict=False, max_retries=0)
+
+
+def scale_pattern(pattern: str, start: int, stop: int, seed: int) -> Any:
+    """The done blocks of ``[start, stop)`` in a pattern: ``finished`` (all), ``99%``
+    (a seeded random 1% left), ``50%`` (a random half: what bits cannot compress)."""
+    import numpy as np
+    indices = np.arange(start, stop, dtype=np.int64)
+    if pattern == "finished":
+        return indices
+    rng = np.random.default_rng(seed + start)
+    keep = rng.random(stop - start) >= (0.01 if pattern == "99%" else 0.5)
+    return indices[keep]
+
+
+def child_scale(kind: str, blocks: int, pattern: str, folder: Path) -> int:
+    """Write a record of ``blocks`` blocks in ``pattern`` into ``folder`` (bulk, by
+    slices of SCALE_SLICE, one commit each); time it, its size, ``complete()``, and the
+    recording of single blocks."""
+    import numpy as np
+    daisy = quiet_import()
+    if kind == "sqlite":
+        from luigi_daisy import _sqlite_ledger as module
+    else:
+        from luigi_daisy import ledger as module  # type: ignore[no-redef]
+    task = scale_task(daisy, blocks)
+    geometry = task.grid.describe()
+    path = module.ledger_path(folder, task.task_id)
+    recorded = 0
+    started = time.perf_counter()
+    with module.Ledger(path, task.task_id, geometry, fresh=True) as ledger:
+        for start in range(0, blocks, SCALE_SLICE):
+            indices = scale_pattern(pattern, start, min(start + SCALE_SLICE, blocks), 0)
+            if kind == "sqlite":
+                for index in indices.tolist():
+                    ledger.record_done(index)
+            else:
+                ledger.record_done_many(indices)
+            ledger.flush()
+            recorded += indices.size
+    bulk_s = time.perf_counter() - started
+    size = disk_bytes(path)
+    complete_s = []
+    for _ in range(21):
+        q0 = time.perf_counter()
+        summary = module.read_ledger_summary(path)
+        complete_s.append(time.perf_counter() - q0)
+        assert summary["done"] == recorded, (summary["done"], recorded)
+    # single blocks: a run's batches (SINGLE_BATCH per flush), and one block per commit,
+    # into the half-done record (the blocks it left, in a seeded random order)
+    singles_s = commits_s = None
+    if pattern == "50%":
+        first = min(blocks, SCALE_SLICE)
+        missing = np.setdiff1d(np.arange(first), scale_pattern(pattern, 0, first, 0))
+        missing = np.random.default_rng(1).permutation(missing)
+        singles = min(SINGLES, (missing.size - COMMITS) // SINGLE_BATCH * SINGLE_BATCH)
+        with module.Ledger(path, task.task_id, geometry) as ledger:
+            q0 = time.perf_counter()
+            chosen = missing[:singles].tolist()
+            for number, index in enumerate(chosen, 1):
+                ledger.record_done(index)
+                if number % SINGLE_BATCH == 0:
+                    ledger.flush()
+            ledger.flush()
+            singles_s = (time.perf_counter() - q0) / max(len(chosen), 1)
+            q0 = time.perf_counter()
+            chosen = missing[singles:singles + COMMITS].tolist()
+            for index in chosen:
+                ledger.record_done(index)
+                ledger.flush()
+            commits_s = (time.perf_counter() - q0) / max(len(chosen), 1)
+            recorded = ledger.done_count()
+    return emit({"kind": kind, "blocks": blocks, "pattern": pattern, "recorded": recorded,
+                 "bulk_s": bulk_s, "bulk_per_s": blocks / bulk_s, "bytes": size,
+                 "complete_s": statistics.median(complete_s),
+                 "single_s": singles_s, "commit_s": commits_s})
+
+
+def child_scale_resume(kind: str, blocks: int, folder: Path) -> int:
+    """Resume the 99%-done record in ``folder``: open it, read the done blocks, build the
+    scheduler, acquire the first remaining block."""
+    daisy = quiet_import()
+    if kind == "sqlite":
+        from luigi_daisy import _sqlite_ledger as module
+    else:
+        from luigi_daisy import ledger as module  # type: ignore[no-redef]
+    from luigi_daisy.scheduler import BlockScheduler
+    task = scale_task(daisy, blocks)
+    t0 = time.perf_counter()
+    ledgers = module.LedgerSet.open([task], folder)
+    t1 = time.perf_counter()
+    done_blocks = ledgers.done_blocks()
+    t2 = time.perf_counter()
+    scheduler = BlockScheduler([task], done_blocks=done_blocks)
+    t3 = time.perf_counter()
+    block = scheduler.acquire(task.task_id)
+    t4 = time.perf_counter()
+    state = scheduler.task_states[task.task_id]
+    done = len(done_blocks[task.task_id])
+    ledgers.close()
+    problems = []
+    if block is None or block.index in scheduler._progress[task.task_id].done_before:
+        problems.append(f"first block {block} is none or recorded as done")
+    if state.skipped_count != done:
+        problems.append(f"skipped {state.skipped_count}, the record holds {done}")
+    if problems:
+        print("ERROR: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    return emit({"kind": kind, "blocks": blocks, "open_s": t1 - t0, "read_done_s": t2 - t1,
+                 "scheduler_s": t3 - t2, "first_acquire_s": t4 - t3,
+                 "first_block_s": t4 - t0, "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- #
@@ -439,22 +589,107 @@ def run_resume(args: argparse.Namespace, misses: list[str]) -> None:
                 misses.append(f"resume {case} {label}: {first:.2f} s >= {TARGET_RESUME_S} s")
 
 
+def run_scale(args: argparse.Namespace, misses: list[str]) -> None:
+    print(f"\n== scale: records of {', '.join(f'{n:.0e}' for n in args.scale_blocks)} "
+          f"blocks (synthetic 1D task, no workers), this format against the SQLite "
+          f"ledger of the previous version up to {args.sqlite_max:.0e} blocks ==")
+    print("(2 cores shared with other work: figures swing; bulk and sizes are one run per "
+          "pattern, complete() the median of 21 reads, resume the median of --repeat)")
+    rows, resume_rows = [], []
+    for blocks in args.scale_blocks:
+        kinds = ["new"] + (["sqlite"] if blocks <= args.sqlite_max else [])
+        for kind in kinds:
+            base = Path(tempfile.mkdtemp(prefix=f"bench_ledger_scale_{kind}_"))
+            try:
+                for pattern in SCALE_PATTERNS:
+                    folder = base / pattern.replace("%", "")
+                    folder.mkdir()
+                    result = spawn(["--child", "scale", "--kind", kind, "--blocks",
+                                    str(blocks), "--pattern", pattern, "--ledger-folder",
+                                    str(folder)], args.timeout)
+                    if "error" in result:
+                        print(f"  {kind} {blocks:.0e} {pattern}: {result['error']}")
+                        misses.append(f"scale {kind} {blocks:.0e} {pattern}: no figure")
+                        continue
+                    rows.append([kind, f"{blocks:.0e}", pattern, fmt(result["bulk_s"], 2),
+                                 f"{result['bulk_per_s']:.3g}",
+                                 fmt(result["bytes"] / 1e6, 3),
+                                 fmt(1000 * result["complete_s"], 2),
+                                 fmt(None if result["single_s"] is None
+                                     else 1e6 * result["single_s"], 2),
+                                 fmt(None if result["commit_s"] is None
+                                     else 1000 * result["commit_s"], 2)])
+                    check_scale(kind, blocks, pattern, result, misses)
+                    if pattern != "99%":
+                        shutil.rmtree(folder, ignore_errors=True)
+                        continue
+                    runs = [spawn(["--child", "scale-resume", "--kind", kind, "--blocks",
+                                   str(blocks), "--ledger-folder", str(folder)], args.timeout)
+                            for _ in range(args.repeat)]
+                    for run in runs:
+                        if "error" in run:
+                            print(f"  resume {kind} {blocks:.0e}: {run['error']}")
+                    first = median(runs, "first_block_s")
+                    resume_rows.append([kind, f"{blocks:.0e}", fmt(median(runs, "open_s")),
+                                        fmt(median(runs, "read_done_s")),
+                                        fmt(median(runs, "scheduler_s")),
+                                        fmt(median(runs, "first_acquire_s"), 5),
+                                        fmt(first), fmt(median(runs, "peak_rss_mb"), 0),
+                                        all_runs(runs, "first_block_s")])
+                    if kind == "new" and (first is None or first >= TARGET_RESUME_S):
+                        misses.append(f"scale resume {blocks:.0e}: {fmt(first)} s")
+                    shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+    print_table(["format", "blocks", "done", "bulk s", "bulk blocks/s", "size MB",
+                 "complete() ms", f"single us/block ({SINGLE_BATCH}/flush)",
+                 "commit of 1 block ms"], rows)
+    print("\nresume of the 99%-done record: LedgerSet.open + done_blocks + BlockScheduler "
+          "+ first acquire (fresh interpreter each):")
+    print_table(["format", "blocks", "open s", "read done s", "scheduler s",
+                 "1st acquire s", "to 1st block s", "peak RSS MB", "all runs (to 1st)"],
+                resume_rows)
+
+
+def check_scale(kind: str, blocks: int, pattern: str, result: dict[str, Any],
+                misses: list[str]) -> None:
+    """Record the targets of issue 20 this figure misses (this format only)."""
+    if kind != "new":
+        return
+    if blocks >= 10**9 and result["bytes"] >= TARGET_BYTES_1E9:
+        misses.append(f"size at {blocks:.0e} {pattern}: {result['bytes'] / 1e6:.0f} MB")
+    if pattern == "finished" and result["bulk_per_s"] < TARGET_BULK_PER_S:
+        misses.append(f"bulk at {blocks:.0e}: {result['bulk_per_s']:.3g} blocks/s")
+    if result["complete_s"] >= TARGET_COMPLETE_S:
+        misses.append(f"complete() at {blocks:.0e}: {1000 * result['complete_s']:.1f} ms")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="cost,resume",
-                        help="comma-separated: cost, resume (default both)")
+    parser.add_argument("--parts", default="scale,cost,resume",
+                        help="comma-separated: scale, cost, resume (default all)")
+    parser.add_argument("--scale-blocks", default="1e6,1e8,1e9",
+                        help="record sizes of the scale part (blocks)")
+    parser.add_argument("--sqlite-max", type=float, default=1e6,
+                        help="largest size the SQLite ledger is measured at (it records "
+                             "about 5*10^5 blocks/s one by one and is 25 bytes a block)")
     parser.add_argument("--cases", default=",".join(RESUME_CASES),
                         help="resume geometries: noconflict, conflict")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="time limit of one child run, seconds")
     child = parser.add_argument_group("child runs (used internally)")
-    child.add_argument("--child", choices=("cost", "resume-scheduler", "resume-run"))
+    child.add_argument("--child", choices=("cost", "resume-scheduler", "resume-run",
+                                           "scale", "scale-resume"))
+    child.add_argument("--kind", choices=("new", "sqlite"))
+    child.add_argument("--blocks", type=int)
+    child.add_argument("--pattern", choices=SCALE_PATTERNS)
     child.add_argument("--ledger", action="store_true")
     child.add_argument("--case-of-child", choices=RESUME_CASES)
     child.add_argument("--ledger-folder", type=Path)
     args = parser.parse_args(argv)
     args.parts = [part for part in args.parts.split(",") if part]
+    args.scale_blocks = [int(float(size)) for size in args.scale_blocks.split(",") if size]
     args.cases = [case for case in args.cases.split(",") if case]
     for case in args.cases:
         if case not in RESUME_CASES:
@@ -470,8 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_resume_scheduler(args.case_of_child, args.ledger_folder)
     if args.child == "resume-run":
         return child_resume_run(args.case_of_child, args.ledger_folder)
+    if args.child == "scale":
+        return child_scale(args.kind, args.blocks, args.pattern, args.ledger_folder)
+    if args.child == "scale-resume":
+        return child_scale_resume(args.kind, args.blocks, args.ledger_folder)
     print_machine()
     misses: list[str] = []
+    if "scale" in args.parts:
+        run_scale(args, misses)
     if "cost" in args.parts:
         run_cost(args, misses)
     if "resume" in args.parts:

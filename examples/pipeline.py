@@ -26,7 +26,8 @@ or with ``PYTHONPATH=examples`` and ``--module pipeline``. Settings go in ``luig
     [luigi_daisy]
     # worker processes per blockwise task
     num_workers = 2
-    # records of finished blocks: a rerun resumes from them
+    # records of finished blocks of tasks that declare no output of their own (each
+    # task here keeps its record inside the array it writes: <array>/.luigi_daisy/)
     ledger_dir = ledgers
 
     [Smooth]

@@ -423,7 +423,9 @@ class FaceMerges(Stage):
         return self.block_roi().grow(VOXEL_SIZE * 0, VOXEL_SIZE)
 
     def output(self):
-        return {"blocks": self.ledger_target()}
+        """The ledger, and the folder of the blocks' files: declaring it keeps the
+        record next to it, and a run that finds it deleted computes it again."""
+        return {"blocks": self.ledger_target(), "merges": luigi.LocalTarget(self.path("merges"))}
 
     def setup_worker(self) -> None:
         super().setup_worker()

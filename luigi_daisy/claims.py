@@ -21,7 +21,7 @@ from .errors import (
     LedgerError,
     LedgerStorageError,
 )
-from .ledger import Ledger, folder_problem, ledger_path
+from .ledger import DoneView, Ledger, folder_problem, ledger_path, legacy_path
 from .safe_files import check_folder, open_own
 
 logger = logging.getLogger(__name__)
@@ -98,11 +98,12 @@ class LedgerFollower:
         self.ledger_file = ledger_file
         self.geometry = geometry
         self.lock = lock
-        self._seq = 0
+        self._view: DoneView | None = None
         self._reader: Ledger | None = None
 
     def _ledger(self) -> Ledger | None:
-        if self._reader is None and self.ledger_file.exists():
+        if self._reader is None and (self.ledger_file.exists()
+                                     or legacy_path(self.ledger_file).exists()):
             try:
                 self._reader = Ledger(self.ledger_file, self.task_id, self.geometry,
                                       read_only=True)
@@ -119,8 +120,8 @@ class LedgerFollower:
         ledger = self._ledger()
         if ledger is None:
             return []
-        self._seq, blocks = ledger.done_since(self._seq)
-        return blocks
+        self._view, blocks = ledger.done_since(self._view)
+        return blocks.tolist()
 
     def try_claim(self) -> Ledger | None:
         """Take the task over when its lock is free; return the ledger to write then."""

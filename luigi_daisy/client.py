@@ -317,21 +317,24 @@ class Client:
             self._take_answer(self._inbox.pop(0), exact=False)
 
     def cannot_work(self, block: Block, error: str) -> None:
-        """Tell the server this worker cannot process any block of its task (an error
-        every block would repeat): ``block`` fails for good and the task stops. Waits
-        for the server's answer, so the task is stopped before this worker exits."""
+        """Tell the server this worker cannot process any block of ``block``'s task (an
+        error every block would repeat): ``block`` fails for good and the task stops.
+        Waits for the server's answer, so the task is stopped before this worker exits
+        (or, in a pool, goes on with other tasks: blocks that arrive meanwhile are kept
+        in hand)."""
         block.status = BlockStatus.FAILED
         block.error = error
         if self._hand.results:
             self._send_report(0)
         self._send(CannotWork(wire_of(block), error))
-        while True:  # answers to earlier requests come first; the task is stopped anyway
+        while True:  # answers to earlier requests come first
             answer = self._receive()
             if type(answer) is NoMoreBlocks:
                 break
             if type(answer) is not BlocksAssigned:
                 raise ProtocolError(
                     f"expected blocks or NoMoreBlocks from the server, got {answer!r}")
+            self._hand.blocks.extend(map(block_from_wire, answer.blocks))
         self._hand.asked = 0
 
     @contextlib.contextmanager

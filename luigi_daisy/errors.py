@@ -93,3 +93,9 @@ class UnsafePathError(LuigiDaisyError):
     """A file or folder a run would write is a symbolic link, belongs to another user,
     or sits in a folder others can write (and that is not sticky); the message names it
     and says what to change."""
+
+
+class CommandError(LuigiDaisyError, ValueError):
+    """A ``luigi-daisy`` command was given something it cannot use (a path without
+    records, a malformed ROI, an unknown task or block id); the message says what to
+    change."""

@@ -33,7 +33,7 @@ The rules it keeps:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -167,6 +167,8 @@ class RecordFailed:
     task_id: str
     index: int
     error: str | None
+    #: the worker whose attempt failed last (None: not known)
+    worker_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,23 +217,41 @@ def _task_of(block: Block) -> str:
     return cast(str, block.task_id)
 
 
+#: the pool's choices of task (see :class:`HandOut`)
+POOL_POLICIES = ("downstream", "most_ready")
+
+
 class WorkerHand:
-    """What the hand-out knows of one connected worker."""
+    """What the hand-out knows of one connected worker.
 
-    __slots__ = ("key", "task_id", "worker_id", "hand", "head_since", "wants", "stopped")
+    ``task_id`` is the worker's *home*: the task it was started for, or the pool it
+    belongs to; ``tasks`` are the tasks it may serve (its own, or the pool's).
+    """
 
-    def __init__(self, key: Hashable, task_id: str, worker_id: int) -> None:
+    __slots__ = ("key", "task_id", "worker_id", "tasks", "hand", "held", "head_since",
+                 "wants", "stopped")
+
+    def __init__(self, key: Hashable, task_id: str, worker_id: int,
+                 tasks: tuple[str, ...] = ()) -> None:
         self.key = key
         self.task_id = task_id
         self.worker_id = worker_id
-        #: blocks sent and not reported, in the order they were sent: the first runs
-        self.hand: dict[int, Block] = {}
+        self.tasks = tasks or (task_id,)
+        #: blocks sent and not reported, by ``(task id, index)``, in the order they
+        #: were sent: the first runs
+        self.hand: dict[tuple[str, int], Block] = {}
+        #: blocks in hand per task
+        self.held: dict[str, int] = {}
         #: when the first block of the hand started
         self.head_since = 0.0
         #: blocks asked for by the request that waits for its answer (0: none waits)
         self.wants = 0
         #: stopped for a timeout; its blocks went back already
         self.stopped = False
+
+    def head(self) -> Block | None:
+        """The block running now (the oldest in hand), if any."""
+        return next(iter(self.hand.values()), None)
 
     def __repr__(self) -> str:
         return (f"WorkerHand(worker {self.worker_id} of {self.task_id!r}, "
@@ -246,27 +266,68 @@ class HandOut:
     scheduler:
         The scheduler whose blocks are handed out. The hand-out is the only caller of
         its ``acquire``, ``release`` and ``return_unstarted`` while it runs.
+    pools:
+        Pools of workers by pool id: the tasks the pool's workers serve, whichever of
+        them the hand-out picks. A worker whose home is a task id serves that task
+        only (a task not in a pool, or a worker loop of its own).
+    policy:
+        How a pool worker's next block is chosen among the tasks with ready blocks
+        that are below their cap (``num_workers``: how many workers may hold blocks
+        of the task at once). ``"downstream"`` (default): the most downstream task,
+        which finishes objects early and keeps intermediate results small; but a task
+        with no worker whose downstream tasks have nothing ready comes before a more
+        downstream task that does not depend on it, so no task that others wait on
+        starves. ``"most_ready"``: the task with the most ready blocks.
     """
 
-    def __init__(self, scheduler: BlockScheduler) -> None:
+    def __init__(self, scheduler: BlockScheduler,
+                 pools: Mapping[str, Iterable[str]] | None = None,
+                 policy: str = "downstream") -> None:
+        if policy not in POOL_POLICIES:
+            raise ValueError(f"pool policy {policy!r} is not one of {POOL_POLICIES}")
         self.scheduler = scheduler
         self.task_states = scheduler.task_states
+        self.policy = policy
         task_ids = list(scheduler.tasks)
         self._timeouts = {task_id: task.timeout for task_id, task in scheduler.tasks.items()}
         self._pre_checked = {task_id: task.pre_check is not None
                              for task_id, task in scheduler.tasks.items()}
         self._post_checked = {task_id: task.post_check is not None
                               for task_id, task in scheduler.tasks.items()}
+        self._caps = {task_id: task.num_workers for task_id, task in scheduler.tasks.items()}
+        self._depth = _depths(scheduler.tasks)
+        self._downstream: dict[str, list[str]] = {task_id: [] for task_id in task_ids}
+        for task_id, task in scheduler.tasks.items():
+            for upstream in task.upstream_tasks:
+                if upstream.task_id in self._downstream:
+                    self._downstream[upstream.task_id].append(task_id)
+        self._descendants = _descendants(self._downstream)
+        #: the tasks of each pool, most downstream first (the policy's order of ties)
+        self.pools: dict[str, tuple[str, ...]] = {
+            pool_id: tuple(sorted(tasks, key=lambda task_id: -self._depth[task_id]))
+            for pool_id, tasks in (pools or {}).items()}
+        homes = [*task_ids, *self.pools]
+        #: homes (task or pool) whose workers may serve each task
+        self._homes_of: dict[str, list[str]] = {task_id: [task_id] for task_id in task_ids}
+        for pool_id, tasks in self.pools.items():
+            for task_id in tasks:
+                if pool_id != task_id:  # a pool of one task is known by the task's id
+                    self._homes_of[task_id].append(pool_id)
         #: connected workers by key
         self.workers: dict[Hashable, WorkerHand] = {}
-        #: ids of the workers the run started and has not seen exit, per task
-        self.expected: dict[str, set[int]] = {task_id: set() for task_id in task_ids}
-        #: ``(task_id, worker_id) -> key`` of the connected workers
+        #: ids of the workers the run started and has not seen exit, per home
+        self.expected: dict[str, set[int]] = {home: set() for home in homes}
+        #: ``(home, worker_id) -> key`` of the connected workers
         self.connected: dict[tuple[str, int], Hashable] = {}
-        # parked requests in arrival order (a dict holds each worker once): of workers
-        # holding no block, and of workers asking for more in hand
-        self.waiting: dict[str, dict[WorkerHand, None]] = {t: {} for t in task_ids}
-        self.waiting_more: dict[str, dict[WorkerHand, None]] = {t: {} for t in task_ids}
+        # parked requests in arrival order (a dict holds each worker once), per home: of
+        # workers holding no block, and of workers asking for more in hand
+        self.waiting: dict[str, dict[WorkerHand, None]] = {home: {} for home in homes}
+        self.waiting_more: dict[str, dict[WorkerHand, None]] = {home: {} for home in homes}
+        #: workers holding blocks of each task now
+        self.serving: dict[str, int] = {task_id: 0 for task_id in task_ids}
+        #: the task of the block each worker ran last, by ``(home, worker_id)``: the one
+        #: charged when the worker's process exits in error
+        self.last_task: dict[tuple[str, int], str] = {}
         #: blocks whose pre check found them not done, ready to hand out
         self.checked: dict[str, deque[Block]] = {t: deque() for t in task_ids}
         #: pre checks asked for and not answered, per task
@@ -294,12 +355,17 @@ class HandOut:
 
     # ------------------------------------------------------------------ queries
     def expect_worker(self, task_id: str, worker_id: int) -> None:
-        """Welcome ``worker_id`` of ``task_id`` from now on (the run started it)."""
+        """Welcome ``worker_id`` of ``task_id`` (a task or a pool) from now on (the run
+        started it)."""
         self.expected[task_id].add(worker_id)
 
     def forget_worker(self, task_id: str, worker_id: int) -> None:
         """Welcome ``worker_id`` no more (its process is gone)."""
         self.expected[task_id].discard(worker_id)
+
+    def is_home(self, task_id: str) -> bool:
+        """Whether workers may say they belong to ``task_id`` (a task or a pool)."""
+        return task_id in self.expected
 
     def is_expected(self, task_id: str, worker_id: int) -> bool:
         """Whether the run started ``worker_id`` of ``task_id`` and has not seen it exit."""
@@ -312,12 +378,22 @@ class HandOut:
     def held_by(self, worker: Hashable) -> list[int]:
         """Indices of the blocks ``worker`` holds, in the order it processes them."""
         hand = self.workers.get(worker)
+        return [block.index for block in hand.hand.values()] if hand is not None else []
+
+    def held_keys(self, worker: Hashable) -> list[tuple[str, int]]:
+        """``(task id, index)`` of the blocks ``worker`` holds, in the order it
+        processes them."""
+        hand = self.workers.get(worker)
         return list(hand.hand) if hand is not None else []
 
     def waits(self, worker: Hashable) -> int:
         """Blocks the waiting request of ``worker`` asked for (0: none waits)."""
         hand = self.workers.get(worker)
         return hand.wants if hand is not None else 0
+
+    def workers_on(self, task_id: str) -> int:
+        """Workers holding blocks of ``task_id`` now."""
+        return self.serving[task_id]
 
     # ------------------------------------------------------------------ events
     def handle(self, event: Event, now: float) -> list[Instruction]:
@@ -335,7 +411,8 @@ class HandOut:
         return out
 
     def _joined(self, event: WorkerJoined) -> None:
-        hand = WorkerHand(event.worker, event.task_id, event.worker_id)
+        hand = WorkerHand(event.worker, event.task_id, event.worker_id,
+                          self.pools.get(event.task_id, ()))
         self.workers[event.worker] = hand
         self.connected[(event.task_id, event.worker_id)] = event.worker
 
@@ -349,29 +426,69 @@ class HandOut:
                 "for its answer; ask again only after the answer")
         for result in event.results:
             self._take_result(hand, result)
-        task_id = hand.task_id
+        home = hand.task_id
         if event.want:
             self._request(hand, event.want)
-        elif not hand.hand and hand in self.waiting_more[task_id]:
-            del self.waiting_more[task_id][hand]  # holds nothing now: first in its own right
-            self.waiting[task_id][hand] = None
+        elif not hand.hand and hand in self.waiting_more[home]:
+            del self.waiting_more[home][hand]  # holds nothing now: first in its own right
+            self.waiting[home][hand] = None
         if event.results:
             self._serve_waiting()
 
+    def _find(self, hand: WorkerHand, index: int) -> tuple[str, int] | None:
+        """The key of the first block with ``index`` in ``hand`` (a worker processes its
+        hand in order, so a result is for the earliest block of that index)."""
+        for key in hand.hand:
+            if key[1] == index:
+                return key
+        return None
+
+    def _hold(self, hand: WorkerHand, block: Block) -> None:
+        task_id = _task_of(block)
+        if not hand.hand:
+            hand.head_since = self._now
+        hand.hand[(task_id, block.index)] = block
+        count = hand.held.get(task_id, 0)
+        if not count:
+            self.serving[task_id] += 1
+        hand.held[task_id] = count + 1
+
+    def _unhold(self, hand: WorkerHand, key: tuple[str, int]) -> Block:
+        if next(iter(hand.hand)) == key:
+            hand.head_since = self._now  # the next block in hand starts now
+        block = hand.hand.pop(key)
+        task_id = key[0]
+        self.last_task[(hand.task_id, hand.worker_id)] = task_id
+        count = hand.held[task_id] - 1
+        if count:
+            hand.held[task_id] = count
+        else:
+            del hand.held[task_id]
+            self.serving[task_id] -= 1
+        return block
+
+    def _empty(self, hand: WorkerHand) -> list[Block]:
+        """Take every block out of ``hand``, in order."""
+        held = list(hand.hand.values())
+        if held:
+            self.last_task[(hand.task_id, hand.worker_id)] = _task_of(held[0])
+        for task_id in hand.held:
+            self.serving[task_id] -= 1
+        hand.hand.clear()
+        hand.held.clear()
+        return held
+
     def _take_result(self, hand: WorkerHand, result: BlockResult) -> None:
-        held = hand.hand
-        index = result.index
-        if index not in held:
+        key = self._find(hand, result.index)
+        if key is None:
             self.ignored_results += 1
             self._warn("ignored results",
                        f"worker {hand.worker_id} of {hand.task_id!r} reported block index "
-                       f"{index}, which it does not hold; ignored")
+                       f"{result.index}, which it does not hold; ignored")
             return
-        if next(iter(held)) == index:
-            hand.head_since = self._now  # the next block in hand starts now
-        block = held.pop(index)
+        block = self._unhold(hand, key)
         status, error = result.status, result.error
-        if status == _SUCCESS and self._post_checked[hand.task_id]:
+        if status == _SUCCESS and self._post_checked[key[0]]:
             self._out.append(RunPostCheck(block, hand.worker_id))
             return
         if status != _SUCCESS and status != _FAILED:
@@ -383,21 +500,20 @@ class HandOut:
         hand = self.workers.get(event.worker)
         if hand is None or hand.stopped:
             return
-        block = hand.hand.get(event.index) if event.task_id == hand.task_id else None
-        if block is None:
+        key = (event.task_id, event.index) if event.task_id in hand.tasks else None
+        if key is None or key not in hand.hand:
             self.ignored_results += 1
             self._warn("ignored results",
                        f"worker {hand.worker_id} of {hand.task_id!r} reported that it cannot "
                        f"work on block index {event.index} of {clip(repr(event.task_id))}, "
                        f"which it does not hold; ignored")
         else:
-            if next(iter(hand.hand)) == event.index:
-                hand.head_since = self._now
-            del hand.hand[event.index]
-            if not self.task_states[hand.task_id].stop_reason:
+            task_id = key[0]
+            block = self._unhold(hand, key)
+            if not self.task_states[task_id].stop_reason:
                 self._warn("workers that cannot work",
                            f"worker {hand.worker_id} cannot process any block of "
-                           f"{hand.task_id!r}; stopping the task")
+                           f"{task_id!r}; stopping the task")
             self._release(block, BlockStatus.FAILED, event.error, hand.worker_id, fatal=True)
         self._unpark(hand)
         self._out.append(SendNoMoreBlocks(hand.key))
@@ -407,14 +523,14 @@ class HandOut:
         hand = self._remove(event.worker)
         if hand is None or hand.stopped:
             return
-        if self._give_back_unstarted(list(hand.hand.values())):
+        if self._give_back_unstarted(self._empty(hand)):
             self._serve_waiting()
 
     def _lost(self, event: WorkerLost) -> None:
         hand = self._remove(event.worker)
         if hand is None or hand.stopped or not hand.hand:
             return
-        held = list(hand.hand.values())
+        held = self._empty(hand)
         if self.ending:
             self._give_back_unstarted(held)
             return
@@ -422,31 +538,37 @@ class HandOut:
         unstarted = f"; the {len(rest)} blocks in its hand go back unstarted" if rest else ""
         self._warn("lost workers",
                    f"worker {hand.worker_id} of {hand.task_id!r} was lost while processing "
-                   f"block {head.block_id[1]}; retrying it{unstarted}")
+                   f"block {head.block_id[1]}{self._of_task(hand, head)}; retrying it"
+                   f"{unstarted}")
         self._give_back_unstarted(rest)
         self._release(head, BlockStatus.FAILED,
                       f"worker {hand.worker_id} was lost while processing the block",
                       hand.worker_id, worker_lost=True)
         self._serve_waiting()
 
+    @staticmethod
+    def _of_task(hand: WorkerHand, block: Block) -> str:
+        """`` of 'task'`` for a pool worker's block (an own worker's home says it)."""
+        return "" if block.task_id == hand.task_id else f" of {block.task_id!r}"
+
     def _tick(self, event: Tick) -> None:
         now = self._now
         reclaimed = False
         for hand in list(self.workers.values()):
-            if hand.stopped or not hand.hand:
+            head = hand.head()
+            if hand.stopped or head is None:
                 continue
-            timeout = self._timeouts[hand.task_id]
+            task_id = _task_of(head)
+            timeout = self._timeouts[task_id]
             if timeout is None or now - hand.head_since <= timeout:
                 continue
-            held = list(hand.hand.values())
-            hand.hand.clear()
+            held = self._empty(hand)
             hand.stopped = True
             self._unpark(hand)
-            head = held[0]
             self._warn("timeouts",
-                       f"block {head.block_id[1]} of {hand.task_id!r} exceeded its timeout "
+                       f"block {head.block_id[1]} of {task_id!r} exceeded its timeout "
                        f"of {timeout}s; stopping worker {hand.worker_id}")
-            self.task_states[hand.task_id].timeout_reclaim_count += 1
+            self.task_states[task_id].timeout_reclaim_count += 1
             self._give_back_unstarted(held[1:])
             self._release(head, BlockStatus.FAILED,
                           f"timeout: the block took longer than {timeout} s",
@@ -523,8 +645,14 @@ class HandOut:
         if outcome is ReleaseOutcome.COMPLETED:
             self._out.append(RecordDone(task_id, block.index))
         elif outcome is ReleaseOutcome.FAILED:
-            self._out.append(RecordFailed(task_id, block.index, error))
+            self._out.append(RecordFailed(task_id, block.index, error, worker_id))
             self.failed_by[(task_id, block.block_id[1])] = worker_id
+
+    def _available(self, task_id: str) -> int:
+        """Blocks of ``task_id`` that could be handed out now (ready or pre-checked)."""
+        if self.task_states[task_id].stop_reason:
+            return 0
+        return self.task_states[task_id].ready_count + len(self.checked[task_id])
 
     def _next_block(self, task_id: str) -> Block | None:
         """A block to hand out now: one whose pre check found it not done, or, for a
@@ -549,33 +677,69 @@ class HandOut:
             in_flight += 1
         self.pre_checks[task_id] = in_flight
 
-    def _may_hand_extra(self, hand: WorkerHand) -> bool:
-        """Whether a worker may take a block beyond the one it needs next: only while
-        its hand holds less than its share of the ready blocks (ready blocks over
-        started workers), so workers that start later, or ask later, find theirs."""
-        task_id = hand.task_id
-        return (len(hand.hand) * max(len(self.expected[task_id]), 1)
-                < self.task_states[task_id].ready_count + len(self.checked[task_id]))
+    def _workers_for(self, task_id: str) -> int:
+        """Started workers that may serve ``task_id`` (its own, and its pool's)."""
+        return max(sum(len(self.expected[home]) for home in self._homes_of[task_id]), 1)
+
+    def _may_hand_extra(self, hand: WorkerHand, task_id: str) -> bool:
+        """Whether a worker may take a block of ``task_id`` beyond the one it needs next:
+        only while its hand holds less than its share of the ready blocks (ready blocks
+        over the workers that may serve the task), so workers that start later, or ask
+        later, find theirs."""
+        return len(hand.hand) * self._workers_for(task_id) < self._available(task_id)
+
+    def _below_cap(self, hand: WorkerHand, task_id: str) -> bool:
+        """Whether ``hand`` may hold blocks of ``task_id``: it holds some already, or
+        fewer workers than the task's cap (``num_workers``) do."""
+        return task_id in hand.held or self.serving[task_id] < self._caps[task_id]
+
+    def _choose(self, hand: WorkerHand) -> str | None:
+        """The task ``hand`` takes its next block from: its own task, or the pool
+        policy's pick among the pool's tasks with blocks to hand out, below their cap."""
+        tasks = hand.tasks
+        if hand.task_id not in self.pools:
+            return tasks[0]  # a worker of the task's own (its cap sized it)
+        candidates = [task_id for task_id in tasks
+                      if self._available(task_id) and self._below_cap(hand, task_id)]
+        if not candidates:
+            return None
+        if self.policy == "most_ready":
+            return max(candidates, key=self._available)
+        deepest = candidates[0]  # candidates come most downstream first
+        for task_id in candidates[1:]:
+            # a task that others wait on, passed over for one that does not depend on it
+            # (which may have blocks to do for ever), gets this worker
+            if deepest not in self._descendants[task_id] and self._starving(task_id):
+                return task_id
+        return deepest
+
+    def _starving(self, task_id: str) -> bool:
+        """A task no worker holds blocks of, while a task downstream of it has nothing
+        ready: it waits on this one."""
+        if self.serving[task_id]:
+            return False
+        return any(not self.task_states[other].is_done() and not self._available(other)
+                   for other in self._downstream[task_id])
 
     def _take_blocks(self, hand: WorkerHand, want: int, first_is_free: bool) -> list[Block]:
         """Up to ``want`` blocks for ``hand``, now held by it. Beyond the first one
         (when ``first_is_free``), blocks are taken only while :meth:`_may_hand_extra`
-        says so."""
-        task_id = hand.task_id
+        says so. A pool worker's blocks come from the task :meth:`_choose` picks, one
+        block at a time."""
         blocks: list[Block] = []
-        held = hand.hand
         while len(blocks) < want:
-            if (blocks or not first_is_free) and not self._may_hand_extra(hand):
+            task_id = self._choose(hand)
+            if task_id is None:
+                break
+            if (blocks or not first_is_free) and not self._may_hand_extra(hand, task_id):
                 break
             block = self._next_block(task_id)
             if block is None:
+                if not blocks and self._pre_checked[task_id]:
+                    self._start_pre_checks(task_id, want)
                 break
-            if not held:
-                hand.head_since = self._now
-            held[block.index] = block
+            self._hold(hand, block)
             blocks.append(block)
-        if not blocks and self._pre_checked[task_id]:
-            self._start_pre_checks(task_id, want)
         return blocks
 
     def _send(self, hand: WorkerHand, blocks: list[Block]) -> None:
@@ -583,56 +747,95 @@ class HandOut:
         self.block_frames += 1
         self._out.append(SendBlocks(hand.key, tuple(blocks)))
 
+    def _home_done(self, home: str) -> bool:
+        """Whether every task a home's workers serve is done."""
+        tasks = self.pools.get(home)
+        if tasks is None:
+            return self.task_states[home].is_done()
+        return all(self.task_states[task_id].is_done() for task_id in tasks)
+
     def _request(self, hand: WorkerHand, want: int) -> None:
         """Answer a request for ``want`` blocks now, or park it until a block is ready."""
-        task_id = hand.task_id
+        home = hand.task_id
         first_is_free = not hand.hand
         blocks = [] if self.ending else self._take_blocks(hand, want, first_is_free)
         if blocks:
             self._send(hand, blocks)
-        elif self.ending or self.task_states[task_id].is_done():
+        elif self.ending or self._home_done(home):
             self._out.append(SendNoMoreBlocks(hand.key))
         else:
             hand.wants = want
             if first_is_free:
-                self.waiting[task_id][hand] = None
+                self.waiting[home][hand] = None
             else:
-                self.waiting_more[task_id][hand] = None
+                self.waiting_more[home][hand] = None
 
     def _serve_waiting(self) -> None:
         """Give ready blocks to parked requests, first to workers holding no block,
-        then to workers asking for more in hand; tell them when a task is done (or the
-        run ends)."""
+        then to workers asking for more in hand; tell them when their tasks are done
+        (or the run ends)."""
         for task_id, checked in self.checked.items():
             if checked and self.task_states[task_id].stop_reason:
                 # pre-checked blocks of a task that stopped will never be handed out
                 self._give_back_unstarted(list(checked))
                 checked.clear()
-        for task_id, waiting in self.waiting.items():
-            while waiting and not self.ending:
-                hand = next(iter(waiting))
-                blocks = self._take_blocks(hand, hand.wants, True)
-                if not blocks:
-                    break
-                del waiting[hand]
-                hand.wants = 0
-                self._send(hand, blocks)
-            more = self.waiting_more[task_id]
+        for home, waiting in self.waiting.items():
+            if waiting and not self.ending:
+                for hand in list(waiting):
+                    blocks = self._take_blocks(hand, hand.wants, True)
+                    if not blocks:
+                        break  # they hold nothing either: the next would find nothing
+                    del waiting[hand]
+                    hand.wants = 0
+                    self._send(hand, blocks)
+            more = self.waiting_more[home]
             if more and not self.ending:
-                state = self.task_states[task_id]
-                workers = max(len(self.expected[task_id]), 1)
                 # each of them holds a block: none may take more unless ready > workers
                 for hand in list(more):
-                    if state.ready_count + len(self.checked[task_id]) <= workers:
-                        break
                     blocks = self._take_blocks(hand, hand.wants, False)
                     if blocks:
                         del more[hand]
                         hand.wants = 0
                         self._send(hand, blocks)
-            if (waiting or more) and (self.ending or self.task_states[task_id].is_done()):
+                    elif home not in self.pools:
+                        break  # a pool's workers hold blocks of different tasks
+            if (waiting or more) and (self.ending or self._home_done(home)):
                 for hand in (*waiting, *more):
                     hand.wants = 0
                     self._out.append(SendNoMoreBlocks(hand.key))
                 waiting.clear()
                 more.clear()
+
+
+def _descendants(downstream: Mapping[str, list[str]]) -> dict[str, frozenset[str]]:
+    """Every task downstream of each task, directly or not."""
+    found: dict[str, frozenset[str]] = {}
+
+    def below(task_id: str) -> frozenset[str]:
+        known = found.get(task_id)
+        if known is None:
+            known = found[task_id] = frozenset(downstream[task_id]).union(
+                *map(below, downstream[task_id]))
+        return known
+
+    for task_id in downstream:
+        below(task_id)
+    return found
+
+
+def _depths(tasks: Mapping[str, Any]) -> dict[str, int]:
+    """How far downstream each task is: 0 for a task with no upstream task in the run,
+    else one more than its deepest upstream task."""
+    depths: dict[str, int] = {}
+
+    def depth(task_id: str) -> int:
+        found = depths.get(task_id)
+        if found is None:
+            upstream = [other.task_id for other in tasks[task_id].upstream_tasks
+                        if other.task_id in tasks]
+            found = depths[task_id] = 1 + max(map(depth, upstream), default=-1)
+        return found
+
+    for task_id in tasks:
+        depth(task_id)
+    return depths

@@ -1,16 +1,30 @@
-"""The ledger: a durable record of the finished blocks of one task (an SQLite file).
+"""The ledger: a durable record of the finished blocks of one task, kept with its data.
 
-Only the block server writes it, in batches of one transaction each, from a writer
-thread of its own (:class:`LedgerSet`), so that a slow or full file system never stalls
-the hand-out of blocks. It remembers the task's geometry and refuses to resume a task
-whose geometry changed. ``complete()`` is a single query. The file for task ``T`` in
-folder ``D`` is ``D/T.ledger.sqlite``, or ``D/<prefix>@<hash>.ledger.sqlite`` when ``T`` is
-not a plain file name (:func:`~luigi_daisy.context.safe_file_name`).
+A record is a folder, ``D/T.ledger`` for task ``T`` in folder ``D`` (or
+``D/<prefix>@<hash>.ledger`` when ``T`` is not a plain file name,
+:func:`~luigi_daisy.context.safe_file_name`), of whole files that are only ever
+replaced by rename: a small JSON manifest (format, task id, geometry, origin, done and
+failed counts, the file and generation of each chunk), the done set as zlib-compressed
+bitmap chunks of the block grid (at most one bit per block; runs of done blocks
+compress to almost nothing) and the failed blocks with their errors in a sparse JSON
+file. One writer (the block server) commits: the changed chunks under new names, then
+the manifest, each written to a temporary name, fsynced and renamed into place, the
+folder fsynced. Readers on any host (``complete()``, runs that follow the task,
+``luigi-daisy status``) read the manifest and then the files it names, and so see one
+commit whole; they take no lock, and there is no shared memory, no mmap and no SQLite
+WAL, which is what NFS, Lustre and GPFS need. ``complete()`` reads the manifest only.
 
-When the file system fails the writes (full, read-only, an I/O error) the records wait in
+The writer writes from a thread of its own (:class:`LedgerSet`), in batches of one
+commit each, so that a slow or full file system never stalls the hand-out of blocks. It
+remembers the task's geometry and refuses to resume a task whose geometry changed. When
+the file system fails the writes (full, read-only, an I/O error) the records wait in
 memory and the writes are retried; each kind of failure has its own error class
-(:mod:`luigi_daisy.errors`) and message, and only a damaged file is met with the advice to
-delete it.
+(:mod:`luigi_daisy.errors`) and message, and only a damaged record is met with the
+advice to delete it.
+
+Ledgers of earlier versions were SQLite files (``D/T.ledger.sqlite``, format 3): a
+writer converts one on its first open (one warning names it; nothing done is lost), a
+reader reads it as it is.
 """
 
 from __future__ import annotations
@@ -21,13 +35,17 @@ import json
 import logging
 import os
 import re
-import sqlite3
+import secrets
+import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .blocks import PackedBlocks
 from .context import safe_file_name
 from .errors import (
     LedgerDamagedError,
@@ -35,30 +53,43 @@ from .errors import (
     LedgerError,
     LedgerReadOnlyError,
     LedgerStorageError,
+    UnsafePathError,
 )
-from .safe_files import check_folder, open_own, refuse_links
+from .safe_files import check_folder, open_own, own_subfolder, refuse_links
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
 
-#: 3: written since block ids are daisy's numbers. Format 2 ledgers hold the same dense
-#: indices, but were written by versions that showed users other block ids, so they are
-#: refused rather than mixed with the new numbering.
-FORMAT_VERSION = 3
-#: what the ``block`` column holds, recorded in every ledger
+#: 4: a record folder of whole files (manifest, bitmap chunks). 3 was an SQLite file,
+#: converted on its first open by a writer.
+FORMAT_VERSION = 4
+#: the SQLite format that is read and converted
+LEGACY_FORMAT_VERSION = 3
+#: what the block indices of a record are, recorded in every manifest
 BLOCK_KEY = "row-major index in the overhang grid of the task's write ROIs"
-SUFFIX = ".ledger.sqlite"
+#: the name of a record folder ends so
+SUFFIX = ".ledger"
+#: the name of an SQLite ledger of an earlier version ends so
+LEGACY_SUFFIX = ".ledger.sqlite"
+MANIFEST = "manifest.json"
+#: blocks per bitmap chunk: 128 KiB of bits, about 950 chunks for 10^9 blocks. A flush
+#: rewrites (and compresses) each chunk it touches: small chunks keep a run's flushes of
+#: a thousand blocks cheap; the manifest lists every chunk (about 35 bytes each)
+CHUNK_BLOCKS = 1 << 20
+CHUNK_BYTES = CHUNK_BLOCKS // 8
+#: zlib level of the chunks: 1 compresses runs of done blocks as well as higher ones
+ZLIB_LEVEL = 1
+#: files being written start so (removed at the next writer's open when left behind)
+TEMPORARY = ".tmp-"
+#: times a reader reads the manifest again when a file it names vanished meanwhile
+READ_ATTEMPTS = 20
+#: seconds a superseded chunk is kept for readers that read the manifest naming it
+OLD_FILES_GRACE = 10.0
 #: how to get past a ledger that cannot be used
-AFRESH = ("delete the file, or start afresh (run_blockwise(..., fresh=True)) to process "
-          "every block of the task again")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS done (seq INTEGER PRIMARY KEY, block INTEGER NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS failed (block INTEGER PRIMARY KEY, error TEXT) WITHOUT ROWID;
-"""
+AFRESH = ("delete the ledger (rm -r it: a record is a folder), or start afresh "
+          "(run_blockwise(..., fresh=True)) to process every block of the task again")
 
 #: seconds a run keeps serving while its ledger writes fail (full disk, read-only
 #: folder, I/O errors) before it stops; the finished blocks wait in memory meanwhile
@@ -66,9 +97,6 @@ STORAGE_PATIENCE = 600.0
 #: seconds the end of a run keeps retrying the last writes of a failing file system
 FINAL_PATIENCE = 60.0
 
-# SQLite's primary result codes (the low byte of an extended code)
-_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_FULL = 3, 8, 11, 13
-_SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
 
 
 #: where a task's ledger folder is chosen, for messages that ask for another
@@ -172,90 +200,63 @@ def _full_place(folder: Path) -> bool:
     return stats.f_bavail == 0 or stats.f_favail == 0
 
 
-def storage_error(path: Path, task_id: str, error: sqlite3.Error,
-                  action: str = "read or written") -> LedgerError:
-    """The ``LedgerError`` that says what an SQLite error on ledger ``path`` means.
-
-    A damaged file (:class:`~luigi_daisy.errors.LedgerDamagedError`, the only one whose
-    message advises deleting the file, and only for a file that exists), a full file
-    system (:class:`~luigi_daisy.errors.LedgerDiskFullError`), a folder or file that
-    cannot be written (:class:`~luigi_daisy.errors.LedgerReadOnlyError`: a read-only
-    mount or permissions), or another error of the file system
-    (:class:`~luigi_daisy.errors.LedgerStorageError`).
-    """
-    code = getattr(error, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    where = f"ledger {path} of task {task_id!r}"
-    exists = _exists(path)
-    keep = ("the ledger is not damaged: keep it (the blocks it records are skipped when "
-            "the task runs again)" if exists else "nothing was recorded yet")
-    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) and exists:
-        return LedgerDamagedError(f"{where} is damaged ({error}); {AFRESH}")
-    problem = folder_problem(path, error, "ledger", task_id)
-    if problem is not None:
-        return type(problem)(f"{problem}; {keep}")
-    if primary in (_SQLITE_READONLY, _SQLITE_PERM):
-        return LedgerReadOnlyError(
-            f"{where} cannot be {action}: it is read-only ({error}). Make it and its "
-            f"folder {path.parent} writable, or {ELSEWHERE}; {keep}")
-    if primary == _SQLITE_FULL:
-        return LedgerDiskFullError(
-            f"{where} cannot be {action}: the file system holding {path.parent} is full "
-            f"({error}). Free space there, or {ELSEWHERE} on another file system; {keep}")
-    if primary == _SQLITE_CANTOPEN:
-        return LedgerStorageError(
-            f"{where} cannot be opened ({error}); check that its folder {path.parent} "
-            f"exists and can be written, or {ELSEWHERE}; {keep}")
-    return LedgerStorageError(
-        f"{where} cannot be {action} ({error}): the file system holding {path.parent} "
-        f"reported an error. Check that file system (a network mount, a disk); the error "
-        f"does not say that the ledger is damaged: keep it")
-
-
-def _check_format(path: Path, found: str | None) -> None:
-    """Refuse a ledger of another format, saying what it is and how to get past it."""
-    if found == str(FORMAT_VERSION):
-        return
-    if found is not None and found.isdigit() and int(found) < FORMAT_VERSION:
-        raise LedgerError(
-            f"ledger {path} has format {found}, written by a luigi_daisy that numbered "
-            f"blocks before block ids followed daisy's (Cantor) numbering; this version "
-            f"reads format {FORMAT_VERSION} only and will not guess which blocks it "
-            f"records. To process the task again, {AFRESH}")
-    raise LedgerError(
-        f"ledger {path} has format {found!r}, this version reads {FORMAT_VERSION}; "
-        f"{AFRESH}")
-
-
-def _check_place(path: Path) -> None:
-    """Refuse a ledger folder others can write (unless sticky), and a ledger, or a file
-    SQLite keeps beside it, that is a symbolic link or another user's (SQLite would
-    write through it)."""
-    check_folder(path.parent, "ledger folder")
-    refuse_links(path, "ledger", ("-wal", "-shm", "-journal"))
-
-
-def _create(path: Path) -> None:
-    """Create a missing ledger file without following a link (an empty file is a new
-    SQLite database); a failure is left for SQLite to report."""
-    try:
-        os.close(open_own(path, os.O_WRONLY | os.O_CREAT, "ledger"))
-    except OSError:
-        pass
-
-
+# ----------------------------------------------------------------- file names
 def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
-    """The ledger file of ``task_id`` inside ``folder`` (its name from
-    :func:`~luigi_daisy.context.safe_file_name`)."""
+    """The record of ``task_id`` inside ``folder``: a folder named
+    ``<name>.ledger`` (the name from :func:`~luigi_daisy.context.safe_file_name`)."""
     return Path(folder) / f"{safe_file_name(task_id)}{SUFFIX}"
 
 
+def legacy_path(path: str | os.PathLike) -> Path:
+    """The SQLite file (format 3) an earlier version kept where ``path`` (a record
+    folder, :func:`ledger_path`) is now: the same name with ``.sqlite`` appended."""
+    path = Path(path)
+    return path.with_name(path.name + ".sqlite")
+
+
+def _record_of(path: Path) -> Path:
+    """The record folder of ``path``, which may name a record or an SQLite file."""
+    if path.name.endswith(LEGACY_SUFFIX):
+        return path.with_name(path.name[:-len(".sqlite")])
+    return path
+
+
 def old_ledger_path(folder: str | os.PathLike, task_id: str) -> Path | None:
-    """Where versions before hashed file names kept the ledger of ``task_id``, when that
-    is not :func:`ledger_path` (only ids that are not plain file names moved)."""
+    """Where versions before hashed file names kept the (SQLite) ledger of
+    ``task_id``, when that is not the SQLite file beside :func:`ledger_path` (only ids
+    that are not plain file names moved)."""
     name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", task_id)
-    path = Path(folder) / f"{'_' + name if name.startswith('.') else name}{SUFFIX}"
-    return None if path == ledger_path(folder, task_id) else path
+    path = Path(folder) / f"{'_' + name if name.startswith('.') else name}{LEGACY_SUFFIX}"
+    return None if path == legacy_path(ledger_path(folder, task_id)) else path
+
+
+def is_ledger(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ledger record: a record folder holding a manifest, or an
+    SQLite file of an earlier version (``*.ledger.sqlite``)."""
+    path = Path(path)
+    try:
+        if path.name.endswith(LEGACY_SUFFIX):
+            return path.is_file()
+        return path.name.endswith(SUFFIX) and (path / MANIFEST).is_file()
+    except OSError:
+        return False
+
+
+def find_ledgers(path: str | os.PathLike) -> list[Path]:
+    """The ledger records in folder ``path`` (or ``[path]`` when it is a record), sorted.
+
+    Every ``*.ledger`` entry is listed, a damaged one too (reading it then says what is
+    wrong); an SQLite file of an earlier version is listed when no record stands beside
+    it (a writer converts it on its first open)."""
+    path = Path(path)
+    if is_ledger(path) or not path.is_dir():
+        return [path] if is_ledger(path) else []
+    found = [child for child in path.iterdir()
+             if child.name.endswith(SUFFIX) or is_ledger(child)]
+    names = {child.name for child in found}
+    return sorted(child for child in found
+                  if not (child.name.endswith(LEGACY_SUFFIX)
+                          and _record_of(child).name in names))
 
 
 def _of_another_task(path: Path, task_id: str, owner: str | None) -> str:
@@ -264,6 +265,8 @@ def _of_another_task(path: Path, task_id: str, owner: str | None) -> str:
         return (f"ledger {path} of task {task_id!r} records no task id: it was not "
                 f"written by luigi_daisy, or is damaged; {AFRESH}")
     owners_path = ledger_path(path.parent, owner)
+    if path.name.endswith(LEGACY_SUFFIX):
+        owners_path = legacy_path(owners_path)
     move = (f"move it to {owners_path}, where this version keeps the ledger of "
             f"{owner!r}, " if owners_path != path else "")
     return (f"ledger {path} belongs to task {owner!r}, not {task_id!r}: it records the "
@@ -276,9 +279,10 @@ def _refuse_old_name(folder: str | os.PathLike, task_id: str) -> None:
     """Refuse to start ``task_id`` afresh beside the ledger an older version kept for it
     under another name (a run in progress before an upgrade): say how to resume it."""
     old = old_ledger_path(folder, task_id)
-    new = ledger_path(folder, task_id)
+    record = ledger_path(folder, task_id)
+    new = legacy_path(record)
     try:
-        if old is None or new.exists() or not old.is_file():
+        if old is None or record.exists() or new.exists() or not old.is_file():
             return
     except OSError:
         return  # a name too long for the file system: no file has it
@@ -296,182 +300,622 @@ def _refuse_old_name(folder: str | os.PathLike, task_id: str) -> None:
         f"(run_blockwise(..., fresh=True)) or delete it")
 
 
+# ------------------------------------------------------------ errors of the disk
+def storage_error(path: Path, task_id: str, error: OSError,
+                  action: str = "read or written") -> LedgerError:
+    """The ``LedgerError`` that says what an ``OSError`` on ledger ``path`` means.
+
+    A full file system (:class:`~luigi_daisy.errors.LedgerDiskFullError`), a folder or
+    file that cannot be written (:class:`~luigi_daisy.errors.LedgerReadOnlyError`: a
+    read-only mount or permissions), or another error of the file system
+    (:class:`~luigi_daisy.errors.LedgerStorageError`). Damage is found by the reader
+    (:class:`~luigi_daisy.errors.LedgerDamagedError`), never guessed from an errno.
+    """
+    where = f"ledger {path} of task {task_id!r}"
+    keep = ("the ledger is not damaged: keep it (the blocks it records are skipped when "
+            "the task runs again)" if _exists(path / MANIFEST) else "nothing was recorded yet")
+    code = error.errno
+    problem = folder_problem(path / MANIFEST, error, "ledger", task_id)
+    if problem is not None:
+        return type(problem)(f"{problem}; {keep}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return LedgerReadOnlyError(
+            f"{where} cannot be {action}: it is read-only ({error}). Make it and its "
+            f"folder {path.parent} writable, or {ELSEWHERE}; {keep}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return LedgerDiskFullError(
+            f"{where} cannot be {action}: the file system holding {path.parent} is full "
+            f"({error}). Free space there, or {ELSEWHERE} on another file system; {keep}")
+    return LedgerStorageError(
+        f"{where} cannot be {action} ({error}): the file system holding {path.parent} "
+        f"reported an error. Check that file system (a network mount, a disk); the error "
+        f"does not say that the ledger is damaged: keep it")
+
+
+def _check_format(path: Path, found: object) -> None:
+    """Refuse a record of another format, saying what it is and how to get past it."""
+    if found == FORMAT_VERSION:
+        return
+    raise LedgerError(
+        f"ledger {path} has format {found!r}, this version reads {FORMAT_VERSION} (and "
+        f"converts SQLite files of format {LEGACY_FORMAT_VERSION}); {AFRESH}")
+
+
+# ---------------------------------------------------------- files of a record
+def _fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` (a rename, a new file) durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_whole(folder: Path, name: str, data: bytes) -> None:
+    """Write ``folder/name`` whole: into a new temporary file beside it (``O_EXCL``,
+    no link followed), fsynced, then renamed into place; a reader on any host sees the
+    old file or the new one, never a part. The caller fsyncs the folder."""
+    temporary = folder / f"{TEMPORARY}{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    descriptor = open_own(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "ledger file")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view):]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, folder / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of ``path``, not following a link."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.fdopen(descriptor, "rb", closefd=False) as stream:
+            return stream.read()
+    finally:
+        os.close(descriptor)
+
+
+def _chunk_name(chunk: int, generation: int) -> str:
+    return f"done-{chunk}-{generation}.zz"
+
+
+def _failed_name(generation: int) -> str:
+    return f"failed-{generation}.json"
+
+
+def _popcount(packed: np.ndarray) -> int:
+    """How many bits of ``packed`` (uint8) are set."""
+    import numpy as np
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(np.unpackbits(packed).sum(dtype=np.int64))
+
+
+def _set_bits(packed: np.ndarray, local: np.ndarray, value: int) -> np.ndarray:
+    """Set (``value`` 1) or clear the bits ``local`` (sorted, within the chunk) of a
+    chunk's ``packed`` bits, in place where few (a run's flush: no 8 MB of unpacked
+    bits for a thousand blocks), through unpacked bits where many; returns the bits."""
+    import numpy as np
+    if local.size * 64 < CHUNK_BLOCKS:
+        masks = (0x80 >> (local & 7)).astype(np.uint8)
+        if value:
+            np.bitwise_or.at(packed, local >> 3, masks)
+        else:
+            np.bitwise_and.at(packed, local >> 3, ~masks)
+        return packed
+    bits = np.unpackbits(packed)
+    bits[local] = value
+    return np.packbits(bits)
+
+
+@dataclass
+class _State:
+    """One consistent state of a record: what its manifest says, and the chunks read."""
+
+    manifest: dict
+    #: chunk number -> (generation, done count, crc32 of the file)
+    files: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    #: chunk number -> packed bitmap (numpy uint8, ``CHUNK_BYTES``)
+    chunks: dict[int, Any] = field(default_factory=dict)
+    failed: dict[int, str | None] = field(default_factory=dict)
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
+
+
+class DoneView:
+    """What a follower has seen of a record's done blocks (see :meth:`Ledger.done_since`):
+    per chunk, the generation and the bitmap it had then."""
+
+    __slots__ = ("generation", "chunks")
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.chunks: dict[int, tuple[int, Any]] = {}
+
+
 class Ledger:
-    """Finished blocks of one task, stored in SQLite.
+    """Finished blocks of one task: a record folder of whole files replaced by rename.
+
+    The record ``<name>.ledger/`` holds ``manifest.json`` (format, task id, geometry,
+    origin, done and failed counts, and which file holds each chunk, with its
+    generation and checksum), the done set as zlib-compressed bitmap chunks of
+    ``CHUNK_BLOCKS`` blocks (``done-<chunk>-<generation>.zz``; at most one bit per
+    block, runs of done blocks compress to almost nothing) and the failed blocks with
+    their errors (``failed-<generation>.json``). A commit writes the changed files
+    under new names, then the manifest (each written to a temporary name, fsynced,
+    renamed into place, the folder fsynced): readers on any host read the manifest,
+    then the files it names, and see one commit whole. No SQLite, no shared memory, no
+    lock a reader takes.
 
     Parameters
     ----------
     path:
-        The ledger file; created when missing.
+        The record folder (:func:`ledger_path`); created when missing. An SQLite file
+        of an earlier version beside it (``<path>.sqlite``), or given as ``path``, is
+        converted by a writer on its first open and read as it is by a reader.
     task_id:
-        The task the ledger belongs to; a file of another task is refused.
+        The task the ledger belongs to; a record of another task is refused.
     geometry:
         Plain-data description of the task's blocks (total, read and write ROI, fit,
-        number of blocks). A ledger written for another geometry is refused.
+        number of blocks). A record written for another geometry is refused.
     fresh:
-        Forget what the file holds and start afresh.
+        Forget what the record holds and start afresh.
     read_only:
-        Only read the file, which another process writes (to follow its progress).
+        Only read the record, which another process writes (to follow its progress).
+    origin:
+        Plain JSON data that says how to rebuild the task; stored when given, kept
+        when None (:attr:`origin`).
     """
 
     def __init__(self, path: str | os.PathLike, task_id: str, geometry: dict,
-                 fresh: bool = False, read_only: bool = False) -> None:
-        self.path = Path(path)
+                 fresh: bool = False, read_only: bool = False,
+                 origin: dict | None = None) -> None:
+        given = Path(path)
+        self.path = _record_of(given)
+        self.legacy_path = legacy_path(self.path)
         self.task_id = task_id
         self.geometry = geometry
+        self.read_only = read_only
+        self._expected_geometry = json.dumps(geometry, sort_keys=True)
+        self._pending_done: list[int] = []
+        self._pending_arrays: list[Any] = []
+        #: blocks in the pending arrays
+        self._pending_in_arrays = 0
+        self._pending_failed: dict[int, str | None] = {}
+        #: guards the pending records: the loop appends, the writer thread takes them
+        self._pending_lock = threading.Lock()
+        #: guards the state and the files: one commit or read at a time
+        self._state_lock = threading.RLock()
+        self._state: _State | None = None
+        self._closed = False
+        #: an SQLite file of an earlier version, read as it is (read-only openers)
+        self._legacy: Any = None
+        #: superseded files and when they were superseded, removed after a delay
+        self._superseded: list[tuple[float, str]] = []
+        self._origin = origin
         try:
             if read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             else:
-                _check_place(self.path)
+                check_folder(self.path.parent, "ledger folder")
+                refuse_links(self.path, "ledger")
+                refuse_links(self.legacy_path, "ledger", ("-wal", "-shm", "-journal"))
         except OSError as error:
             raise (folder_problem(self.path, error, "ledger", task_id)
                    or LedgerStorageError(
                        f"the ledger folder {self.path.parent} of task {task_id!r} cannot "
                        f"be created ({error}); {ELSEWHERE}")) from None
-        if fresh and self.path.exists():
-            self.path.unlink()
-        if not read_only:
-            _create(self.path)
-        self._pending_done: list[int] = []
-        self._pending_failed: dict[int, str | None] = {}
-        #: guards the pending records: the loop appends, the writer thread takes them
-        self._pending_lock = threading.Lock()
-        #: guards the connection: one statement or transaction at a time, whichever
-        #: thread (the writer thread, or the run's thread when it reads or closes)
-        self._connection_lock = threading.RLock()
-        self._connection = None
-        self.read_only = read_only
+        if read_only:
+            self._open_reader(given)
+        else:
+            self._open_writer(fresh)
+
+    # ------------------------------------------------------------------ opening
+    def _open_reader(self, given: Path) -> None:
+        if not _exists(self.path / MANIFEST) and (
+                given.name.endswith(LEGACY_SUFFIX) or _exists(self.legacy_path)):
+            self._open_legacy_reader()
+            return
+        if not self.path.is_dir():
+            if _exists(self.path):
+                raise self._damaged("it is a file, not a record folder")
+            raise LedgerError(f"no ledger of task {self.task_id!r} at {self.path}")
+        self._state = self._read_state(None)
+        if self._state is None:
+            raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is not "
+                              f"created completely yet (it has no manifest)")
+        self._origin = self._state.manifest.get("origin")
+
+    def _open_legacy_reader(self) -> None:
+        from . import _sqlite_ledger
         try:
-            if read_only:
-                self._connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                                   isolation_level=None,
-                                                   check_same_thread=False)
+            self._legacy = _sqlite_ledger.Ledger(self.legacy_path, self.task_id,
+                                                 self.geometry, read_only=True)
+        except LedgerError as error:
+            raise type(error)(str(error).replace("ledger ", "SQLite ledger ", 1)) from None
+        self._legacy_seq = 0
+
+    def _open_writer(self, fresh: bool) -> None:
+        try:
+            if fresh:
+                self._remove_record()
+            if _exists(self.path) and not self.path.is_dir():
+                raise self._damaged("it is a file, not a record folder")
+            own_subfolder(self.path, "ledger")
+            state = self._read_state(None)
+            if state is None and _exists(self.legacy_path):
+                state = self._convert()
+            elif state is not None and _exists(self.legacy_path):
+                # converted, then stopped before the SQLite file was removed
+                self._remove_legacy()
+            if state is None:
+                state = _State({"generation": 0, "done": 0, "failed": 0, "chunks": [],
+                                "failed_file": None, "origin": self._origin})
+                self._state = state
+                self._write_manifest(state, state.files, None)
             else:
-                self._connection = sqlite3.connect(self.path, isolation_level=None,
-                                                   check_same_thread=False)
-                self._connection.execute("PRAGMA journal_mode=WAL")
-                self._connection.execute("PRAGMA synchronous=NORMAL")
-                self._connection.executescript(_SCHEMA)
-                self._check_integrity()
-            self._check_or_write_meta()
-        except sqlite3.DatabaseError as error:
-            self._close_connection()
-            found = storage_error(self.path, task_id, error,
-                                  "read" if read_only else "opened for writing")
-            if isinstance(found, LedgerDamagedError) or (
-                    type(error) is sqlite3.DatabaseError and _exists(self.path)):
-                raise LedgerDamagedError(
-                    f"ledger {self.path} of task {task_id!r} is not a usable SQLite file "
-                    f"({error}); {AFRESH}") from None
-            raise found from None
-        except LedgerError:
-            self._close_connection()
-            raise
+                self._state = state
+                if self._origin is not None and self._origin != state.manifest.get("origin"):
+                    # a new generation: readers that peek at it read the new origin
+                    state.manifest = dict(state.manifest, generation=state.generation + 1)
+                    self._write_manifest(state, state.files,
+                                         state.manifest.get("failed_file"))
+                self._origin = state.manifest.get("origin")
+            self._probe()
+            self._remove_strays()
+        except OSError as error:
+            raise storage_error(self.path, self.task_id, error, "opened for writing") from None
 
-    def _close_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+    def _probe(self) -> None:
+        """Fail at open, not at the first commit, where the record cannot be written
+        (a read-only mount, a folder of another mode)."""
+        probe = self.path / f"{TEMPORARY}probe.{os.getpid()}.{secrets.token_hex(4)}"
+        os.close(open_own(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "ledger file"))
+        os.unlink(probe)
 
-    def _check_or_write_meta(self) -> None:
-        expected = {"format": str(FORMAT_VERSION), "task_id": self.task_id,
-                    "geometry": json.dumps(self.geometry, sort_keys=True),
-                    "block_key": BLOCK_KEY}
-        if not self.read_only:
-            # OR IGNORE: another process may be creating the same ledger right now
-            with self._transaction():
-                self._connection.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
-                                             expected.items())
-        meta = dict(self._connection.execute("SELECT key, value FROM meta"))
-        if meta.get("task_id") != self.task_id:
-            raise LedgerError(_of_another_task(self.path, self.task_id, meta.get("task_id")))
-        _check_format(self.path, meta.get("format"))
-        if meta.get("geometry") != expected["geometry"]:
-            raise LedgerError(
-                f"ledger {self.path} of task {self.task_id!r} was written for geometry "
-                f"{meta.get('geometry')}, but the task now has {expected['geometry']}; "
-                f"its finished blocks do not match the new blocks. Restore the old "
-                f"geometry, or {AFRESH}")
+    def _remove_record(self) -> None:
+        """Delete the record and an SQLite file beside it (``fresh``)."""
+        self._remove_legacy()
+        if self.path.is_symlink() or self.path.is_file():
+            self.path.unlink()
+        elif self.path.is_dir():
+            shutil.rmtree(self.path)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction; whatever fails in it (a full disk at ``COMMIT``
-        included) leaves the file as it was before ``BEGIN``."""
-        with self._guarded("written"):
-            self._connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self._connection.execute("COMMIT")
-            except BaseException:
-                if self._connection.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._connection.execute("ROLLBACK")
-                raise
+    def _remove_legacy(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.legacy_path}{suffix}")
 
-    @contextlib.contextmanager
-    def _guarded(self, action: str = "read or written") -> Iterator[None]:
-        """Hold the connection, and turn SQLite's errors into a ``LedgerError`` that
-        names the file and says what happened (:func:`storage_error`)."""
-        with self._connection_lock:
-            if self._connection is None:
-                raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is closed")
-            try:
-                yield
-            except sqlite3.DatabaseError as error:
-                raise storage_error(self.path, self.task_id, error, action) from None
+    def _remove_strays(self) -> None:
+        """Remove what a killed writer left: temporary files, and files no manifest
+        names (a commit that stopped before its manifest)."""
+        state = self._require_state()
+        named = {MANIFEST, *(_chunk_name(chunk, generation)
+                             for chunk, (generation, _, _) in state.files.items())}
+        failed_file = state.manifest.get("failed_file")
+        if failed_file:
+            named.add(_failed_name(failed_file[0]))
+        for name in os.listdir(self.path):
+            if name not in named and (name.startswith(TEMPORARY) or name.startswith(
+                    ("done-", "failed-"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / name)
 
-    def _check_integrity(self) -> None:
-        """Refuse a damaged file: SQLite keeps no checksums, but a damaged page breaks
-        the consistency between the table and its index, which this check finds."""
-        problems = [row[0] for row in self._connection.execute("PRAGMA integrity_check")]
-        if problems != ["ok"]:
-            raise LedgerDamagedError(
-                f"ledger {self.path} of task {self.task_id!r} is damaged "
-                f"({'; '.join(problems[:3])}); {AFRESH}")
+    def _convert(self) -> _State:
+        """Read the SQLite file of an earlier version, write it as this record (all of
+        it, before the SQLite file is removed: nothing done is lost), say so once."""
+        import numpy as np
+
+        from . import _sqlite_ledger
+        started = time.monotonic()
+        with _sqlite_ledger.Ledger(self.legacy_path, self.task_id, self.geometry) as old:
+            done = old.done_indices()
+            with old._guarded():
+                failed = dict(old._connection.execute("SELECT block, error FROM failed"))
+        state = _State({"generation": 0, "done": 0, "failed": 0, "chunks": [],
+                        "failed_file": None, "origin": self._origin})
+        self._state = state
+        self._commit_arrays([np.asarray(done, dtype=np.int64)], failed, [])
+        self._remove_legacy()
+        _fsync_folder(self.path.parent)
+        logger.warning(
+            "converted the SQLite ledger %s (format %d) of task %r to the record %s: %d "
+            "done and %d failed blocks kept, in %.1f s; the SQLite file is removed",
+            self.legacy_path, LEGACY_FORMAT_VERSION, self.task_id, self.path, done.size,
+            len(failed), time.monotonic() - started)
+        return self._require_state()
+
+    def _damaged(self, why: str) -> LedgerDamagedError:
+        return LedgerDamagedError(
+            f"ledger {self.path} of task {self.task_id!r} is damaged ({why}); {AFRESH}")
 
     # ------------------------------------------------------------------ reading
+    def _read_manifest(self) -> dict | None:
+        """The manifest, checked (task, format, geometry); None when there is none."""
+        try:
+            data = _read_file(self.path / MANIFEST)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UnsafePathError(
+                    f"ledger file {self.path / MANIFEST} is a symbolic link; this run reads "
+                    f"and writes no file through a link: remove it "
+                    f"(rm {self.path / MANIFEST})") from None
+            raise
+        try:
+            manifest = json.loads(data)
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise self._damaged(f"its manifest is not readable JSON: {error}") from None
+        if manifest.get("task_id") != self.task_id:
+            raise LedgerError(_of_another_task(self.path, self.task_id,
+                                               manifest.get("task_id")))
+        _check_format(self.path, manifest.get("format"))
+        found = json.dumps(manifest.get("geometry"), sort_keys=True)
+        if found != self._expected_geometry:
+            raise LedgerError(
+                f"ledger {self.path} of task {self.task_id!r} was written for geometry "
+                f"{found}, but the task now has {self._expected_geometry}; its finished "
+                f"blocks do not match the new blocks. Restore the old geometry, or {AFRESH}")
+        try:
+            for entry in manifest["chunks"]:
+                chunk, generation, count, crc = (int(value) for value in entry)
+                if chunk < 0 or not 0 <= count <= CHUNK_BLOCKS:
+                    raise ValueError(f"chunk entry {entry}")
+            int(manifest["generation"])
+            int(manifest["done"])
+            int(manifest["failed"])
+            if int(manifest.get("chunk_blocks", 0)) != CHUNK_BLOCKS:
+                raise ValueError(f"chunks of {manifest.get('chunk_blocks')} blocks")
+        except (KeyError, TypeError, ValueError) as error:
+            raise self._damaged(f"its manifest lacks or garbles {error}") from None
+        return manifest
+
+    def _read_state(self, previous: _State | None) -> _State | None:
+        """One consistent state: the manifest, then the files it names (reusing those
+        of ``previous`` that did not change). A file that vanished meanwhile (a newer
+        commit replaced it) sends the read back to the manifest, a bounded number of
+        times."""
+        missing_under: int | None = None
+        for _ in range(READ_ATTEMPTS):
+            manifest = self._read_manifest()
+            if manifest is None:
+                return None
+            if previous is not None and manifest["generation"] == previous.generation:
+                return previous
+            try:
+                return self._read_files(manifest, previous)
+            except (FileNotFoundError, _Stale) as error:
+                # the writer's own manifest, or the same one twice: nothing replaced it
+                if not self.read_only or missing_under == manifest["generation"]:
+                    name = Path(getattr(error, "filename", None) or "a file").name
+                    raise self._damaged(f"{name}, which its manifest names, is "
+                                        f"missing") from None
+                missing_under = manifest["generation"]
+                continue
+        raise LedgerStorageError(
+            f"ledger {self.path} of task {self.task_id!r} changed under every one of "
+            f"{READ_ATTEMPTS} reads (its files vanished between the manifest and the "
+            f"read); check the file system holding it, or read it again")
+
+    def _read_files(self, manifest: dict, previous: _State | None) -> _State:
+        import numpy as np
+        state = _State(manifest)
+        for entry in manifest["chunks"]:
+            chunk, generation, count, crc = (int(value) for value in entry)
+            state.files[chunk] = (generation, count, crc)
+            if previous is not None and previous.files.get(chunk) == (generation, count, crc):
+                state.chunks[chunk] = previous.chunks[chunk]
+                continue
+            data = self._read_named(_chunk_name(chunk, generation))
+            if zlib.crc32(data) != crc:
+                raise self._damaged(f"chunk file {_chunk_name(chunk, generation)} does "
+                                    f"not match its checksum")
+            try:
+                bits = np.frombuffer(zlib.decompress(data), dtype=np.uint8)
+            except zlib.error as error:
+                raise self._damaged(f"chunk file {_chunk_name(chunk, generation)}: "
+                                    f"{error}") from None
+            if bits.size != CHUNK_BYTES or _popcount(bits) != count:
+                raise self._damaged(f"chunk file {_chunk_name(chunk, generation)} holds "
+                                    f"another number of blocks than its manifest says")
+            state.chunks[chunk] = bits
+        if sum(count for _, count, _ in state.files.values()) != int(manifest["done"]):
+            raise self._damaged("its done count does not match its chunks")
+        failed_file = manifest.get("failed_file")
+        if failed_file:
+            previous_file = previous.manifest.get("failed_file") if previous else None
+            if previous is not None and previous_file == failed_file:
+                state.failed = previous.failed
+            else:
+                generation, crc = (int(value) for value in failed_file)
+                data = self._read_named(_failed_name(generation))
+                if zlib.crc32(data) != crc:
+                    raise self._damaged(f"{_failed_name(generation)} does not match its "
+                                        f"checksum")
+                try:
+                    state.failed = {int(index): error
+                                    for index, error in json.loads(data).items()}
+                except (ValueError, AttributeError) as error:
+                    raise self._damaged(f"{_failed_name(generation)}: {error}") from None
+        if len(state.failed) != int(manifest["failed"]):
+            raise self._damaged("its failed count does not match its failures file")
+        return state
+
+    def _read_named(self, name: str) -> bytes:
+        try:
+            return _read_file(self.path / name)
+        except OSError as error:
+            if error.errno == errno.ESTALE:  # removed on the server (NFS): read again
+                raise _Stale(str(self.path / name)) from None
+            raise
+
+    def _require_state(self) -> _State:
+        if self._closed:
+            raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is closed")
+        assert self._state is not None
+        return self._state
+
+    def _current(self) -> _State:
+        """The newest state: a reader looks at the manifest again (one small read when
+        nothing changed); a writer's own state is the newest."""
+        with self._state_lock:
+            state = self._require_state()
+            if self.read_only:
+                if self._peek_generation() == state.generation:
+                    return state  # nothing committed since: one read of a few bytes
+                try:
+                    fresh = self._read_state(state)
+                except OSError as error:
+                    raise storage_error(self.path, self.task_id, error, "read") from None
+                if fresh is None:
+                    raise LedgerError(f"the manifest of ledger {self.path} vanished")
+                self._state = state = fresh
+            return state
+
+    def _peek_generation(self) -> int | None:
+        """The generation at the head of the manifest (written first, so that a reader
+        learns whether anything changed from a few bytes, whatever the task's size);
+        None when it cannot be read so."""
+        try:
+            descriptor = os.open(self.path / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            head = os.read(descriptor, 64)
+        except OSError:
+            return None
+        finally:
+            os.close(descriptor)
+        found = _HEAD.match(head)
+        return int(found.group(1)) if found else None
+
+    @property
+    def origin(self) -> dict | None:
+        """How to rebuild the task (plain JSON data), as recorded; None if never given."""
+        if self._legacy is not None:
+            return None
+        return self._current().manifest.get("origin")
+
     def done_count(self) -> int:
-        """How many blocks are recorded as done (one query)."""
-        with self._guarded():
-            return self._connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+        """How many blocks are recorded as done (from the manifest: no chunk is read)."""
+        if self._legacy is not None:
+            return self._legacy_call("done_count")
+        if self.read_only:
+            manifest = self._manifest_now()
+            return int(manifest["done"])
+        return int(self._require_state().manifest["done"])
+
+    def _manifest_now(self) -> dict:
+        with self._state_lock:
+            self._require_state()
+            try:
+                manifest = self._read_manifest()
+            except OSError as error:
+                raise storage_error(self.path, self.task_id, error, "read") from None
+        if manifest is None:
+            raise LedgerError(f"the manifest of ledger {self.path} vanished")
+        return manifest
 
     def failed_count(self) -> int:
         """How many blocks failed for good in the last run that recorded them."""
-        with self._guarded():
-            return self._connection.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+        if self._legacy is not None:
+            return self._legacy_call("failed_count")
+        if self.read_only:
+            return int(self._manifest_now()["failed"])
+        return int(self._require_state().manifest["failed"])
+
+    def failed_blocks(self) -> list[tuple[int, str | None]]:
+        """Index and error text of each failed block, by index."""
+        if self._legacy is not None:
+            with self._legacy._guarded():
+                return self._legacy._connection.execute(
+                    "SELECT block, error FROM failed ORDER BY block").fetchall()
+        return sorted(self._current().failed.items())
 
     def done_indices(self) -> np.ndarray:
-        """Indices of the done blocks, sorted (streamed: no Python object per row)."""
-        import numpy as np  # here: a run without a ledger starts without numpy
+        """Indices of the done blocks, sorted (int64)."""
+        import numpy as np
+        if self._legacy is not None:
+            return self._legacy_call("done_indices")
+        state = self._current()
+        parts = [np.flatnonzero(np.unpackbits(state.chunks[chunk])) + chunk * CHUNK_BLOCKS
+                 for chunk in sorted(state.chunks)]
+        return (np.concatenate(parts).astype(np.int64) if parts
+                else np.zeros(0, dtype=np.int64))
 
-        with self._guarded():
-            cursor = self._connection.execute("SELECT block FROM done ORDER BY block")
-            try:
-                indices = np.fromiter((row[0] for row in cursor), dtype=np.int64)
-            except (TypeError, ValueError, OverflowError):
-                indices = None
-        if indices is None or (indices.size and indices[0] < 0):
-            raise LedgerDamagedError(
-                f"ledger {self.path} of task {self.task_id!r} holds a block index that is "
-                f"not a non-negative integer; it is damaged: {AFRESH}")
-        return indices
+    def done_packed(self) -> PackedBlocks:
+        """The done blocks as packed bits (:class:`~luigi_daisy.blocks.PackedBlocks`),
+        without an index per block: what a scheduler resuming 10^9 blocks takes."""
+        if self._legacy is not None:
+            return PackedBlocks.from_indices(self._legacy_call("done_indices"))
+        state = self._current()
+        chunks = {chunk * CHUNK_BLOCKS: bits for chunk, bits in state.chunks.items()}
+        return PackedBlocks(chunks, int(state.manifest["done"]), CHUNK_BLOCKS)
 
-    def done_since(self, seq: int) -> tuple[int, list[int]]:
-        """Blocks recorded after record number ``seq``, and the newest record number.
+    def done_since(self, view: DoneView | None) -> tuple[DoneView, np.ndarray]:
+        """Blocks recorded as done since ``view`` (None: since nothing), and the view
+        to pass next time.
 
-        Lets another run follow this task's progress without re-reading the ledger.
-        """
-        with self._guarded():
-            rows = self._connection.execute(
-                "SELECT seq, block FROM done WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
-        if not rows:
-            return seq, []
-        return rows[-1][0], [block for _, block in rows]
+        Lets another run follow this task's progress: when nothing changed it costs one
+        read of the manifest (a reader) and a comparison of generations; a changed chunk
+        is compared bit by bit with the one seen. A block made not done again
+        (:meth:`forget_done`) is not reported."""
+        import numpy as np
+        view = view if view is not None else DoneView()
+        if self._legacy is not None and not self._leave_legacy():
+            self._legacy_seq, blocks = self._legacy.done_since(self._legacy_seq)
+            return view, np.asarray(blocks, dtype=np.int64)
+        state = self._current()
+        if state.generation == view.generation:
+            return view, np.zeros(0, dtype=np.int64)
+        found = []
+        for chunk, (generation, _, _) in state.files.items():
+            seen = view.chunks.get(chunk)
+            if seen is not None and seen[0] == generation:
+                continue
+            bits = state.chunks[chunk]
+            new = bits if seen is None else bits & ~seen[1]
+            found.append(np.flatnonzero(np.unpackbits(new)) + chunk * CHUNK_BLOCKS)
+            view.chunks[chunk] = (generation, bits)
+        view.generation = state.generation
+        if not found:
+            return view, np.zeros(0, dtype=np.int64)
+        return view, np.sort(np.concatenate(found)).astype(np.int64)
 
     def is_complete(self, total_blocks: int) -> bool:
-        """Whether every one of ``total_blocks`` blocks is done (one query)."""
+        """Whether every one of ``total_blocks`` blocks is done (the manifest's count)."""
         return self.done_count() >= total_blocks
+
+    def _leave_legacy(self) -> bool:
+        """Whether a writer converted the SQLite file this reader reads meanwhile: then
+        read the record from now on (the SQLite file is gone or going)."""
+        if not _exists(self.path / MANIFEST):
+            return False
+        with self._state_lock:
+            state = self._read_state(None)
+            if state is None:
+                return False
+            self._legacy.close()
+            self._legacy, self._state = None, state
+        return True
+
+    def _legacy_call(self, name: str) -> Any:
+        if self._closed:
+            raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is closed")
+        return getattr(self._legacy, name)()
 
     # ------------------------------------------------------------------ writing
     def record_done(self, index: int) -> None:
@@ -482,6 +926,16 @@ class Ledger:
         with self._pending_lock:
             self._pending_done.append(index)
 
+    def record_done_many(self, indices: Iterable[int] | np.ndarray) -> None:
+        """Remember many finished blocks at once (pending until :meth:`flush`, like
+        :meth:`record_done`)."""
+        import numpy as np
+        array = np.array(indices if isinstance(indices, np.ndarray) else list(indices),
+                         dtype=np.int64).ravel()
+        with self._pending_lock:
+            self._pending_arrays.append(array)
+            self._pending_in_arrays += array.size
+
     def record_failed(self, index: int, error: str | None) -> None:
         """Remember a block that failed for good; written at the next :meth:`flush`."""
         with self._pending_lock:
@@ -489,90 +943,235 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        """Records not yet written."""
-        return len(self._pending_done) + len(self._pending_failed)
+        """Records not yet written (counted, not walked: asked after every record)."""
+        return len(self._pending_done) + self._pending_in_arrays + len(self._pending_failed)
+
+    def _take_pending(self) -> tuple[list[int], list[Any], dict[int, str | None]]:
+        with self._pending_lock:
+            taken = self._pending_done, self._pending_arrays, self._pending_failed
+            self._pending_done, self._pending_arrays, self._pending_failed = [], [], {}
+            self._pending_in_arrays = 0
+        return taken
 
     def discard_pending(self) -> int:
         """Forget the records not yet written (their blocks will run again); return how
         many. For a run that stops because its ledger cannot be written."""
-        with self._pending_lock:
-            count = len(self._pending_done) + len(self._pending_failed)
-            self._pending_done, self._pending_failed = [], {}
-        return count
+        singles, arrays, failed = self._take_pending()
+        return len(singles) + sum(array.size for array in arrays) + len(failed)
 
     def flush(self) -> int:
-        """Write the pending records in one transaction; return how many.
+        """Write the pending records in one commit; return how many.
 
-        Callable from any thread (one flush at a time). When the transaction fails the
-        file is unchanged and the records stay pending for the next flush.
+        Callable from any thread (one flush at a time). When the commit fails the
+        record is unchanged and the records stay pending for the next flush.
 
         Raises
         ------
         LedgerError
             Of the class that says what happened (see :func:`storage_error`).
         """
-        with self._connection_lock:
-            with self._pending_lock:
-                done, failed = self._pending_done, self._pending_failed
-                self._pending_done, self._pending_failed = [], {}
-            if not done and not failed:
+        with self._state_lock:
+            singles, arrays, failed = self._take_pending()
+            if not singles and not arrays and not failed:
                 return 0
+            count = len(singles) + sum(array.size for array in arrays)
             try:
                 if self.read_only:
                     raise LedgerError(
                         f"ledger {self.path} was opened read-only; it cannot record")
-                self._commit(done, failed)
+                self._commit([*singles, *arrays], failed)
             except BaseException:
                 # not written: back in front of the records that came in meanwhile
                 with self._pending_lock:
-                    self._pending_done[:0] = done
+                    self._pending_done[:0] = singles
+                    self._pending_arrays[:0] = arrays
+                    self._pending_in_arrays += sum(array.size for array in arrays)
                     failed.update(self._pending_failed)
                     self._pending_failed = failed
                 raise
-        return len(done) + len(failed)
+        return count + len(failed)
 
-    def _commit(self, done: list[int], failed: dict[int, str | None]) -> None:
-        """One transaction that records ``done`` and ``failed`` blocks."""
-        with self._transaction():
-            self._connection.executemany(
-                "INSERT OR IGNORE INTO done (block) VALUES (?)", ((index,) for index in done))
-            if done:
-                self._connection.executemany(
-                    "DELETE FROM failed WHERE block = ?", ((index,) for index in done))
-            self._connection.executemany(
-                "INSERT OR REPLACE INTO failed VALUES (?, ?)", failed.items())
+    def _commit(self, done: list, failed: dict[int, str | None]) -> None:
+        """One commit that records ``done`` (ints and arrays) and ``failed`` blocks."""
+        import numpy as np
+        singles = [item for item in done if not isinstance(item, np.ndarray)]
+        arrays = [item for item in done if isinstance(item, np.ndarray)]
+        if singles:
+            arrays.append(np.array(singles, dtype=np.int64))
+        self._commit_arrays(arrays, failed, [])
+
+    def forget_done(self, indices: Iterable[int]) -> int:
+        """Mark blocks not done (and forget their failures), durably: pending records
+        are written first, then one commit. Returns how many of them were done."""
+        import numpy as np
+        array = np.array(indices if isinstance(indices, np.ndarray) else list(indices),
+                         dtype=np.int64).ravel()
+        with self._state_lock:
+            self.flush()
+            if self.read_only:
+                raise LedgerError(f"ledger {self.path} was opened read-only; it cannot "
+                                  f"forget blocks")
+            state = self._require_state()
+            before = int(state.manifest["done"])
+            self._commit_arrays([], {}, [array])
+            return before - int(self._require_state().manifest["done"])
 
     def forget_failures(self, indices: Iterable[int] | None = None) -> None:
-        """Drop failure records (all of them when ``indices`` is None)."""
-        with self._transaction():
-            if indices is None:
-                self._connection.execute("DELETE FROM failed")
+        """Drop failure records (all of them when ``indices`` is None), durably."""
+        with self._state_lock:
+            self.flush()
+            state = self._require_state()
+            drop = set(state.failed) if indices is None else set(indices) & set(state.failed)
+            if drop:
+                self._commit_arrays([], {}, [], drop_failed=drop)
+
+    def _commit_arrays(self, done: list, failed: dict[int, str | None], forget: list,
+                       drop_failed: set[int] | None = None) -> None:
+        """Write one commit: blocks done, failed, forgotten (not done, not failed)."""
+        import numpy as np
+        with self._state_lock:
+            state = self._require_state()
+            indices = np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
+            forgotten = np.concatenate(forget) if forget else np.zeros(0, dtype=np.int64)
+            for array in (indices, forgotten):
+                if array.size and array.min() < 0:
+                    raise LedgerError(
+                        f"block index {int(array.min())} given to ledger {self.path} of "
+                        f"task {self.task_id!r} is negative; indices are row-major "
+                        f"positions in the task's block grid")
+            chunks = dict(state.chunks)
+            files = dict(state.files)
+            #: chunk -> its packed bits after this commit
+            changed: dict[int, Any] = {}
+            for array, value in ((indices, 1), (forgotten, 0)):
+                if not array.size:
+                    continue
+                order = array if bool((array[1:] >= array[:-1]).all()) else np.sort(array)
+                numbers = order // CHUNK_BLOCKS
+                bounds = np.flatnonzero(np.diff(numbers)) + 1
+                for part in np.split(order, bounds):
+                    chunk = int(part[0] // CHUNK_BLOCKS)
+                    packed = changed.get(chunk)
+                    if packed is None:
+                        old = chunks.get(chunk)
+                        if old is None and value == 0:
+                            continue
+                        packed = (old.copy() if old is not None
+                                  else np.zeros(CHUNK_BYTES, dtype=np.uint8))
+                    changed[chunk] = _set_bits(packed, part - chunk * CHUNK_BLOCKS, value)
+            failed_now = state.failed
+            failed_changed = False
+            gone = [indices, forgotten]
+            if drop_failed:
+                gone.append(np.fromiter(drop_failed, dtype=np.int64, count=len(drop_failed)))
+            if failed_now and any(array.size for array in gone):
+                keys = np.fromiter(failed_now, dtype=np.int64, count=len(failed_now))
+                hit = keys[np.isin(keys, np.concatenate(gone))]
+                if hit.size:
+                    failed_now = dict(failed_now)
+                    for index in hit.tolist():
+                        del failed_now[index]
+                    failed_changed = True
+            if failed:
+                failed_now = {**failed_now, **failed}
+                failed_changed = True
+            for chunk, packed in list(changed.items()):
+                old = chunks.get(chunk)
+                if np.array_equal(packed, old) if old is not None else not packed.any():
+                    del changed[chunk]  # (blocks recorded twice, forgotten ones not done)
+            if not changed and not failed_changed:
+                return
+            generation = state.generation + 1
+            written: list[str] = []
+            superseded: list[str] = []
+            try:
+                for chunk, packed in changed.items():
+                    count = _popcount(packed)
+                    previous = files.get(chunk)
+                    if previous is not None:
+                        superseded.append(_chunk_name(chunk, previous[0]))
+                    if count == 0:
+                        chunks.pop(chunk, None)
+                        files.pop(chunk, None)
+                        continue
+                    data = zlib.compress(packed.tobytes(), ZLIB_LEVEL)
+                    name = _chunk_name(chunk, generation)
+                    _write_whole(self.path, name, data)
+                    written.append(name)
+                    chunks[chunk] = packed
+                    files[chunk] = (generation, count, zlib.crc32(data))
+                failed_file = state.manifest.get("failed_file")
+                if failed_changed:
+                    if failed_file:
+                        superseded.append(_failed_name(int(failed_file[0])))
+                    failed_file = None
+                    if failed_now:
+                        data = json.dumps({str(index): error for index, error
+                                           in sorted(failed_now.items())}).encode()
+                        name = _failed_name(generation)
+                        _write_whole(self.path, name, data)
+                        written.append(name)
+                        failed_file = [generation, zlib.crc32(data)]
+                new = _State(dict(state.manifest), files, chunks,
+                             failed_now if failed_changed else state.failed)
+                new.manifest["generation"] = generation
+                self._write_manifest(new, files, failed_file)
+            except OSError as error:
+                for name in written:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path / name)
+                raise storage_error(self.path, self.task_id, error, "written") from None
+            self._state = new
+            now = time.monotonic()
+            self._superseded.extend((now, name) for name in superseded)
+            self._remove_superseded(now - OLD_FILES_GRACE)
+
+    def _write_manifest(self, state: _State, files: dict[int, tuple[int, int, int]],
+                        failed_file: list | None) -> None:
+        """Write ``state``'s manifest (after fsyncing the folder, so the files it names
+        are there for any reader), and make the rename durable."""
+        manifest = {  # format and generation first: readers peek at them (_HEAD)
+            "format": FORMAT_VERSION, "generation": state.generation,
+            "done": sum(count for _, count, _ in files.values()),
+            "failed": len(state.failed), "task_id": self.task_id, "block_key": BLOCK_KEY,
+            "geometry": self.geometry,
+            "origin": self._origin if self._origin is not None
+            else state.manifest.get("origin"),
+            "chunk_blocks": CHUNK_BLOCKS,
+            "chunks": [[chunk, *files[chunk]] for chunk in sorted(files)],
+            "failed_file": failed_file,
+        }
+        _fsync_folder(self.path)
+        _write_whole(self.path, MANIFEST, json.dumps(manifest).encode())
+        _fsync_folder(self.path)
+        state.manifest = manifest
+
+    def _remove_superseded(self, before: float) -> None:
+        """Remove files superseded before ``before`` (monotonic seconds): a reader that
+        read the manifest naming them has had ``OLD_FILES_GRACE`` seconds to read them,
+        and one that still misses one reads the manifest again."""
+        keep = []
+        for when, name in self._superseded:
+            if when <= before:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / name)
             else:
-                self._connection.executemany(
-                    "DELETE FROM failed WHERE block = ?", ((index,) for index in indices))
+                keep.append((when, name))
+        self._superseded = keep
 
     def close(self) -> None:
-        """Flush and close the file.
-
-        The writer leaves the file in rollback-journal mode: SQLite removes a WAL's
-        ``-wal`` and ``-shm`` files only when a writing connection closes last, so
-        read-only connections (``complete()``, followers, ``luigi-daisy status``) would
-        otherwise leave them beside every ledger.
-        """
-        with self._connection_lock:
-            if self._connection is None:
+        """Flush and close the record (a reader: let go of it)."""
+        with self._state_lock:
+            if self._closed:
                 return
             try:
-                self.flush()
-                if not self.read_only:
-                    try:
-                        self._connection.execute("PRAGMA journal_mode=DELETE")
-                    except sqlite3.DatabaseError:
-                        # a reader still has it open, or the disk is full: the WAL stays
-                        # (intact, read by the next open); the next writer's close retries
-                        pass
+                if self._legacy is not None:
+                    self._legacy.close()
+                elif not self.read_only:
+                    self.flush()
+                    self._remove_superseded(float("inf"))
             finally:
-                self._close_connection()
+                self._closed = True
 
     def __enter__(self) -> Ledger:
         return self
@@ -581,33 +1180,60 @@ class Ledger:
         self.close()
 
 
-def read_ledger_summary(path: str | os.PathLike) -> dict:
-    """Task id, geometry and counts of a ledger file, without knowing its task.
+#: the head of a manifest: format first, generation second (see ``_write_manifest``)
+_HEAD = re.compile(rb'\{"format": %d, "generation": (\d+),' % FORMAT_VERSION)
 
-    One read-only query, so ``BlockwiseTask.complete()`` can afford it.
+
+class _Stale(Exception):
+    """A file named by the manifest was removed on the server meanwhile (ESTALE)."""
+
+    @property
+    def filename(self) -> str:
+        return str(self.args[0])
+
+
+def read_ledger_summary(path: str | os.PathLike) -> dict:
+    """Task id, geometry, origin and counts of a ledger record, without knowing its task.
+
+    One read of the manifest (no chunk), so ``BlockwiseTask.complete()`` can afford it.
+    An SQLite file of an earlier version (given, or beside a ``path`` that has no record
+    yet) is read as it is, without converting it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LedgerError(f"no ledger file at {path}")
+    record = _record_of(path)
+    if not (record / MANIFEST).is_file():
+        legacy = path if path.name.endswith(LEGACY_SUFFIX) else legacy_path(record)
+        if legacy.is_file():
+            from . import _sqlite_ledger
+            summary = _sqlite_ledger.read_ledger_summary(legacy)
+            summary["origin"] = None
+            return summary
+        if record.is_dir():
+            raise LedgerError(f"ledger {record} has no manifest yet (being created, or "
+                              f"not a ledger)")
+        raise LedgerError(f"no ledger at {path}")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            done, failed, task_id, geometry, found_format = connection.execute(
-                "SELECT (SELECT COUNT(*) FROM done), (SELECT COUNT(*) FROM failed), "
-                "(SELECT value FROM meta WHERE key = 'task_id'), "
-                "(SELECT value FROM meta WHERE key = 'geometry'), "
-                "(SELECT value FROM meta WHERE key = 'format')").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as error:
-        raise LedgerError(f"ledger {path} is not a usable SQLite file ({error})") from None
-    if task_id is None or geometry is None:
-        raise LedgerError(f"ledger {path} has no task id or geometry recorded")
-    _check_format(path, found_format)
-    geometry = json.loads(geometry)
-    return {"path": str(path), "task_id": task_id, "geometry": geometry,
-            "done": done, "failed": failed, "total": geometry.get("num_blocks")}
+        manifest = json.loads(_read_file(record / MANIFEST))
+        task_id, geometry = manifest["task_id"], manifest["geometry"]
+        done, failed = int(manifest["done"]), int(manifest["failed"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise LedgerError(f"ledger {record} has no readable manifest ({error!r})") from None
+    _check_format(record, manifest.get("format"))
+    if not isinstance(geometry, dict) or not isinstance(task_id, str):
+        raise LedgerError(f"ledger {record} has no task id or geometry recorded")
+    return {"path": str(record), "task_id": task_id, "geometry": geometry,
+            "done": done, "failed": failed, "total": geometry.get("num_blocks"),
+            "origin": manifest.get("origin")}
 
+
+def read_failed_blocks(path: str | os.PathLike) -> list[tuple[int, str | None]]:
+    """``(index, error)`` of every block a record (or SQLite file) holds as failed,
+    without knowing its task."""
+    summary = read_ledger_summary(path)
+    path = Path(path)
+    with Ledger(path if path.name.endswith(LEGACY_SUFFIX) else summary["path"],
+                summary["task_id"], summary["geometry"], read_only=True) as ledger:
+        return ledger.failed_blocks()
 
 class LedgerSet:
     """The ledgers of the tasks of one run, flushed together at least every second.
@@ -678,9 +1304,9 @@ class LedgerSet:
             raise
         return opened
 
-    def done_blocks(self) -> dict[str, np.ndarray]:
-        """Per task, the blocks recorded as done."""
-        return {task_id: ledger.done_indices() for task_id, ledger in self.ledgers.items()}
+    def done_blocks(self) -> dict[str, PackedBlocks]:
+        """Per task, the blocks recorded as done, as packed bits (no index per block)."""
+        return {task_id: ledger.done_packed() for task_id, ledger in self.ledgers.items()}
 
     def add(self, task_id: str, ledger: Ledger) -> None:
         """Write ``ledger`` too from now on (a task this run took over)."""

@@ -91,6 +91,71 @@ class FunctionTarget:
 
 
 @dataclass
+class PoolTarget:
+    """What the workers of a pool run: the targets of every task the pool serves.
+
+    A pool worker builds a task's process function the first time it gets a block of
+    that task (a ``BlockwiseTask``'s ``setup_worker`` runs then) and keeps it.
+    """
+
+    targets: dict[str, Any]
+
+    def process_function(self) -> PoolFunction:
+        """The per-block function that sends each block to its task's function."""
+        return PoolFunction(self.targets)
+
+    def describe(self) -> str:
+        """The tasks of the pool."""
+        return f"a pool of workers for {', '.join(map(repr, self.targets))}"
+
+
+class PoolFunction:
+    """A pool worker's process function: each block goes to the process function of its
+    own task, built (and so set up) the first time this worker meets the task.
+
+    A task whose function cannot be built (its module does not import, its setup
+    fails) raises :class:`~luigi_daisy.errors.WorkerSetupError` for every block of it:
+    the worker reports once that it cannot work on that task, and goes on serving the
+    others.
+    """
+
+    #: the worker loop goes on after a WorkerSetupError (see luigi_daisy.worker)
+    serves_several_tasks = True
+
+    def __init__(self, targets: dict[str, Any]) -> None:
+        self.targets = targets
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.setup_failures: dict[str, str] = {}
+
+    def __call__(self, block: Any) -> None:
+        task_id = block.task_id
+        function = self.functions.get(task_id)
+        if function is None:
+            function = self._build(task_id)
+        function(block)
+
+    def _build(self, task_id: str) -> Callable[..., Any]:
+        from .errors import WorkerSetupError
+
+        failure = self.setup_failures.get(task_id)
+        if failure is None:
+            target = self.targets.get(task_id)
+            if target is None:
+                failure = (f"this worker's pool serves {', '.join(map(repr, self.targets))}, "
+                           f"not {task_id!r}")
+            else:
+                try:
+                    function = self.functions[task_id] = target.process_function()
+                    return function
+                except Exception:  # noqa: BLE001 - whatever stops the task goes to its log
+                    import traceback
+                    failure = traceback.format_exc()
+            self.setup_failures[task_id] = failure
+        raise WorkerSetupError(f"{task_id} cannot process any block in this worker:\n"
+                               f"{failure}")
+
+
+@dataclass
 class WorkerPayload:
     """What one task's workers run, and what they need to import it.
 

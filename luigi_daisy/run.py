@@ -36,12 +36,26 @@ from .context import (
     Context,
     new_token,
 )
-from .errors import ConfigError, LauncherError, LedgerError, TaskDefinitionError, WorkerSetupError
+from .errors import (
+    ConfigError,
+    LauncherError,
+    LedgerError,
+    TaskDefinitionError,
+    UnserialisableFunctionError,
+    WorkerSetupError,
+)
 from .launchers.base import Launcher, WorkerHandle, WorkerSpec
 from .launchers.local import LocalLauncher
 from .ledger import Ledger, LedgerSet
 from .listening import bind_listening_sockets, is_loopback
-from .payload import FunctionTarget, WorkerPayload
+from .payload import FunctionTarget, PoolTarget, WorkerPayload
+from .pools import (
+    check_pool_policy,
+    check_total_workers,
+    plan_workers,
+    pool_sizes,
+    usable_cpus,
+)
 from .progress import ProgressBars
 from .scheduler import BlockScheduler, ReleaseOutcome
 from .startup import StartupReport
@@ -245,7 +259,11 @@ def _take_in_looks(scheduler: BlockScheduler, followed: dict[str, FollowedTask],
 
 
 class WorkerRun:
-    """One multiprocessing run: a block server, worker processes per task, progress.
+    """One multiprocessing run: a block server, a pool of worker processes, progress.
+
+    Workers started by the same launcher serve whichever task the hand-out picks (one
+    pool per launcher, see :mod:`luigi_daisy.pools`); a task whose process function is
+    a worker loop of its own (no argument) keeps workers of its own.
 
     Parameters
     ----------
@@ -289,6 +307,13 @@ class WorkerRun:
         Seconds after which a worker whose server is gone exits on its own.
     pending_report_after:
         Seconds after which a worker job still pending is reported (id and reason).
+    total_workers:
+        The run's budget of workers; a task's ``num_workers`` is its cap. None: the
+        CPUs this process may use when every worker is a local process, else no
+        budget beyond the tasks' caps.
+    pool_policy:
+        How a pool worker's next task is chosen (see
+        :class:`~luigi_daisy.handout.HandOut`): ``"downstream"`` or ``"most_ready"``.
     """
 
     def __init__(self, tasks: list[Task], launcher: Launcher, ledgers: LedgerSet,
@@ -300,9 +325,12 @@ class WorkerRun:
                  advertise_host: str | None = None, worker_death_timeout: float = 60.0,
                  pending_report_after: float = 60.0,
                  prefetch: int = DEFAULT_PREFETCH,
-                 block_map_host: str = "127.0.0.1") -> None:
+                 block_map_host: str = "127.0.0.1", total_workers: int | None = None,
+                 pool_policy: str = "downstream") -> None:
         check_prefetch(prefetch)
         check_worker_death_timeout(worker_death_timeout)
+        check_total_workers(total_workers)
+        check_pool_policy(pool_policy)
         for task in tasks:
             if task.process_function is None:
                 raise TaskDefinitionError(
@@ -318,7 +346,6 @@ class WorkerRun:
         self.pending_report_after = pending_report_after
         self.prefetch = prefetch
         self.startup: StartupReport | None = None
-        self.ended_workers: dict[str, list[str]] = {task.task_id: [] for task in tasks}
         self.failure_report: str | None = None
         self.progress = progress
         self.ledgers = ledgers
@@ -339,14 +366,37 @@ class WorkerRun:
             self.tracking = TrackingPage(self)
         self.started_at = time.monotonic()
         targets = dict(targets or {})
-        self.payloads = {
-            task.task_id: WorkerPayload(targets.get(task.task_id)
-                                        or FunctionTarget(task.process_function), task.task_id)
-            for task in tasks}
-        self.workers: dict[str, list[WorkerHandle]] = {task_id: [] for task_id in self.tasks}
-        self.stopped_by_choice: dict[str, int] = {task_id: 0 for task_id in self.tasks}
+        task_targets = {task.task_id: targets.get(task.task_id)
+                        or FunctionTarget(task.process_function) for task in tasks}
+        self.plan = plan_workers(
+            self.tasks, lambda task_id: _shares_workers(task_targets[task_id]),
+            lambda task_id: id(launcher.for_task(task_id)))
+        self.pool_policy = pool_policy
+        if total_workers is None and all(
+                isinstance(launcher.for_task(task_id), LocalLauncher) for task_id in self.tasks):
+            total_workers = usable_cpus()
+        self.total_workers = total_workers
+        #: the launcher of each home (a task with workers of its own, or a pool)
+        self.launchers: dict[str, Launcher] = {
+            home: launcher.for_task(self.plan.tasks_of(home)[0]) for home in self.plan.homes}
+        self.payloads = {task_id: WorkerPayload(task_targets[task_id], task_id)
+                         for task_id in self.plan.own}
+        for pool_id, pool_tasks in self.plan.pools.items():
+            if len(pool_tasks) == 1:  # its workers run the task's own target
+                self.payloads[pool_id] = WorkerPayload(task_targets[pool_id], pool_id)
+                continue
+            self.payloads[pool_id] = WorkerPayload(
+                PoolTarget({task_id: task_targets[task_id] for task_id in pool_tasks}),
+                pool_id)
+        #: started workers that have not exited, per home
+        self.workers: dict[str, list[WorkerHandle]] = {home: [] for home in self.plan.homes}
+        self.stopped_by_choice: dict[str, int] = {home: 0 for home in self.plan.homes}
         self.log_files: dict[int, tuple[str, str]] = {}
+        #: the home of each worker id started
         self.worker_tasks: dict[int, str] = {}
+        #: how workers of each home ended, for the report of a run that stalls
+        self.ended_workers: dict[str, list[str]] = {home: [] for home in self.plan.homes}
+        self._initialised: set[str] = set()  # tasks whose init_callback_fn ran
         self._next_worker_id = 0
         self._replacements: set[int] = set()  # ids of workers started as replacements
         # the look at the followed tasks' ledgers in progress, on its own thread
@@ -371,14 +421,37 @@ class WorkerRun:
         """
         if self._listening:
             return
-        for payload in self.payloads.values():  # followed tasks too: they may be taken over
-            self.launcher.prepare(payload)
+        for home, payload in self.payloads.items():  # followed tasks too: may be taken over
+            self._prepare(home, payload)
         self._token = new_token()
         self._listening = bind_listening_sockets(self.host)
         self._port = self._listening[0].getsockname()[1]
-        for task_id, state in self.scheduler.task_states.items():
-            if task_id not in self.followed and not state.is_done():
-                self._start_task(task_id)
+        for task_id in self._active_tasks():
+            self._start_task(task_id)
+
+    def _prepare(self, home: str, payload: WorkerPayload) -> None:
+        """Check that a home's payload reaches its workers; for a pool that cannot,
+        name the task whose function cannot travel."""
+        launcher = self.launchers[home]
+        try:
+            launcher.prepare(payload)
+        except UnserialisableFunctionError:
+            if not isinstance(payload.target, PoolTarget):
+                raise
+            for task_id, target in payload.target.targets.items():
+                WorkerPayload(target, task_id).to_bytes()
+            raise
+
+    def _active_tasks(self) -> list[str]:
+        """Tasks with blocks to do that this run processes (not followed)."""
+        return [task_id for task_id, state in self.scheduler.task_states.items()
+                if task_id not in self.followed and not state.is_done()]
+
+    def _wanted_workers(self) -> dict[str, int]:
+        """How many workers each home should have now (see :func:`pool_sizes`)."""
+        return pool_sizes(self.plan, {task_id: task.num_workers
+                                      for task_id, task in self.tasks.items()},
+                          self._active_tasks(), self.total_workers)
 
     def close_listening(self) -> None:
         """Close the sockets :meth:`start_workers` bound, when no server adopted them
@@ -395,6 +468,9 @@ class WorkerRun:
                        prefetch=str(self.prefetch), token=self._token)
 
     def _start_worker(self, task_id: str, restartable: bool = True) -> None:
+        """Start a worker of ``task_id``'s home (a pool, or the task itself)."""
+        task_id = self.plan.home_of.get(task_id, task_id)
+        launcher = self.launchers[task_id]
         worker_id = self._next_worker_id
         self._next_worker_id += 1
         if self.server is not None:
@@ -405,8 +481,8 @@ class WorkerRun:
         environment = {ENV_VARIABLE: encoded, DAISY_ENV_VARIABLE: encoded}
         if os.environ.get("PYTHONPATH"):
             environment["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        stdout_path, stderr_path = self.launcher.log_paths(task_id, worker_id)
-        worker = self.launcher.start(WorkerSpec(
+        stdout_path, stderr_path = launcher.log_paths(task_id, worker_id)
+        worker = launcher.start(WorkerSpec(
             task_id=task_id, worker_id=worker_id, environment=environment,
             payload=self.payloads[task_id], stdout_path=stdout_path,
             stderr_path=stderr_path, job_name=f"luigi_daisy-{task_id}-worker-{worker_id}",
@@ -431,102 +507,132 @@ class WorkerRun:
                 worker.kill()
 
     def _check_workers(self) -> None:
-        """Replace workers that exited while their task still has blocks to do.
+        """Replace workers that exited while their tasks still have blocks to do.
 
         A worker that exits with code 0 has chosen to stop (a worker loop that returned)
-        and is not replaced, as in daisy 1.x; any other exit counts against the task's
-        ``max_worker_restarts``.
+        and is not replaced, as in daisy 1.x; any other exit counts against the
+        ``max_worker_restarts`` of the task whose block it ran last.
         """
         self.launcher.poll()
-        for task_id, workers in self.workers.items():
-            state = self.scheduler.task_states[task_id]
-            task = self.tasks[task_id]
+        for home, workers in self.workers.items():
             for worker in list(workers):
                 exit_code = worker.exit_code()
                 if exit_code is None:
                     continue
                 workers.remove(worker)
-                self.server.forget_worker(task_id, worker.worker_id)
+                self.server.forget_worker(home, worker.worker_id)
                 # a job that died without closing its connection (node failure) gives
                 # its blocks back now, not when keepalive notices
-                self.server.drop_worker(task_id, worker.worker_id)
-                if state.is_done() or state.stop_reason:
-                    continue  # nothing left for a new worker (a stopped task hands out none)
-                refused = worker.start_error()
-                if refused is not None:  # the batch system refused the job: it never ran
-                    what = ("a replacement" if worker.worker_id in self._replacements
-                            else f"worker {worker.worker_id}")
-                    logger.error("could not start %s for %r: %s", what, task_id, refused)
-                    self.ended_workers[task_id].append(f"{what} was refused: {refused}")
-                    continue
-                if exit_code != 0:
-                    self.ended_workers[task_id].append(
-                        f"{worker.describe()} exited with code {exit_code}")
-                if exit_code == 0:
-                    self.stopped_by_choice[task_id] += 1
-                    logger.info("worker %s of %r exited with code 0 while blocks remain: "
-                                "it chose to stop and is not replaced", worker.worker_id,
-                                task_id)
-                    continue
-                if exit_code == EXIT_RESTART_ME:
-                    logger.warning("worker %s of %r failed several blocks in a row; replacing "
-                                   "it with a fresh process (see %s)", worker.worker_id,
-                                   task_id, worker.stderr_path)
-                elif exit_code != 0:
-                    state.worker_failure_count += 1
-                    logger.warning("worker %s of %r exited with code %s; see %s",
-                                   worker.worker_id, task_id, exit_code, worker.stderr_path)
-                if state.worker_restart_count < task.max_worker_restarts:
-                    state.worker_restart_count += 1
-                    self._replace_worker(task_id)
-                elif exit_code == EXIT_RESTART_ME:
-                    # out of restarts: the replacement keeps going however many blocks fail
-                    self._replace_worker(task_id, restartable=False)
+                self.server.drop_worker(home, worker.worker_id)
+                self._worker_ended(home, worker, exit_code)
 
-    def _replace_worker(self, task_id: str, restartable: bool = True) -> None:
+    def _open_tasks(self, home: str) -> list[str]:
+        """The tasks of ``home`` a new worker could still work on."""
+        return [task_id for task_id in self.plan.tasks_of(home)
+                if not self.scheduler.task_states[task_id].is_done()
+                and not self.scheduler.task_states[task_id].stop_reason]
+
+    def _worker_ended(self, home: str, worker: WorkerHandle, exit_code: int) -> None:
+        open_tasks = self._open_tasks(home)
+        if not open_tasks:
+            return  # nothing left for a new worker (a stopped task hands out none)
+        refused = worker.start_error()
+        if refused is not None:  # the batch system refused the job: it never ran
+            what = ("a replacement" if worker.worker_id in self._replacements
+                    else f"worker {worker.worker_id}")
+            logger.error("could not start %s for %r: %s", what, home, refused)
+            self.ended_workers[home].append(f"{what} was refused: {refused}")
+            return
+        if exit_code == 0:
+            self.stopped_by_choice[home] += 1
+            logger.info("worker %s of %r exited with code 0 while blocks remain: "
+                        "it chose to stop and is not replaced", worker.worker_id, home)
+            return
+        self.ended_workers[home].append(f"{worker.describe()} exited with code {exit_code}")
+        # the task charged: the one whose block the worker ran last
+        task_id = self.server.handout.last_task.get((home, worker.worker_id))
+        if task_id not in open_tasks:
+            task_id = open_tasks[0]
+        state = self.scheduler.task_states[task_id]
+        if exit_code == EXIT_RESTART_ME:
+            logger.warning("worker %s of %r failed several blocks in a row; replacing "
+                           "it with a fresh process (see %s)", worker.worker_id,
+                           home, worker.stderr_path)
+        else:
+            state.worker_failure_count += 1
+            logger.warning("worker %s of %r exited with code %s; see %s",
+                           worker.worker_id, home, exit_code, worker.stderr_path)
+        if state.worker_restart_count < self.tasks[task_id].max_worker_restarts:
+            state.worker_restart_count += 1
+            self._replace_worker(home)
+        elif exit_code == EXIT_RESTART_ME:
+            # out of restarts: the replacement keeps going however many blocks fail
+            self._replace_worker(home, restartable=False)
+
+    def _replace_worker(self, home: str, restartable: bool = True) -> None:
         """Start a replacement; a batch system that refuses it for now (a busy
         controller) costs the restart, not the run."""
         self._replacements.add(self._next_worker_id)
         try:
-            self._start_worker(task_id, restartable)
+            self._start_worker(home, restartable)
         except LauncherError as error:
-            logger.error("could not start a replacement worker for %r: %s", task_id, error)
-            self.ended_workers[task_id].append(f"a replacement was refused: {error}")
+            logger.error("could not start a replacement worker for %r: %s", home, error)
+            self.ended_workers[home].append(f"a replacement was refused: {error}")
 
     def _stalled(self) -> bool:
         """True when some unfinished task has no worker left to run it."""
-        return any(not self.workers[task_id] and not state.is_done()
+        return any(not self.workers[self.plan.home_of[task_id]] and not state.is_done()
                    and task_id not in self.followed and not state.stop_reason
                    for task_id, state in self.scheduler.task_states.items())
 
     def _stall_report(self) -> str:
         """Which tasks have no workers left, and where their workers' errors are."""
         reports = []
-        for task_id, workers in self.workers.items():
-            state = self.scheduler.task_states[task_id]
-            if workers or state.is_done() or task_id in self.followed:
+        for home, workers in self.workers.items():
+            stalled = [task_id for task_id in self.plan.tasks_of(home)
+                       if not self.scheduler.task_states[task_id].is_done()
+                       and task_id not in self.followed]
+            if workers or not stalled:
                 continue
             logs = [paths[1] for worker_id, paths in self.log_files.items()
-                    if self.worker_tasks.get(worker_id) == task_id]
-            stopped = self.stopped_by_choice[task_id]
+                    if self.worker_tasks.get(worker_id) == home]
+            stopped = self.stopped_by_choice[home]
             chose = (f"; {stopped} exited with code 0 (chose to stop, not replaced)"
                      if stopped else "")
-            ended = self.ended_workers[task_id]
+            ended = self.ended_workers[home]
             ended_text = (f"; workers that ended: {'; '.join(ended[-10:])}"
                           f"{f' (and {len(ended) - 10} more)' if len(ended) > 10 else ''}"
                           if ended else "")
+            restarts = ", ".join(
+                f"{self.scheduler.task_states[task_id].worker_restart_count} restarts used "
+                f"of {self.tasks[task_id].max_worker_restarts}"
+                f"{f' by {task_id!r}' if len(stalled) > 1 else ''}" for task_id in stalled)
+            names = (f"task {stalled[0]!r}" if len(stalled) == 1
+                     else f"tasks {', '.join(map(repr, stalled))}")
+            whose = "" if home in stalled else f" (pool {home!r})"
             reports.append(
-                f"task {task_id!r} has no workers left ({state.worker_restart_count} "
-                f"restarts used of {self.tasks[task_id].max_worker_restarts}{chose}); their "
+                f"{names} has no workers left{whose} ({restarts}{chose}); their "
                 f"errors are in {', '.join(logs[-3:]) or 'no log file'}{ended_text}")
         return "; ".join(reports)
 
     def _start_task(self, task_id: str) -> None:
+        """Call the task's ``init_callback_fn`` (once per run) and start the workers its
+        home lacks now."""
         task = self.tasks[task_id]
-        if task.init_callback_fn is not None:
+        if task.init_callback_fn is not None and task_id not in self._initialised:
+            self._initialised.add(task_id)
             task.init_callback_fn(self._context(task_id, -1))
-        for _ in range(task.num_workers):
-            self._start_worker(task_id)
+        home = self.plan.home_of[task_id]
+        for _ in range(self._wanted_workers()[home] - len(self.workers[home])):
+            self._start_worker(home)
+
+    def workers_of(self, task_id: str) -> int:
+        """Workers serving ``task_id`` now: its own processes, or its pool's workers
+        holding its blocks."""
+        home = self.plan.home_of[task_id]
+        if home == task_id:
+            return len(self.workers[home])
+        return self.server.handout.workers_on(task_id) if self.server is not None else 0
 
     def _follow(self) -> None:
         """Take in what the last look at the followed tasks' ledgers found, and start
@@ -620,14 +726,17 @@ class WorkerRun:
 
             self.server = BlockServer(self.scheduler, host=self.host, token=self._token,
                                       on_worker_timeout=self._kill_worker,
-                                      ledgers=self.ledgers, limits=self.server_limits)
+                                      ledgers=self.ledgers, limits=self.server_limits,
+                                      pools=self.plan.pools, pool_policy=self.pool_policy)
+            self.server.failure_log = self._stderr_log
             self.server.start_listening(sockets=self._listening)
             for task_id, worker_id in self._expected_early:
                 self.server.expect_worker(task_id, worker_id)
             if self.tracking is not None:
                 self.tracking.start(self.block_map_host, self.advertise_host)
             self.startup = StartupReport(self.launcher, self.server, self.workers,
-                                         self.pending_report_after)
+                                         self.pending_report_after,
+                                         tasks=len(self._active_tasks()))
             while not self.scheduler.is_done():
                 await self._sleep_unless_done(MONITOR_INTERVAL)
                 self.server.reclaim_expired()
@@ -740,6 +849,12 @@ class WorkerRun:
         for workers in self.workers.values():
             workers[:] = [worker for worker in workers if worker.exit_code() is None]
 
+    def _stderr_log(self, task_id: str, worker_id: int | None) -> str | None:
+        """The log file that holds what worker ``worker_id`` wrote to stderr (its
+        tracebacks), as the block map shows it; None when not known."""
+        paths = self.log_files.get(worker_id) if worker_id is not None else None
+        return os.path.abspath(paths[1]) if paths else None
+
     def worker_logs(self) -> dict[str, list[str]]:
         """The ``.err`` files of the workers that failed blocks, per task."""
         return {task_id: [self.log_files[worker_id][1] for worker_id in sorted(worker_ids)
@@ -767,6 +882,12 @@ def _cancel_on_sigterm(terminated: list) -> Callable[[], None]:
     except (NotImplementedError, RuntimeError, ValueError):
         return lambda: None
     return lambda: loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _shares_workers(target: object) -> bool:
+    """Whether a task's workers may serve other tasks too: not when its process function
+    is a worker loop of its own (takes no block)."""
+    return not isinstance(target, FunctionTarget) or takes_block(target.function)
 
 
 def check_prefetch(prefetch: object) -> None:
@@ -824,6 +945,23 @@ class _BlockMapAnnouncer:
             print(f"live block map: {run.tracking.url}", flush=True)
 
 
+def _record_origins(ledgers: LedgerSet, tasks: list[Task]) -> None:
+    """Write into each ledger of a daisy-style run what it is and which tasks it reads
+    (``luigi-daisy reset --downstream`` follows that); a ledger that says so already is
+    left as it is."""
+    for task in tasks:
+        ledger = ledgers.ledgers.get(task.task_id)
+        if ledger is None:
+            continue
+        origin = {"kind": "daisy",
+                  "upstream": {upstream.task_id: None for upstream in task.upstream_tasks}}
+        if ledger.origin == origin:
+            continue
+        ledger.close()
+        ledgers.ledgers[task.task_id] = Ledger(ledger.path, task.task_id, ledger.geometry,
+                                               origin=origin)
+
+
 def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   progress: bool = True, return_states: bool = True,
                   log_dir: str | os.PathLike | None = None,
@@ -837,7 +975,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                   worker_death_timeout: float = 60.0,
                   pending_report_after: float = 60.0,
                   prefetch: int = DEFAULT_PREFETCH,
-                  block_map_host: str = "127.0.0.1") -> RunResult:
+                  block_map_host: str = "127.0.0.1", total_workers: int | None = None,
+                  pool_policy: str = "downstream") -> RunResult:
     """Run blockwise tasks (and their upstream tasks) to completion.
 
     Parameters
@@ -845,7 +984,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     tasks:
         A task or a list of tasks; upstream tasks are pulled in.
     multiprocessing:
-        Run ``num_workers`` worker processes per task (default), or every block in the
+        Run the blocks on worker processes (default), or every block in the
         calling process (which claims and follows tasks the same way, waiting for the
         blocks of a followed task that its own blocks read).
     progress:
@@ -918,6 +1057,21 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         Interface the block map (``tracking=True``) listens on: loopback by default,
         even when ``host`` is every interface; ``"0.0.0.0"`` serves it to the network,
         its URL then naming ``advertise_host`` (or this machine's name).
+    total_workers:
+        The run's budget of worker processes. Workers started by the same launcher
+        form one pool that serves whichever task has blocks ready (the hand-out picks;
+        see ``pool_policy``), and a task's ``num_workers`` caps how many of them hold
+        its blocks at once. Each worker sets a task up once, the first time it gets a
+        block of it. A task whose process function takes no argument (a worker loop
+        of its own) keeps workers of its own, within the same budget. Default: the
+        CPUs this process may use, when the workers are local processes; no budget
+        but the tasks' caps with a cluster launcher.
+    pool_policy:
+        How a pool worker's next task is chosen: ``"downstream"`` (default), the most
+        downstream task with ready blocks (objects finish early, intermediate results
+        stay small), but first a task that no worker holds blocks of while a task
+        downstream of it has nothing ready (no task that others wait on starves); or
+        ``"most_ready"``, the task with the most ready blocks.
 
     Returns
     -------
@@ -931,7 +1085,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ``pending_report_after`` below 0, a ``host`` (or ``block_map_host``) that is
         not an address of this machine, a ledger folder that is a file, an existing
         ledger or log folder that its group or others can write and that is not sticky,
-        or a ``prefetch`` out of range.
+        a ``prefetch`` out of range, a ``total_workers`` below 1 or an unknown
+        ``pool_policy``.
     LedgerError
         When a ledger cannot be used or written; its class says why
         (:class:`~luigi_daisy.errors.LedgerDamagedError`,
@@ -944,6 +1099,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
     check_prefetch(prefetch)
     check_worker_death_timeout(worker_death_timeout)
     check_seconds(pending_report_after, "pending_report_after")
+    check_total_workers(total_workers)
+    check_pool_policy(pool_policy)
     ordered = collect_tasks(tasks)
     check_folder(ledger_dir, "ledger_dir")
     check_folder_not_shared(ledger_dir, "ledger_dir", "ledger folder")
@@ -963,6 +1120,7 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
         ledgers = LedgerSet.open([task for task in ordered if task.task_id not in claims.followed],
                                  ledger_dir, fresh=fresh)
         try:
+            _record_origins(ledgers, ordered)
             if not multiprocessing:
                 result = run_in_process(ordered, ledgers, progress=progress,
                                         followed=claims.followed)
@@ -975,7 +1133,8 @@ def run_blockwise(tasks: Task | Iterable[Task], multiprocessing: bool = True,
                             stop_event=stop_event, advertise_host=advertise_host,
                             worker_death_timeout=worker_death_timeout,
                             pending_report_after=pending_report_after, prefetch=prefetch,
-                            block_map_host=block_map_host)
+                            block_map_host=block_map_host, total_workers=total_workers,
+                            pool_policy=pool_policy)
             try:
                 run.start_workers()  # before the event loop: they boot while it starts
                 result = run_coroutine(run.run)

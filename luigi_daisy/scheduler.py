@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
 from .block_states import DONE, FAILED, ORPHANED, PROCESSING, READY, WAITING
-from .blocks import Block, BlockBitmap, BlockGrid, BlockStatus, new_block
+from .blocks import Block, BlockBitmap, BlockGrid, BlockStatus, PackedBlocks, new_block
 from .errors import SchedulerError
 from .graph import ConflictStencil, UpstreamLink
 from .task import Task, collect_tasks
@@ -157,7 +157,8 @@ class _TaskProgress:
         self.states = bytearray((WAITING,)) * math.prod(self.grid.id_grid_shape)
         if self.done_before:
             import numpy as np
-            np.frombuffer(self.states, dtype=np.uint8)[self.done_bitmap().indices()] = DONE
+            done = np.frombuffer(self.done_bitmap()._bytes, dtype=np.uint8)
+            np.frombuffer(self.states, dtype=np.uint8)[done == 1] = DONE
 
     def plan_roots(self) -> None:
         """Set up the lazy iterator over blocks that depend on nothing."""
@@ -188,12 +189,11 @@ class _TaskProgress:
         if not self.done_before:
             return 0
         import numpy as np  # only a resumed run needs it
-        indices = self.done_bitmap().indices()
-        positions = np.unravel_index(indices, self.grid.id_grid_shape)
-        is_root = np.ones(len(indices), dtype=bool)
-        for coordinates, period in zip(positions, self.stencil.periods):
-            is_root &= coordinates % period == period - 1
-        return int(is_root.sum())
+        done = np.frombuffer(self.done_bitmap()._bytes, dtype=np.uint8).reshape(
+            self.grid.id_grid_shape)
+        # the roots are every period-th block along each axis: a strided view, no index
+        roots = done[tuple(slice(period - 1, None, period) for period in self.stencil.periods)]
+        return int(roots.sum(dtype=np.int64))
 
     def dependency_count(self, position: tuple[int, ...]) -> int:
         """How many blocks this block waits for in total, finished or not."""
@@ -221,8 +221,8 @@ class _TaskProgress:
         Walks whichever is smaller: the unfinished blocks of this task, or the blocks
         downstream of the finished ones.
         """
-        if not self.resuming:
-            return
+        if not self.resuming or not (self.stencil.has_conflicts or self.upstream_links):
+            return  # nothing waits for another block: every unfinished block is a root
         grid = self.grid
         done = self.done_before
         finished_upstream = sum(len(upstream.done_before) for _, upstream in self.upstream_links)
@@ -281,11 +281,13 @@ def _valid_done_blocks(grid: BlockGrid, task_id: str,
                        indices: Iterable[int]) -> BlockBitmap | frozenset:
     """The done blocks as a bitmap, refusing indices that are not blocks of the grid."""
     import numpy as np  # only a resumed run needs it
+    size = math.prod(grid.id_grid_shape)
+    if isinstance(indices, PackedBlocks):
+        return _valid_packed_blocks(grid, task_id, indices, size)
     array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices),
                        dtype=np.int64)
     if not array.size:
         return NOTHING_DONE
-    size = math.prod(grid.id_grid_shape)
     valid = (array >= 0) & (array < size)
     if valid.all():
         positions = np.unravel_index(array, grid.id_grid_shape)
@@ -297,6 +299,28 @@ def _valid_done_blocks(grid: BlockGrid, task_id: str,
             f"{task_id!r} ({grid.num_blocks} blocks); the record of finished blocks "
             f"belongs to another geometry or is damaged")
     return BlockBitmap.from_indices(size, array)
+
+
+def _valid_packed_blocks(grid: BlockGrid, task_id: str, packed: PackedBlocks,
+                         size: int) -> BlockBitmap | frozenset:
+    """:func:`_valid_done_blocks` of packed bits: unpacked into the bitmap directly and
+    checked by slices of the grid, never as one integer per block."""
+    if not len(packed):
+        return NOTHING_DONE
+    bitmap = packed.into_bitmap(size)
+    outside = bitmap is None
+    if bitmap is not None:
+        import numpy as np
+        every = np.frombuffer(bitmap._bytes, dtype=np.uint8).reshape(grid.id_grid_shape)
+        for axis, extent in enumerate(grid.grid_shape):
+            if every[(slice(None),) * axis + (slice(extent, None),)].any():
+                outside = True
+    if outside:
+        raise SchedulerError(
+            f"a block recorded as done is not a block of task {task_id!r} "
+            f"({grid.num_blocks} blocks); the record of finished blocks belongs to "
+            f"another geometry or is damaged")
+    return cast(BlockBitmap, bitmap)
 
 
 class BlockScheduler:

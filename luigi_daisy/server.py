@@ -21,7 +21,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -80,6 +80,7 @@ from .protocol import (
     verify_proof,
 )
 from .scheduler import BlockScheduler, TaskState
+from .summary import with_log
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,9 @@ class BlockServer(TCPServer):
         Where finished blocks are recorded; the server is the ledgers' only writer.
     limits:
         Bounds on connections, handshakes and buffered bytes (:class:`ServerLimits`).
+    pools, pool_policy:
+        Pools of workers that serve several tasks, and how their next task is chosen
+        (see :class:`~luigi_daisy.handout.HandOut`).
 
     Only workers announced with :meth:`expect_worker` are welcomed, one connection
     per worker id at a time.
@@ -243,10 +247,12 @@ class BlockServer(TCPServer):
                  token: str | None = None, clock: Callable[[], float] = time.monotonic,
                  on_worker_timeout: Callable[[str, int | None], None] | None = None,
                  ledgers: LedgerSet | None = None,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None,
+                 pools: Mapping[str, Iterable[str]] | None = None,
+                 pool_policy: str = "downstream") -> None:
         super().__init__(max_buffer_size=1 << 22)
         self.scheduler = scheduler
-        self.handout = HandOut(scheduler)
+        self.handout = HandOut(scheduler, pools, pool_policy)
         self.host = host
         self.token: str = token or new_token()
         self.clock = clock
@@ -266,6 +272,9 @@ class BlockServer(TCPServer):
         self.shed_connections = 0
         #: workers stopped because a block of theirs ran past its task's timeout
         self.workers_stopped = 0
+        #: ``(task_id, worker_id) -> path`` of the log that holds a worker's output,
+        #: recorded with each failure (set by the run that started the workers)
+        self.failure_log: Callable[[str, int | None], str | None] | None = None
         self._checks: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -493,7 +502,7 @@ class BlockServer(TCPServer):
         if not verify_proof(self.token, nonce, message.proof):
             return "authentication failed: the worker does not know this run's token"
         task_id, worker_id = message.task_id, message.worker_id
-        if task_id not in self.scheduler.tasks:
+        if not self.handout.is_home(task_id):
             return (f"unknown task {clip(repr(task_id))}; this server runs "
                     f"{clip(', '.join(map(repr, self.scheduler.tasks)))}")
         if not self.handout.is_expected(task_id, worker_id):
@@ -540,8 +549,10 @@ class BlockServer(TCPServer):
             elif kind is SendNoMoreBlocks:
                 instruction.worker.send(NoMoreBlocks())
             elif kind is RecordFailed:
+                log = (self.failure_log(instruction.task_id, instruction.worker_id)
+                       if self.failure_log is not None else None)
                 self.ledgers.record_failed(instruction.task_id, instruction.index,
-                                           instruction.error)
+                                           with_log(instruction.error, log))
             elif kind is Warn:
                 self.warnings.warn(instruction.kind, self.clock(), "%s", instruction.text)
             elif kind is StopWorker:

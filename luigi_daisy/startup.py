@@ -21,14 +21,16 @@ class StartupReport:
     server:
         The block server (its ``connected_workers``).
     workers:
-        The run's started workers per task.
+        The run's started workers per home (a pool, or a task with workers of its own).
     pending_report_after:
         Seconds after which pending jobs are reported, and after which the connected
         count is logged even if not every worker has connected.
+    tasks:
+        How many tasks the workers serve (default: the homes with workers).
     """
 
     def __init__(self, launcher, server, workers: Mapping[str, list],
-                 pending_report_after: float) -> None:
+                 pending_report_after: float, tasks: int | None = None) -> None:
         self.launcher = launcher
         self.server = server
         self.pending_report_after = pending_report_after
@@ -38,7 +40,8 @@ class StartupReport:
         self.most_connected = 0
         self.reported_pending: set[str] = set()
         self.name = getattr(launcher, "name", type(launcher).__name__)
-        self.tasks_started = sum(1 for handles in workers.values() if handles)
+        self.tasks_started = (tasks if tasks is not None
+                              else sum(1 for handles in workers.values() if handles))
         self.handles = [handle for handles in workers.values() for handle in handles]
         # a batch job's id arrives when its submission returned (off the loop): the
         # line waits for the ids, so that it can name them

@@ -26,8 +26,31 @@ class RunResult(dict):
         return bool(self)
 
 
+#: how a recorded failure names the worker log that holds the rest of its output
+LOG_PREFIX = "[worker log: "
+
+
+def with_log(error: str | None, log: str | None) -> str | None:
+    """``error`` as a record keeps it: followed by the worker log that holds the rest
+    (:func:`split_log` takes it apart again)."""
+    if log is None:
+        return error
+    return f"{(error or '').rstrip()}\n{LOG_PREFIX}{log}]"
+
+
+def split_log(text: str | None) -> tuple[str | None, str | None]:
+    """``(error, log)`` of a recorded failure (``log`` None when none was recorded)."""
+    if not text:
+        return text, None
+    head, newline, last = text.rstrip().rpartition("\n")
+    if last.startswith(LOG_PREFIX) and last.endswith("]"):
+        return (head if newline else ""), last[len(LOG_PREFIX):-1]
+    return text, None
+
+
 def error_line(text: str | None) -> str:
     """The line that says what went wrong: the last one of a traceback."""
+    text = split_log(text)[0]
     if not text:
         return "(no error text)"
     lines = [line for line in text.strip().splitlines() if line.strip()]

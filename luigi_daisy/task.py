@@ -93,7 +93,7 @@ class Task:
         starting workers.
     ledger:
         Folder of the ledger that remembers finished blocks across runs (the task's
-        file in it is ``<task_id>.ledger.sqlite``, with the id made a safe file name by
+        record in it is the folder ``<task_id>.ledger``, with the id made a safe file name by
         :func:`~luigi_daisy.context.safe_file_name`). Without one (and without
         ``run_blockwise(ledger_dir=...)``) nothing is remembered, as in daisy.
     """

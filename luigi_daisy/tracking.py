@@ -109,7 +109,7 @@ def run_state(run: WorkerRun) -> dict:
             "ready": state.ready_count,
             "pending": state.pending_count,
             "blocks_per_second": round(processed / elapsed, 2),
-            "workers": len(run.workers.get(task_id, ())),
+            "workers": run.workers_of(task_id),
             "followed": task_id in run.followed,
         }
     return {"elapsed_seconds": round(elapsed, 3), "tasks": tasks}
@@ -174,7 +174,7 @@ def _task_report(run: WorkerRun, task_id: str, rates: RateMeter, now: float) -> 
         "eta_seconds": eta,
         "grid_shape": list(grid.grid_shape),
         "followed": task_id in run.followed,
-        "worker_processes": len(run.workers.get(task_id, ())),
+        "worker_processes": run.workers_of(task_id),
         "failed_blocks": failed_blocks,
         "failed_blocks_not_listed": max(0, len(state.failed_blocks) - MAX_LISTED_FAILURES),
     }
@@ -188,13 +188,17 @@ def run_report(run: WorkerRun, rates: RateMeter) -> dict:
         for connection in run.server.connections:
             if connection.task_id is None or connection.closed:
                 continue  # not authenticated (yet)
+            held = run.server.handout.held_keys(connection)
+            # a pool worker serves the tasks of the blocks it holds; an idle one, its pool
+            serving = list(dict.fromkeys(task_id for task_id, _ in held))
             workers.append({
                 "worker_id": connection.worker_id,
-                "task_id": connection.task_id,
+                "task_id": ", ".join(serving) or connection.task_id,
+                "pool": connection.task_id if connection.task_id not in run.tasks else None,
                 "address": ":".join(map(str, connection.address))
                 if isinstance(connection.address, tuple) else str(connection.address),
-                "blocks": sorted(displayed_block_id(run, connection.task_id, index)
-                                 for index in run.server.handout.held_by(connection)),
+                "blocks": sorted(displayed_block_id(run, task_id, index)
+                                 for task_id, index in held),
                 "log": _worker_log(run, connection.worker_id),
             })
     workers.sort(key=lambda worker: (worker["task_id"], worker["worker_id"] or 0))

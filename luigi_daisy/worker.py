@@ -70,8 +70,9 @@ def run_worker(process_function, context: Context) -> int:
 
     Returns :data:`EXIT_RESTART_ME` after :data:`MAX_CONSECUTIVE_FAILURES` failed blocks
     in a row, so that the launcher replaces this process with a fresh one. A
-    :class:`~luigi_daisy.errors.WorkerSetupError` (this worker cannot process any block)
-    is reported to the server, which stops the task, and ends the worker at once.
+    :class:`~luigi_daisy.errors.WorkerSetupError` (this worker cannot process any block
+    of the task) is reported to the server, which stops the task; it ends a task's own
+    worker at once, while a pool worker goes on serving the pool's other tasks.
     """
     if not takes_block(process_function):
         process_function()
@@ -87,6 +88,9 @@ def run_worker(process_function, context: Context) -> int:
         error = process_one_block(process_function, block)
         if isinstance(error, WorkerSetupError):
             client.cannot_work(block, block.error)
+            if getattr(process_function, "serves_several_tasks", False):
+                block = client.next_block()  # a pool worker goes on with the other tasks
+                continue
             client.close()
             return 0
         if block.status == BlockStatus.FAILED:

@@ -79,8 +79,11 @@ def main(folder: Path, *hosts: str) -> None:
     # prefetch=0: a block in hand would wait behind a gated block, and the tests want
     # every block that is not gated done while the gates stand
     options = dict(zip(("host", "block_map_host"), hosts))
+    # total_workers: every task gets the workers it asks for, so that gated blocks of
+    # one task never hold the workers another task's blocks wait for
     daisy.run_blockwise([label_task, tiles_task, frames_task], progress=False,
-                        log_dir=folder / "logs", tracking=True, prefetch=0, **options)
+                        log_dir=folder / "logs", tracking=True, prefetch=0,
+                        total_workers=5, **options)
 
 
 if __name__ == "__main__":

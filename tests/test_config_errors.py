@@ -232,7 +232,7 @@ def test_good_values_still_run(tmp_path):
         "num_workers = 2\ntimeout = 30\nworker_death_timeout = 30\nmemory_per_worker = 1G\n"
         "walltime = 01:00:00\njob_poll_interval = 1\nprefetch = 8\nhost = localhost"))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len(list((tmp_path / "luigi_daisy_ledgers").glob("*.sqlite"))) == 2
+    assert len(list((tmp_path / "luigi_daisy_ledgers").glob("*.ledger"))) == 2
 
 
 # ---------------------------------------------------------------------- run_blockwise

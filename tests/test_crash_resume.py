@@ -10,7 +10,7 @@ per-block sleep makes the kills land mid-run.
 The test starts the driver in a session of its own, waits (polling the side-effect file,
 with a deadline) for a random amount of progress, and kills the process group (the block
 server and every worker) with SIGKILL. Before each restart it reads the ledger's done
-set with sqlite3 and checks that
+set from its files directly and checks that
 
 * every block recorded as done has a side-effect line (no block is recorded as done
   before its process function returned);
@@ -31,7 +31,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ledger_files import record_done, record_done_count
 
 from luigi_daisy.ledger import ledger_path
 
@@ -251,7 +251,7 @@ class Driver:
         return lines
 
     def ledger_done(self, task_ids) -> dict[str, set[int]]:
-        """The done set of each task's ledger, read with sqlite3 directly."""
+        """The done set of each task's ledger, read from its files directly."""
         return {task_id: read_done(ledger_path(self.ledgers, task_id)) for task_id in task_ids}
 
     def skipped(self, task_id: str) -> int:
@@ -279,33 +279,13 @@ def live_members(group: int) -> list[int]:
 
 
 def read_done(path: Path) -> set[int]:
-    """Done blocks of a ledger file; empty if the run was killed before creating it."""
-    if not path.exists():
-        return set()
-    try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return {row[0] for row in connection.execute("SELECT block FROM done")}
-        finally:
-            connection.close()
-    except sqlite3.OperationalError as error:
-        if "no such table" in str(error):  # killed between creating the file and its tables
-            return set()
-        raise
+    """Done blocks of a ledger record; empty if the run was killed before creating it."""
+    return record_done(path)
 
 
 def done_count(path: Path) -> int:
     """How many blocks a (possibly live) ledger holds; 0 while it is being created."""
-    if not path.exists():
-        return 0
-    try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.1)
-        try:
-            return connection.execute("SELECT COUNT(*) FROM done").fetchone()[0]
-        finally:
-            connection.close()
-    except sqlite3.OperationalError:  # no tables yet, or busy recovering: ask again later
-        return 0
+    return record_done_count(path)
 
 
 def wait_for(condition, driver: Driver, what: str) -> bool:

@@ -498,13 +498,17 @@ def test_redirect_stdouterr(tmp_path):
 
 # ---------------------------------------------------------------------------- ledger
 def test_a_ledger_of_the_old_numbering_is_refused(tmp_path):
-    from luigi_daisy.ledger import Ledger, ledger_path, read_ledger_summary
+    from luigi_daisy import _sqlite_ledger
+    from luigi_daisy.ledger import Ledger, ledger_path, legacy_path, read_ledger_summary
 
     task = daisy.Task("old", Roi((0,), (40,)), Roi((0,), (10,)), Roi((0,), (10,)),
                       process_function=noop)
-    assert daisy.run_blockwise([task], multiprocessing=False, progress=False,
-                               ledger_dir=tmp_path)
-    path = ledger_path(tmp_path, "old")
+    record = ledger_path(tmp_path, "old")
+    # an SQLite ledger (the previous version's code), as it is converted on first open
+    path = legacy_path(record)
+    with _sqlite_ledger.Ledger(path, "old", task.grid.describe()) as old:
+        for index in range(4):
+            old.record_done(index)
     # what a ledger written before daisy's numbering holds: format 2, no block_key
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
@@ -520,10 +524,12 @@ def test_a_ledger_of_the_old_numbering_is_refused(tmp_path):
     with pytest.raises(LedgerError, match="numbering"):
         read_ledger_summary(path)
     with pytest.raises(LedgerError, match="numbering"):
-        Ledger(path, "old", task.grid.describe())
+        Ledger(record, "old", task.grid.describe())
+    assert path.is_file() and not (record / "manifest.json").exists(), "converted anyway"
     # fresh=True gets past it, and the new ledger records what its keys are
     result = daisy.run_blockwise([task], multiprocessing=False, progress=False,
                                  ledger_dir=tmp_path, fresh=True)
     assert result["old"].completed_count == 4 and result["old"].skipped_count == 0
-    summary = read_ledger_summary(path)
+    assert not path.exists()
+    summary = read_ledger_summary(record)
     assert summary["done"] == 4

@@ -29,6 +29,7 @@ from luigi_daisy.launchers.base import WorkerSpec
 from luigi_daisy.launchers.batch import EXIT_CANCELLED, MIN_POLL_INTERVAL
 from luigi_daisy.launchers.command import CommandLauncher
 from luigi_daisy.launchers.lsf import LsfLauncher
+from luigi_daisy.launchers.per_task import PerTaskLauncher
 from luigi_daisy.launchers.slurm import SlurmLauncher
 from luigi_daisy.payload import FunctionTarget, WorkerPayload
 
@@ -222,7 +223,9 @@ def test_a_burst_of_submissions_does_not_stall_the_hand_out(fake_slurm, tmp_path
 
     watcher = threading.Thread(target=stop_when_served)
     watcher.start()
-    launcher = slurm(tmp_path)
+    # a launcher of its own for each task: two pools, whose jobs are named after their
+    # task (the fake sbatch leaves jobs named "pending..." pending)
+    launcher = PerTaskLauncher({"served": slurm(tmp_path), "pending": slurm(tmp_path)})
     try:
         result = daisy.run_blockwise([served, queued], launcher=launcher, progress=False,
                                      prefetch=0, stop_event=stop,
@@ -243,8 +246,9 @@ def test_a_burst_of_submissions_does_not_stall_the_hand_out(fake_slurm, tmp_path
     pending = {path.stem for path in (fake_slurm / "jobs").glob("*.pending")}
     cancelled = {path.stem for path in (fake_slurm / "jobs").glob("*.cancelled")}
     assert pending and pending <= cancelled
-    assert launcher.command_counts["submit"] == len(submissions) <= 202
-    assert all(job.finished for job in launcher.jobs.values())
+    assert sum(each.command_counts["submit"] for each in launcher.distinct) \
+        == len(submissions) <= 202
+    assert all(job.finished for each in launcher.distinct for job in each.jobs.values())
 
 
 def test_a_submission_in_flight_when_the_run_ends_is_cancelled(fake_slurm, tmp_path):

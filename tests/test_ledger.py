@@ -1,7 +1,7 @@
 """The ledger: the durable record of finished blocks that makes runs resumable.
 
-Unit tests of :class:`Ledger` and :class:`LedgerSet` on real SQLite files (round trip,
-batching, geometry and task checks, damaged files, a 10^6-block completeness query), the
+Unit tests of :class:`Ledger` and :class:`LedgerSet` on real record folders (round trip,
+batching, geometry and task checks, damaged files, a 10^6-block completeness read), the
 ``luigi-daisy status`` command run as a real process, and resume semantics of
 ``run_blockwise`` (in-process, plus one run with worker processes). The crash tests with
 SIGKILL live in ``test_crash_resume.py``.
@@ -19,10 +19,10 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from luigi_daisy.ledger import (
     Ledger,
     LedgerError,
     LedgerSet,
+    is_ledger,
     ledger_path,
     read_ledger_summary,
 )
@@ -59,37 +60,40 @@ def geometry(num_blocks: int = 10, write: int = 1, fit: str = "valid") -> dict:
             "write_roi": [[0], [write]], "fit": fit, "num_blocks": num_blocks}
 
 
+def stored_manifest(path: Path) -> dict:
+    """A record's manifest, read with json directly (as another host would)."""
+    return json.loads((path / "manifest.json").read_text())
+
+
 def stored_done(path: Path) -> set[int]:
-    """The done rows of a ledger file, read with sqlite3 directly."""
-    connection = sqlite3.connect(path)
-    try:
-        return {row[0] for row in connection.execute("SELECT block FROM done")}
-    finally:
-        connection.close()
+    """The done blocks of a record, read from its files directly (manifest, then the
+    zlib-compressed bitmap chunks it names), not through :class:`Ledger`."""
+    manifest = stored_manifest(path)
+    done: set[int] = set()
+    for chunk, generation, _, _ in manifest["chunks"]:
+        data = zlib.decompress((path / f"done-{chunk}-{generation}.zz").read_bytes())
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        done.update((np.flatnonzero(bits) + chunk * manifest["chunk_blocks"]).tolist())
+    return done
 
 
 def stored_failed(path: Path) -> dict[int, str | None]:
-    connection = sqlite3.connect(path)
-    try:
-        return dict(connection.execute("SELECT block, error FROM failed"))
-    finally:
-        connection.close()
+    manifest = stored_manifest(path)
+    if not manifest["failed_file"]:
+        return {}
+    data = (path / f"failed-{manifest['failed_file'][0]}.json").read_text()
+    return {int(index): error for index, error in json.loads(data).items()}
 
 
-class StatementLog:
-    """Statements a ledger's connection executes (``sqlite3`` trace callback)."""
+class CommitLog:
+    """Commits of a record: each replaces the manifest with the next generation."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.statements: list[str] = []
-        self._connection = ledger._connection
-        self._connection.set_trace_callback(self.statements.append)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = stored_manifest(path)["generation"]
 
-    def count(self, keyword: str) -> int:
-        return sum(1 for statement in self.statements
-                   if statement.lstrip().upper().startswith(keyword))
-
-    def stop(self) -> None:
-        self._connection.set_trace_callback(None)
+    def commits(self) -> int:
+        return stored_manifest(self.path)["generation"] - self.start
 
 
 def line_task(task_id: str, num_blocks: int, process_function, block_size: int = 10,
@@ -150,7 +154,7 @@ def assert_no_wrong_skip(path: Path, task_id: str, geo: dict, truly_done: set[in
 # ----------------------------------------------------------------- Ledger: basics
 def test_ledger_path_is_task_file_in_folder(tmp_path):
     assert ledger_path(tmp_path, "segment") == tmp_path / f"segment{SUFFIX}"
-    assert ledger_path(tmp_path / "sub", "a") == tmp_path / "sub" / "a.ledger.sqlite"
+    assert ledger_path(tmp_path / "sub", "a") == tmp_path / "sub" / "a.ledger"
     # a task id that is not a safe file name still gives a file inside the folder
     odd = ledger_path(tmp_path, "../up/and away")
     assert odd.parent == tmp_path
@@ -217,27 +221,28 @@ def test_nothing_is_written_before_flush(tmp_path):
         ledger.close()
 
 
-def test_each_flush_is_one_transaction(tmp_path):
-    ledger = Ledger(ledger_path(tmp_path, "t"), "t", geometry(10_000))
-    log = StatementLog(ledger)
+def test_each_flush_is_one_commit(tmp_path):
+    path = ledger_path(tmp_path, "t")
+    ledger = Ledger(path, "t", geometry(10_000))
+    log = CommitLog(path)
     try:
         for index in range(1000):
             ledger.record_done(index)
         for index in range(1000, 1010):
             ledger.record_failed(index, "e")
-        assert log.count("BEGIN") == 0, "records were written before flush"
+        assert log.commits() == 0, "records were written before flush"
         ledger.flush()
-        assert log.count("BEGIN") == 1
-        assert log.count("COMMIT") == 1
-        assert log.count("ROLLBACK") == 0
-        # an empty flush does not open a transaction
+        assert log.commits() == 1
+        assert stored_done(path) == set(range(1000))
+        assert stored_failed(path) == dict.fromkeys(range(1000, 1010), "e")
+        # an empty flush writes nothing
+        before = sorted(os.listdir(path))
         assert ledger.flush() == 0
-        assert log.count("BEGIN") == 1
+        assert log.commits() == 1 and sorted(os.listdir(path)) == before
         ledger.record_done(5000)
         ledger.flush()
-        assert log.count("BEGIN") == 2 and log.count("COMMIT") == 2
+        assert log.commits() == 2
     finally:
-        log.stop()
         ledger.close()
 
 
@@ -245,7 +250,7 @@ def test_ledger_set_flushes_each_ledger_in_one_transaction_when_due(tmp_path):
     tasks = [line_task(task_id, 100, lambda block: None, ledger=tmp_path)
              for task_id in ("a", "b")]
     ledgers = LedgerSet.open(tasks)
-    logs = {task_id: StatementLog(ledger) for task_id, ledger in ledgers.ledgers.items()}
+    logs = {task_id: CommitLog(ledger.path) for task_id, ledger in ledgers.ledgers.items()}
     try:
         assert ledgers.flush_interval <= 1.0, "a batch must be written at least every second"
         for index in range(10):
@@ -259,11 +264,9 @@ def test_ledger_set_flushes_each_ledger_in_one_transaction_when_due(tmp_path):
         assert stored_done(ledger_path(tmp_path, "a")) == set(range(10))
         assert ledgers.flush_if_due(100.0 + ledgers.flush_interval) == 1  # due
         assert stored_done(ledger_path(tmp_path, "a")) == set(range(10)) | {50}
-        assert logs["a"].count("BEGIN") == 2 and logs["a"].count("COMMIT") == 2
-        assert logs["b"].count("BEGIN") == 1 and logs["b"].count("COMMIT") == 1
+        assert logs["a"].commits() == 2
+        assert logs["b"].commits() == 1
     finally:
-        for log in logs.values():
-            log.stop()
         ledgers.close()
 
 
@@ -330,8 +333,8 @@ def test_ledger_of_another_task_is_refused(tmp_path):
     with Ledger(ledger_path(tmp_path, "a"), "a", geo) as ledger:
         for index in range(10):
             ledger.record_done(index)
-    # the same folder, another file name, but the content of a's ledger
-    shutil.copy(ledger_path(tmp_path, "a"), ledger_path(tmp_path, "b"))
+    # the same folder, another record name, but the content of a's record
+    shutil.copytree(ledger_path(tmp_path, "a"), ledger_path(tmp_path, "b"))
     with pytest.raises(LedgerError) as raised:
         Ledger(ledger_path(tmp_path, "b"), "b", geo)
     message = str(raised.value)
@@ -392,11 +395,13 @@ def test_flushed_batch_survives_a_crash(tmp_path):
         assert ledger.done_count() == 7
 
 
-def test_fresh_after_a_crash_forgets_the_write_ahead_log(tmp_path):
-    """A killed writer leaves ``-wal`` / ``-shm`` files; fresh must not resurrect them."""
+def test_fresh_after_a_crash_forgets_what_the_killed_writer_wrote(tmp_path):
+    """A killed writer leaves its record as of its last commit (and no ``-wal`` or
+    ``-shm`` file: no SQLite); fresh must forget it all."""
     path = ledger_path(tmp_path, "t")
     _write_and_crash(path, range(7))
-    assert Path(f"{path}-wal").exists()  # the rows live in the write-ahead log
+    assert stored_done(path) == set(range(7))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(("-wal", "-shm"))]
     with Ledger(path, "t", geometry(10), fresh=True) as ledger:
         assert ledger.done_count() == 0
         assert ledger.done_indices().size == 0
@@ -411,7 +416,7 @@ def test_missing_file_starts_fresh(tmp_path):
     with Ledger(path, "t", geometry(10)) as ledger:
         assert ledger.done_count() == 0
         assert not ledger.is_complete(10)
-    assert path.is_file()
+    assert path.is_dir() and (path / "manifest.json").is_file()
 
 
 def test_empty_file_starts_fresh_or_fails_clearly(tmp_path):
@@ -438,7 +443,7 @@ def test_a_text_file_in_place_of_the_ledger_fails_clearly(tmp_path):
 
 
 def _many_rows_ledger(path: Path, geo: dict) -> set[int]:
-    """A cleanly closed ledger of a few dozen pages: every other block of 40,000 done."""
+    """A cleanly closed record: every other block of 40,000 done, one failure."""
     done = set(range(0, 2 * 20_000, 2))
     with Ledger(path, "t", geo) as ledger:
         for index in sorted(done):
@@ -448,78 +453,103 @@ def _many_rows_ledger(path: Path, geo: dict) -> set[int]:
     return done
 
 
+def _record_files(path: Path) -> list[Path]:
+    """The files of a record: the manifest, its chunks, its failures."""
+    return sorted(path.iterdir())
+
+
 @pytest.mark.parametrize("keep", [0.95, 0.7, 0.5, 0.2, 0.02])
 def test_truncated_file_never_skips_wrongly(tmp_path, keep):
+    """Each file of the record in turn truncated (a writer or a copy cut short)."""
     path = ledger_path(tmp_path, "t")
     geo = geometry(100_000)
     done = _many_rows_ledger(path, geo)
-    size = path.stat().st_size
-    with open(path, "r+b") as file:
-        file.truncate(int(size * keep))
-    assert assert_no_wrong_skip(path, "t", geo, done) in ("error", "fresh", "subset")
+    originals = {file: file.read_bytes() for file in _record_files(path)}
+    assert len(originals) == 3, originals.keys()  # manifest, one chunk, failures
+    for file, data in originals.items():
+        with open(file, "r+b") as stream:
+            stream.truncate(int(len(data) * keep))
+        assert assert_no_wrong_skip(path, "t", geo, done) in ("error", "fresh", "subset")
+        for each, original in originals.items():
+            each.write_bytes(original)
 
 
-@pytest.mark.parametrize("keep_bytes", [10, 100, 4096])
+@pytest.mark.parametrize("keep_bytes", [0, 10, 100])
 def test_file_truncated_inside_its_header_never_skips_wrongly(tmp_path, keep_bytes):
     path = ledger_path(tmp_path, "t")
     geo = geometry(100_000)
     done = _many_rows_ledger(path, geo)
-    with open(path, "r+b") as file:
-        file.truncate(keep_bytes)
-    assert assert_no_wrong_skip(path, "t", geo, done) in ("error", "fresh", "subset")
+    originals = {file: file.read_bytes() for file in _record_files(path)}
+    for file in originals:
+        with open(file, "r+b") as stream:
+            stream.truncate(keep_bytes)
+        assert assert_no_wrong_skip(path, "t", geo, done) in ("error", "fresh", "subset")
+        for each, original in originals.items():
+            each.write_bytes(original)
+
+
+def test_a_file_the_manifest_names_that_is_missing_is_damage(tmp_path):
+    path = ledger_path(tmp_path, "t")
+    geo = geometry(100_000)
+    _many_rows_ledger(path, geo)
+    (chunk,) = path.glob("done-*")
+    chunk.unlink()
+    for read_only in (False, True):
+        with pytest.raises(LedgerError, match="damaged") as raised:
+            Ledger(path, "t", geo, read_only=read_only)
+        assert str(path) in str(raised.value) and chunk.name in str(raised.value)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_garbage_page_fails_clearly(tmp_path, seed):
-    """A page of the done table overwritten with random bytes (a torn or foreign write).
-
-    SQLite notices the damage only when the rows are read, so the error must come when
-    the done blocks are read, as a ``LedgerError`` naming the file (not a raw
-    ``sqlite3.DatabaseError`` without the path, or a ``TypeError``).
-    """
+    """A 4 KiB stretch of a file of the record overwritten with random bytes (a torn
+    or foreign write): a ``LedgerError`` naming the record, or a subset."""
     path = ledger_path(tmp_path, "t")
     geo = geometry(100_000)
     done = _many_rows_ledger(path, geo)
-    size = path.stat().st_size
     rng = random.Random(seed)
-    page = 4096
-    offset = rng.randrange(2, size // page) * page  # never the header or the schema page
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        file.write(rng.randbytes(page))
+    file = rng.choice(_record_files(path))
+    size = file.stat().st_size
+    with open(file, "r+b") as stream:
+        stream.seek(rng.randrange(0, max(size - 64, 1)))
+        stream.write(rng.randbytes(min(4096, size)))
     assert assert_no_wrong_skip(path, "t", geo, done) in ("error", "fresh", "subset")
 
 
 def test_flipped_bits_never_skip_wrongly(tmp_path):
-    """Single flipped bits in the stored rows (bit rot): error or subset, never more.
-
-    SQLite stores no checksums, so a flipped bit inside a stored block index can turn it
-    into another valid-looking index; the ledger has to notice that on its own.
-    """
+    """Single flipped bits anywhere in the record's files (bit rot): error or subset,
+    never more. Every chunk and the failures file carry a crc32 in the manifest; the
+    manifest's counts are checked against the chunks."""
     path = ledger_path(tmp_path, "t")
     geo = geometry(100_000)
     done = _many_rows_ledger(path, geo)
-    original = path.read_bytes()
+    originals = {file: file.read_bytes() for file in _record_files(path)}
     rng = random.Random(7)
     outcomes = Counter()
     wrong = []
-    for trial in range(60):
-        damaged = bytearray(original)
-        offset = rng.randrange(2 * 4096, len(damaged))
+    for trial in range(90):
+        file = list(originals)[trial % len(originals)]
+        damaged = bytearray(originals[file])
+        offset = rng.randrange(len(damaged))
         damaged[offset] ^= 1 << rng.randrange(8)
-        path.write_bytes(bytes(damaged))
+        file.write_bytes(bytes(damaged))
         try:
             outcomes[assert_no_wrong_skip(path, "t", geo, done)] += 1
         except AssertionError as failure:
-            wrong.append((offset, str(failure).splitlines()[0]))
+            wrong.append((file.name, offset, str(failure).splitlines()[0]))
         except Exception as error:  # noqa: BLE001 - counted and reported below
-            wrong.append((offset, f"{type(error).__name__}: {error}"))
-    assert not wrong, (f"{len(wrong)} of 60 single-bit flips were not caught "
+            wrong.append((file.name, offset, f"{type(error).__name__}: {error}"))
+        for each, original in originals.items():
+            each.write_bytes(original)
+        for stray in set(_record_files(path)) - set(originals):
+            stray.unlink()  # a commit of the opener (none should happen: nothing pending)
+    assert not wrong, (f"{len(wrong)} of 90 single-bit flips were not caught "
                        f"(outcomes otherwise {dict(outcomes)}): {wrong[:5]}")
+    assert outcomes["error"] >= 60, outcomes
 
 
 def test_damaged_ledger_stops_run_blockwise_with_a_ledger_error(tmp_path):
-    """The last page of a ledger (rows of the done table) overwritten with garbage."""
+    """The chunk of a record (its done blocks) overwritten with garbage at its end."""
     calls = Counter()
 
     def process(block):
@@ -530,11 +560,11 @@ def test_damaged_ledger_stops_run_blockwise_with_a_ledger_error(tmp_path):
     assert daisy.run_blockwise(task, multiprocessing=False, progress=False,
                                ledger_dir=folder)
     path = ledger_path(folder, "t")
-    size = path.stat().st_size
-    assert size > 8 * 4096
-    with open(path, "r+b") as file:
-        file.seek(size - 4096)
-        file.write(random.Random(1).randbytes(4096))
+    (chunk,) = path.glob("done-*")
+    size = chunk.stat().st_size
+    with open(chunk, "r+b") as file:
+        file.seek(max(size - 16, 0))
+        file.write(random.Random(1).randbytes(16))
     calls.clear()
     try:
         result = daisy.run_blockwise(task, multiprocessing=False, progress=False,
@@ -553,31 +583,35 @@ def test_damaged_ledger_stops_run_blockwise_with_a_ledger_error(tmp_path):
 
 
 # ---------------------------------------------------- 10^6-block completeness
-def test_completeness_of_a_million_blocks_is_one_query(tmp_path):
+def test_completeness_of_a_million_blocks_reads_the_manifest_only(tmp_path):
+    """``complete()`` (``read_ledger_summary``, a reader's ``is_complete``) reads the
+    manifest and no chunk: with every chunk overwritten by garbage it still answers,
+    while reading the done blocks fails."""
     path = ledger_path(tmp_path, "big")
     total = 10**6
     geo = {"total_roi": [[0, 0, 0], [1000, 1000, 1000]], "read_roi": [[0, 0, 0], [10, 10, 10]],
            "write_roi": [[0, 0, 0], [10, 10, 10]], "fit": "valid", "num_blocks": total}
-    Ledger(path, "big", geo).close()
-    connection = sqlite3.connect(path)
-    with connection:
-        connection.executemany("INSERT INTO done (block) VALUES (?)", ((i,) for i in range(total)))
-    connection.close()
-
     with Ledger(path, "big", geo) as ledger:
-        log = StatementLog(ledger)
-        assert ledger.is_complete(total)
-        assert len(log.statements) == 1, log.statements
-        assert log.statements[0].lstrip().upper().startswith("SELECT")
-        assert not ledger.is_complete(total + 1)
-        log.stop()
-    connection = sqlite3.connect(path)
-    with connection:
-        connection.execute("DELETE FROM done WHERE block = ?", (123_456,))
-    connection.close()
+        ledger.record_done_many(np.arange(total))
+    reader = Ledger(path, "big", geo, read_only=True)
+    try:
+        for chunk in path.glob("done-*"):
+            chunk.write_bytes(b"garbage")
+        assert read_ledger_summary(path)["done"] == total
+        assert reader.is_complete(total)
+        assert not reader.is_complete(total + 1)
+        with pytest.raises(LedgerError, match="damaged"):
+            Ledger(path, "big", geo, read_only=True)
+    finally:
+        reader.close()
+    with Ledger(path, "big", geo, fresh=True) as ledger:
+        ledger.record_done_many(np.arange(total))
+    with Ledger(path, "big", geo) as ledger:
+        assert ledger.forget_done([123_456, 123_456]) == 1
     with Ledger(path, "big", geo) as ledger:
         assert not ledger.is_complete(total)
         assert ledger.done_count() == total - 1
+    assert stored_done(path) == set(range(total)) - {123_456}
 
     result = run_status(path)
     assert result.returncode == 1, result
@@ -645,7 +679,8 @@ def test_status_of_the_incomplete_file_alone(tmp_path, cli):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty-folder", "random-bytes", "empty-file",
-                                  "text-file", "no-meta"])
+                                  "text-file", "no-meta", "empty-record",
+                                  "sqlite-no-meta"])
 def test_status_of_unreadable_paths_exits_2(tmp_path, cli, case):
     path = tmp_path / f"x{SUFFIX}"
     if case == "empty-folder":
@@ -658,6 +693,13 @@ def test_status_of_unreadable_paths_exits_2(tmp_path, cli, case):
     elif case == "text-file":
         path.write_text("not a ledger\n")
     elif case == "no-meta":
+        path.mkdir()
+        (path / "manifest.json").write_text("{}")
+    elif case == "empty-record":
+        path.mkdir()
+    elif case == "sqlite-no-meta":
+        import sqlite3
+        path = tmp_path / f"x{SUFFIX}.sqlite"
         connection = sqlite3.connect(path)
         connection.execute("CREATE TABLE done (block INTEGER PRIMARY KEY)")
         connection.commit()
@@ -672,10 +714,12 @@ def test_status_of_a_folder_with_one_damaged_ledger_exits_2(tmp_path, cli):
     folder = tmp_path / "ledgers"
     _cli_ledgers(folder)
     (folder / f"broken{SUFFIX}").write_bytes(b"\0" * 5000)
+    (folder / f"garbled{SUFFIX}").mkdir()
+    (folder / f"garbled{SUFFIX}" / "manifest.json").write_bytes(b"\0" * 50)
     result = run_status(folder, cli)
     assert result.returncode == 2, result
     assert "task whole" in result.stdout  # the readable ones are still listed
-    assert "broken" in result.stderr
+    assert "broken" in result.stderr and "garbled" in result.stderr
 
 
 def test_status_without_arguments_is_a_usage_error(cli):
@@ -805,7 +849,7 @@ def test_task_ledger_argument_without_run_default(tmp_path):
     task = line_task("own", 5, lambda block: calls.update([block.index]),
                      ledger=tmp_path / "mine")
     assert daisy.run_blockwise(task, multiprocessing=False, progress=False)
-    assert ledger_path(tmp_path / "mine", "own").is_file()
+    assert is_ledger(ledger_path(tmp_path / "mine", "own"))
     task = line_task("own", 5, lambda block: calls.update([block.index]),
                      ledger=tmp_path / "mine")
     result = daisy.run_blockwise(task, multiprocessing=False, progress=False)
@@ -1003,12 +1047,10 @@ def test_ledger_meta_records_task_and_geometry_of_the_run(tmp_path):
                       write_roi=Roi((0, 0), (4, 10)), process_function=lambda block: None,
                       fit="shrink")
     daisy.run_blockwise(task, multiprocessing=False, progress=False, ledger_dir=tmp_path)
-    connection = sqlite3.connect(ledger_path(tmp_path, "m"))
-    meta = dict(connection.execute("SELECT key, value FROM meta"))
-    connection.close()
+    meta = stored_manifest(ledger_path(tmp_path, "m"))
     assert meta["task_id"] == "m"
-    assert meta["format"] == str(FORMAT_VERSION)
-    stored = json.loads(meta["geometry"])
+    assert meta["format"] == FORMAT_VERSION
+    stored = meta["geometry"]
     assert stored == task.grid.describe()
     assert stored["fit"] == "shrink"
     assert stored["num_blocks"] == task.num_blocks

@@ -41,6 +41,7 @@ from test_luigi_layer import (  # noqa: F401 - the luigi_settings fixture
 from test_luigid import luigid  # noqa: F401 - the luigid fixture
 
 import luigi_daisy
+from luigi_daisy.cli import find_records
 from luigi_daisy.cli import main as luigi_daisy_main
 from luigi_daisy.ledger import SUFFIX, read_ledger_summary
 
@@ -214,8 +215,10 @@ def test_every_task_is_in_luigids_graph_and_luigis_summary_and_still_pipelines(
     assert f"Task {down}:" in output and "all blocks processed successfully" in output
     assert "blocks/s]" not in output and "\r" not in output
 
-    # ledgers leave no SQLite -wal / -shm files behind
-    leftovers = [path.name for path in (tmp_path / "ledgers").iterdir()
+    # ledgers (with the arrays they describe) leave no SQLite -wal / -shm files behind
+    records = find_records(tmp_path)
+    assert len(records) == 2, records
+    leftovers = [path.name for record in records for path in record.parent.iterdir()
                  if path.name.endswith(("-wal", "-shm"))]
     assert not leftovers, leftovers
 
@@ -285,7 +288,7 @@ def test_a_failed_upstream_task_shows_its_failed_blocks_and_real_progress_in_lui
     assert graph[down]["progress_percentage"] == expected  # the block reading it orphaned
     error = json.loads(luigid.api("fetch_error", task_id=up)["error"])  # Luigi's JSON text
     assert "failed blocks" in error and f"ValueError: block {3 * BLOCK} of Up is broken" in error
-    assert re.search(r"logs/Up_\S+/worker_\d+\.err", error), error
+    assert re.search(r"logs/pool/worker_\d+\.err", error), error  # Up and Down's pool
     assert "failed    ✗: 1" in error
     message = graph[up]["status_message"]
     assert f"ValueError: block {3 * BLOCK} of Up is broken" in message and ".err" in message
@@ -343,7 +346,8 @@ def test_an_error_every_block_would_repeat_stops_the_task_after_the_first(tmp_pa
     assert 1 <= len(lines_with_error) <= 4, lines_with_error
     worker_logs = list((tmp_path / "logs").rglob("worker_*.err"))
     assert len(worker_logs) <= 2, worker_logs  # the two first workers, none replaced
-    (ledger,) = (tmp_path / "ledgers").glob(f"Up_*{SUFFIX}")
+    (ledger,) = [record for record in find_records(tmp_path)
+                 if record.name.startswith("Up_") and record.name.endswith(SUFFIX)]
     recorded = read_ledger_summary(ledger)
     assert recorded["done"] == 0 and recorded["failed"] == 1
 
@@ -355,11 +359,13 @@ def test_the_status_command_lists_the_failed_blocks(tmp_path, capsys):
     returncode, output = run_luigi(tmp_path, task_args(tmp_path, "Up", "--local-scheduler"),
                                    extra_path=module)
     assert returncode == 3, output[-5000:]
-    assert luigi_daisy_main(["status", str(tmp_path / "ledgers")]) == 1
+    # the records live with the arrays, below the run's folder
+    assert luigi_daisy_main(["status", str(tmp_path)]) == 1
     plain = capsys.readouterr().out
-    assert "14 done, 2 failed, 16 total" in plain and "broken" not in plain
-    assert luigi_daisy_main(["status", "--failed", str(tmp_path / "ledgers")]) == 1
+    assert "14 done, 2 failed, 16 total" in plain
+    assert luigi_daisy_main(["status", "--failed", str(tmp_path)]) == 1
     listed = capsys.readouterr().out
+    assert listed == plain  # fewer failures than status lists without --failed
     for begin in (2 * BLOCK, 7 * BLOCK):
         assert re.search(rf"block {begin // BLOCK} \(write roi \[{begin}:{begin + BLOCK}\] "
                          rf"\(10,?\)\): ValueError: block {begin} of Up is broken", listed), listed
@@ -489,3 +495,6 @@ def test_a_ledger_leaves_no_wal_or_shm_files_once_closed_whoever_read_it(tmp_pat
     writer.close()
     assert read_ledger_summary(path)["done"] == 3
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [path.name]
+    # nor inside the record: its manifest and its bitmap chunk only
+    assert [name for name in sorted(entry.name for entry in path.iterdir())
+            if not name.startswith("done-")] == ["manifest.json"]

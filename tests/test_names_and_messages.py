@@ -21,7 +21,6 @@ import functools
 import os
 import shlex
 import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -31,14 +30,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from ledger_files import record_done
 from test_planted_links import fake_pbs  # noqa: F401 - fixture
 
 import luigi_daisy as daisy
-from luigi_daisy import Roi
+from luigi_daisy import Roi, _sqlite_ledger
 from luigi_daisy.context import MAX_FILE_NAME, safe_file_name
 from luigi_daisy.errors import GeometryError, LedgerError
 from luigi_daisy.launchers.command import _RECORD_EXIT, CommandLauncher
-from luigi_daisy.ledger import Ledger, ledger_path, read_ledger_summary
+from luigi_daisy.ledger import ledger_path, legacy_path, read_ledger_summary
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
 
@@ -71,11 +71,7 @@ def run(tasks, tmp_path: Path, **options):
 
 
 def recorded(path: Path) -> set[int]:
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return {row[0] for row in connection.execute("SELECT block FROM done")}
-    finally:
-        connection.close()
+    return record_done(path)
 
 
 # ------------------------------------------------------------------ names of files
@@ -94,10 +90,9 @@ def test_ids_sharing_a_readable_name_get_their_own_files_in_one_run(tmp_path):
         assert read_ledger_summary(path)["task_id"] == task_id
         assert recorded(path) == {0, 1, 2, 3}
         assert Path(f"{path}.lock").exists()
-    assert ledgers["a_b"].name == "a_b.ledger.sqlite", "a plain id keeps its plain name"
-    logs = sorted(folder.name for folder in (tmp_path / "logs").iterdir())
-    assert logs == sorted(safe_file_name(task_id) for task_id in ids)
-    assert len(logs) == 3 and "a_b" in logs
+    assert ledgers["a_b"].name == "a_b.ledger", "a plain id keeps its plain name"
+    # one pool of workers serves the three tasks: its logs are the pool's
+    assert sorted(folder.name for folder in (tmp_path / "logs").iterdir()) == ["pool"]
     # again: each resumes from its own ledger, nothing runs twice
     again = run([line_task(task_id, 4, events) for task_id in ids], tmp_path)
     assert all(again[task_id].skipped_count == 4 for task_id in ids)
@@ -121,7 +116,7 @@ def test_a_task_id_longer_than_a_file_name_runs_and_resumes(tmp_path):
     result = run([line_task(task_id, 3, events)], tmp_path)
     assert result[task_id].succeeded and len(executions(events)) == 3
     path = ledger_path(tmp_path / "ledgers", task_id)
-    assert len(path.name) <= MAX_FILE_NAME + len(".ledger.sqlite")
+    assert len(path.name) <= MAX_FILE_NAME + len(".ledger")
     assert path.name.startswith("segmentation_very-long-parameter-")
     assert read_ledger_summary(path)["done"] == 3
     (log_folder,) = (tmp_path / "logs").iterdir()
@@ -222,7 +217,8 @@ def test_a_ledger_of_another_task_says_whose_it_is_and_where_it_belongs(tmp_path
     folder = tmp_path / "ledgers"
     old_task = line_task("a/b", 4, events)
     old_name = folder / "a_b.ledger.sqlite"
-    with Ledger(old_name, "a/b", old_task.grid.describe()) as ledger:
+    # an SQLite ledger, as that version wrote it (its code is kept as _sqlite_ledger)
+    with _sqlite_ledger.Ledger(old_name, "a/b", old_task.grid.describe()) as ledger:
         for index in (0, 1):
             ledger.record_done(index)
     with pytest.raises(LedgerError) as refused:
@@ -238,7 +234,8 @@ def test_a_ledger_of_another_task_says_whose_it_is_and_where_it_belongs(tmp_path
     assert str(old_name) in message and str(new_name) in message
     assert "2 finished blocks" in message and "move it" in message
     assert not events.exists(), "a refused run processed blocks"
-    os.rename(old_name, new_name)
+    assert f"move it (and nothing else) to {legacy_path(new_name)}" in message
+    os.rename(old_name, legacy_path(new_name))  # converted by the run's first open
     result = run([old_task], tmp_path)
     assert result["a/b"].skipped_count == 2
     assert executions(events) == Counter({("a/b", "2"): 1, ("a/b", "3"): 1})

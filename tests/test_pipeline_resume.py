@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ledger_files import record_done, record_manifest
+
+from luigi_daisy.cli import find_records
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -106,19 +108,14 @@ def run_to_completion(folder: Path, log_name: str) -> None:
 
 
 def ledger_done(folder: Path) -> dict[str, set[int]]:
-    """``task_id -> blocks recorded as done`` from every ledger in ``folder/ledgers``."""
+    """``task_id -> blocks recorded as done`` from every ledger below ``folder`` (the
+    tasks keep them with the arrays they write)."""
     done = {}
-    for path in sorted((folder / "ledgers").glob("*.ledger.sqlite")):
-        try:
-            connection = sqlite3.connect(path, timeout=5)
-            try:
-                task_id = connection.execute(
-                    "SELECT value FROM meta WHERE key = 'task_id'").fetchone()[0]
-                blocks = {row[0] for row in connection.execute("SELECT block FROM done")}
-            finally:
-                connection.close()
-        except (sqlite3.Error, TypeError):  # being created right now
+    for path in find_records(folder):
+        manifest = record_manifest(path)
+        if manifest is None:  # being created right now
             continue
+        task_id, blocks = manifest["task_id"], record_done(path)
         done[task_id] = blocks
     return done
 

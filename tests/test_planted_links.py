@@ -27,7 +27,7 @@ from luigi_daisy import Roi, UnsafePathError
 from luigi_daisy.claims import TaskLock, lock_path
 from luigi_daisy.errors import ConfigError
 from luigi_daisy.launchers.command import CommandLauncher
-from luigi_daisy.ledger import ledger_path
+from luigi_daisy.ledger import Ledger, LedgerError, ledger_path
 from luigi_daisy.payload import STALE_AFTER, payload_folder
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_stray_processes")]
@@ -82,8 +82,10 @@ def test_a_planted_task_lock_link_is_refused_and_its_target_untouched(tmp_path):
     assert f"rm {lock}" in str(raised.value)
 
 
-@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+@pytest.mark.parametrize("suffix", ["", ".sqlite", ".sqlite-wal", ".sqlite-shm"])
 def test_a_planted_ledger_link_is_refused_before_sqlite_opens_it(tmp_path, suffix):
+    """The record, and an SQLite ledger of the previous version beside it (which a
+    writer converts: SQLite opens it and its ``-wal`` and ``-shm``)."""
     ledgers = shared_folder(tmp_path / "ledgers")
     target = victim(tmp_path)
     link = Path(f"{ledger_path(ledgers, 't')}{suffix}")
@@ -93,6 +95,26 @@ def test_a_planted_ledger_link_is_refused_before_sqlite_opens_it(tmp_path, suffi
                             ledger_dir=ledgers)
     assert str(link) in str(raised.value)
     assert target.read_text() == VICTIM_TEXT
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "done-0-1.zz"])
+def test_a_link_planted_inside_a_record_is_never_followed(tmp_path, name):
+    """A file of the record replaced by a link: it is neither read through nor written
+    through (a commit writes a new file and renames it over the name)."""
+    ledgers = shared_folder(tmp_path / "ledgers")
+    task = small_task(tmp_path)
+    ledger = Ledger(ledger_path(ledgers, "t"), "t", task.grid.describe())
+    ledger.record_done(0)
+    ledger.close()
+    target = victim(tmp_path)
+    planted = ledger_path(ledgers, "t") / name
+    planted.unlink()
+    plant(planted, target)
+    with pytest.raises((UnsafePathError, LedgerError)) as raised:
+        daisy.run_blockwise([task], multiprocessing=False, progress=False, ledger_dir=ledgers)
+    assert str(planted) in str(raised.value) or "symbolic link" in str(raised.value)
+    assert target.read_text() == VICTIM_TEXT
+    assert not (tmp_path / "events" / "block1").exists(), "blocks ran"
 
 
 @pytest.mark.parametrize("mode", [0o775, 0o777])

@@ -54,6 +54,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from luigi_daisy.cli import find_records
 from luigi_daisy.errors import LedgerError
 from luigi_daisy.ledger import read_ledger_summary
 from luigi_daisy.luigi.config import KNOWN_KEYS
@@ -297,9 +298,9 @@ class SectionRun:
             pytest.fail(f"{command!r} did not stop on Ctrl-C:\n{self.output()}")
 
     def blocks_done(self) -> dict[Path, int]:
-        """Blocks recorded as done, per ledger of the folder's ledger folder."""
+        """Blocks recorded as done, per ledger below the folder (kept with the data)."""
         done = {}
-        for ledger in (self.folder / "luigi_daisy_ledgers").glob("*.ledger.sqlite"):
+        for ledger in find_records(self.folder):
             try:
                 done[ledger] = read_ledger_summary(ledger)["done"]
             except LedgerError:

@@ -26,6 +26,7 @@ pytest.importorskip("scipy", reason="the segmentation example needs the examples
 
 from examples.segmentation import whole_volume_labels  # noqa: E402
 from luigi_daisy import open_ds  # noqa: E402
+from luigi_daisy.cli import find_records  # noqa: E402
 from luigi_daisy.errors import LedgerError  # noqa: E402
 from luigi_daisy.ledger import read_ledger_summary  # noqa: E402
 
@@ -131,7 +132,9 @@ def timed_blocks(folder: Path) -> Counter:
 
 def ledger_done(folder: Path, family: str) -> int:
     """Blocks of the stage ``family`` its ledger records as done."""
-    for ledger in (folder / "luigi_daisy_ledgers").glob(f"{family}_*.ledger.sqlite"):
+    for ledger in find_records(folder):
+        if not ledger.name.startswith(f"{family}_"):
+            continue
         try:
             return read_ledger_summary(ledger)["done"]
         except LedgerError:  # being created right now

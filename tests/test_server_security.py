@@ -286,8 +286,10 @@ class RunInThread:
         self.ledger_dir = tmp_path / "ledgers"
         self.tasks = tasks
         self.ledgers = LedgerSet.open(tasks, self.ledger_dir)
+        # every task gets all the workers its num_workers asks for, whatever the CPUs
         self.run = WorkerRun(tasks, LocalLauncher(tmp_path / "logs"), self.ledgers,
-                             progress=False, server_limits=server_limits)
+                             progress=False, server_limits=server_limits,
+                             total_workers=sum(task.num_workers for task in tasks))
         self.outcome: dict = {}
 
         def target() -> None:

@@ -112,6 +112,12 @@ class Launcher(abc.ABC):
         """
         payload.to_bytes()
 
+    def for_task(self, task_id: str) -> Launcher:
+        """The launcher that starts the workers of ``task_id``: this one, unless it
+        sends tasks to launchers of their own. Workers of tasks with the same launcher
+        form one pool."""
+        return self
+
     def worker_command(self) -> list[str]:
         """The command that starts one worker (without the payload's own arguments)."""
         return [sys.executable, "-m", "luigi_daisy.worker"]

@@ -38,6 +38,10 @@ class PerTaskLauncher(Launcher):
     def _for(self, task_id: str) -> Launcher:
         return self.launchers[task_id]
 
+    def for_task(self, task_id: str) -> Launcher:
+        """The task's own launcher."""
+        return self.launchers[task_id].for_task(task_id)
+
     def prepare(self, payload: WorkerPayload) -> None:
         """Let the task's launcher check its payload."""
         self._for(payload.task_id).prepare(payload)

@@ -75,6 +75,15 @@ class luigi_daisy(luigi.Config):
     job_poll_interval = luigi.FloatParameter(
         default=2.0, description="seconds between two job state queries (squeue, bjobs), "
                                  "at least 1")
+    # the run's pool of workers
+    total_workers = luigi.OptionalIntParameter(
+        default=None, description="the run's budget of workers, shared by its tasks (each "
+                                  "task's num_workers is its cap); default: the CPUs this "
+                                  "process may use with local workers, else no budget")
+    pool_policy = luigi.ChoiceParameter(
+        choices=["downstream", "most_ready"], default="downstream",
+        description="which task a pool worker serves next: the most downstream task with "
+                    "ready blocks, or the task with the most ready blocks")
     # throughput
     prefetch = luigi.IntParameter(
         default=1, description="blocks a worker keeps in hand beyond the one it processes "

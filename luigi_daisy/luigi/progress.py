@@ -41,10 +41,12 @@ def luigid_text(text: str) -> str:
 
 
 def status_line(task_id: str, task: Mapping) -> str:
-    """``task: done/total blocks done, failed, rate`` for a status message."""
+    """``task: done/total blocks done, failed, rate, workers`` for a status message."""
+    workers = task.get("workers")
+    on_it = "" if workers is None else f", {workers} worker{'s' if workers != 1 else ''} now"
     return (f"{task_id}: {task['completed']}/{task['total']} blocks done "
             f"({task['skipped']} skipped), {task['failed']} failed, "
-            f"{task['orphaned']} orphaned, {task['blocks_per_second']} blocks/s")
+            f"{task['orphaned']} orphaned, {task['blocks_per_second']} blocks/s{on_it}")
 
 
 def failure_lines(state: TaskState, logs: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import luigi
@@ -15,6 +16,23 @@ from funlib.geometry import Roi
 from ..datasets import Array, open_ds, prepare_ds
 from ..errors import LedgerError
 from ..ledger import ledger_path, read_ledger_summary
+
+#: the folder, inside or next to a task's first output, that holds its record
+RECORD_FOLDER = ".luigi_daisy"
+
+
+def record_folder_of(target: luigi.Target) -> Path | None:
+    """Where a task whose first output is ``target`` keeps its record of done blocks:
+    inside a local zarr array (``<array>/.luigi_daisy``), next to a local file or folder
+    (``<its folder>/.luigi_daisy``); None for any other target (a remote store, a
+    database), whose task keeps its record in ``ledger_dir``."""
+    if isinstance(target, ZarrTarget):
+        if "://" in target.path:
+            return None
+        return Path(target.path) / RECORD_FOLDER
+    if isinstance(target, luigi.LocalTarget):
+        return Path(target.path).parent / RECORD_FOLDER
+    return None
 
 
 def ledger_progress(path: str | os.PathLike) -> tuple[int, dict | None]:
@@ -48,12 +66,19 @@ class LedgerTarget(luigi.Target):
         self.task_id = task_id
         self.geometry = geometry
 
+    def summary(self) -> dict | None:
+        """What the record holds (:func:`~luigi_daisy.ledger.read_ledger_summary`);
+        None when it is missing, unreadable or of another geometry."""
+        try:
+            summary = read_ledger_summary(self.path)
+        except LedgerError:
+            return None
+        return summary if summary["geometry"] == self.geometry else None
+
     def blocks_done(self) -> int:
         """Blocks recorded as done for the current geometry."""
-        done, geometry = ledger_progress(self.path)
-        if geometry != self.geometry:
-            return 0
-        return done
+        summary = self.summary()
+        return 0 if summary is None else summary["done"]
 
     def exists(self) -> bool:
         """Whether every block is recorded as done."""

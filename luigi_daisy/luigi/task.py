@@ -6,7 +6,9 @@ import importlib
 import logging
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import luigi
 from funlib.geometry import Roi
@@ -16,7 +18,7 @@ from ..blocks import Block, BlockGrid
 from ..claims import Claims
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, ConfigError, LauncherError, WorkerSetupError
-from ..ledger import LedgerSet, ledger_path
+from ..ledger import Ledger, LedgerSet, ledger_path
 from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
@@ -24,7 +26,7 @@ from .config import LAUNCHERS, SECTION, settings
 from .launching import RESOURCE_PARAMETERS, launcher_for_closure, make_launcher
 from .pipeline import RunOutcome, luigi_scheduler_of, scheduled_dependents
 from .progress import LuigidReporter
-from .targets import LedgerTarget, ZarrTarget
+from .targets import LedgerTarget, ZarrTarget, record_folder_of
 from .values import LenientParse, check_run_machine, problem_of
 
 logger = logging.getLogger(__name__)
@@ -221,24 +223,92 @@ class BlockwiseTask(luigi.Task):
             check_function=check, read_write_conflict=self.read_write_conflict,
             num_workers=self.num_workers, max_retries=self.max_retries, fit=self.fit,
             timeout=self.timeout, upstream_tasks=upstream_tasks or [],
-            ledger=settings().ledger_dir)
+            ledger=self.ledger_folder())
 
     def geometry(self) -> dict:
         """Plain-data geometry, as recorded in the ledger."""
         return BlockGrid(self.total_roi(), self.read_roi(), self.write_roi(), self.fit,
                          name=self.task_id).describe()
 
-    def ledger_file(self):
-        """Path of this task's ledger."""
-        return ledger_path(settings().ledger_dir, self.task_id)
+    def ledger_folder(self) -> Path:
+        """The folder of this task's record of done blocks: with the data it describes.
+
+        Inside the first output the task declares when that is a local zarr array
+        (``<array>/.luigi_daisy``), next to it when it is a local file or folder
+        (``<its folder>/.luigi_daisy``), so that deleting the output deletes the record;
+        ``ledger_dir`` of ``[luigi_daisy]`` when the task declares no other output than
+        its ledger target (or a remote one). Override to put it elsewhere.
+        """
+        if self.__dict__.get("_finding_ledger_folder"):
+            # output() is being asked for its first output: its ledger target is
+            # built meanwhile and thrown away
+            return Path(settings().ledger_dir)
+        self.__dict__["_finding_ledger_folder"] = True
+        try:
+            outputs = flatten(self.output())
+        finally:
+            del self.__dict__["_finding_ledger_folder"]
+        for target in outputs:
+            if not isinstance(target, LedgerTarget):
+                folder = record_folder_of(target)
+                if folder is not None:
+                    return folder
+                break
+        return Path(settings().ledger_dir)
+
+    def ledger_file(self) -> Path:
+        """Path of this task's ledger (in :meth:`ledger_folder`)."""
+        return ledger_path(self.ledger_folder(), self.task_id)
 
     def output(self):
         """The ledger target: exists when every block is recorded as done."""
         return self.ledger_target()
 
     def ledger_target(self) -> LedgerTarget:
-        """The target that records this task's finished blocks."""
-        return LedgerTarget(settings().ledger_dir, self.task_id, self.geometry())
+        """The target that records this task's finished blocks (in
+        :meth:`ledger_folder`)."""
+        return LedgerTarget(self.ledger_folder(), self.task_id, self.geometry())
+
+    def missing_outputs(self) -> list:
+        """The outputs, besides the ledger target, that do not exist."""
+        return [target for target in flatten(self.output())
+                if not isinstance(target, LedgerTarget) and not target.exists()]
+
+    def record_generation(self) -> str | None:
+        """The generation of this task's record: a new one each time the record starts
+        afresh, so a downstream record can tell whether the data it read was
+        recomputed since. None when there is no record, or it carries none."""
+        summary = self.ledger_target().summary()
+        origin = (summary or {}).get("origin") or {}
+        return origin.get("generation")
+
+    def ledger_origin(self, generation: str) -> dict:
+        """What the record keeps of this task: how to rebuild it (``luigi-daisy
+        rerun-block``), its generation, and the generation of each blockwise upstream
+        task's record it reads (``luigi-daisy reset --downstream`` and staleness)."""
+        return {"kind": "luigi", "family": self.get_task_family(),
+                "module": type(self).__module__, "params": self.to_str_params(),
+                "generation": generation,
+                "upstream": {upstream.task_id: upstream.record_generation()
+                             for upstream in self.blockwise_requires()}}
+
+    def stale_reason(self, summary: dict | None) -> str | None:
+        """Why the record ``summary`` (of this task's ledger) may not be trusted any
+        more, or None: it records done blocks while an output is missing, or the
+        record of a blockwise task it reads started afresh since."""
+        if summary is None or summary["done"] == 0:
+            return None
+        missing = self.missing_outputs()
+        if missing:
+            return f"its output {missing[0]} is missing"
+        recorded = ((summary.get("origin") or {}).get("upstream") or {})
+        for upstream in self.blockwise_requires():
+            before = recorded.get(upstream.task_id)
+            now = upstream.record_generation()
+            if before is not None and now is not None and before != now:
+                return (f"the task it reads, {upstream.task_id}, was computed afresh "
+                        f"since (its record {upstream.ledger_file()} is a new one)")
+        return None
 
     def check_config(self) -> None:
         """Refuse a parameter or ``[luigi_daisy]`` value that is not allowed, before
@@ -278,13 +348,18 @@ class BlockwiseTask(luigi.Task):
         self.__dict__["_checked_with"] = config
 
     def complete(self) -> bool:
-        """One ledger query (plus the other outputs a subclass may declare), after
-        :meth:`check_config`."""
+        """Whether the record says every block is done and can be trusted, after
+        :meth:`check_config`: one ledger query, the other outputs the task declares
+        exist, and every blockwise task it reads is complete with the record this one
+        was computed from (not one that started afresh since)."""
         self.check_config()
-        if not self.ledger_target().exists():
+        target = self.ledger_target()
+        summary = target.summary()
+        if summary is None or summary["done"] < target.geometry["num_blocks"]:
             return False
-        return all(target.exists() for target in flatten(self.output())
-                   if not isinstance(target, LedgerTarget))
+        if self.stale_reason(summary) is not None:
+            return False
+        return all(upstream.complete() for upstream in self.blockwise_requires())
 
     # ------------------------------------------------------------------ the DAG
     def blockwise_requires(self) -> list[BlockwiseTask]:
@@ -418,7 +493,8 @@ class BlockwiseTask(luigi.Task):
         followed = claims.followed
         reporter = LuigidReporter(self, closure, scheduler, luigi_worker)
         try:
-            ledgers = LedgerSet.open(claimed)
+            ledgers = self._open_ledgers([task for task in closure
+                                          if task.task_id not in followed])
             try:
                 for task in closure:
                     if task.task_id not in followed:
@@ -435,6 +511,8 @@ class BlockwiseTask(luigi.Task):
                                 worker_death_timeout=config.worker_death_timeout,
                                 pending_report_after=config.pending_report_after,
                                 prefetch=config.prefetch,
+                                total_workers=config.total_workers,
+                                pool_policy=config.pool_policy,
                                 block_map_host=config.block_map_host)
                 result = run_coroutine(run.run)
             finally:
@@ -454,6 +532,33 @@ class BlockwiseTask(luigi.Task):
                        if run.failure_report else "")
             raise BlockwiseRunError(failure_message(self.task_id, result[self.task_id],
                                                     summary) + stopped)
+
+    @staticmethod
+    def _open_ledgers(tasks: list[BlockwiseTask]) -> LedgerSet:
+        """Open the records of ``tasks`` (claimed by this run, upstream first), each
+        with its origin; a stale record (:meth:`stale_reason`) starts afresh, with one
+        warning that says why."""
+        ledgers = LedgerSet({})
+        try:
+            for task in tasks:
+                target = task.ledger_target()
+                summary = target.summary()
+                reason = task.stale_reason(summary)
+                if reason is not None:
+                    logger.warning(
+                        "%s: its record of done blocks (%s) says %d blocks are done, but "
+                        "%s; the task starts afresh and computes every block again",
+                        task.task_id, target.path, summary["done"], reason)
+                generation = ((summary or {}).get("origin") or {}).get("generation")
+                if reason is not None or generation is None:
+                    generation = uuid.uuid4().hex
+                ledgers.add(task.task_id, Ledger(
+                    target.path, task.task_id, task.geometry(), fresh=reason is not None,
+                    origin=task.ledger_origin(generation)))
+        except BaseException:
+            ledgers.close()
+            raise
+        return ledgers
 
     def check_outputs(self) -> None:
         """Refuse outputs whose chunks the blocks' write ROIs do not align with."""

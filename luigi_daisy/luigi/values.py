@@ -95,6 +95,10 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
                              f"(a worker cannot notice sooner that its run is gone)"),
     "pending_report_after": (_seconds_from(0), "a number of seconds, 0 or more"),
     "prefetch": (_int_from(0, MAX_PREFETCH), f"an integer from 0 to {MAX_PREFETCH}"),
+    "total_workers": (lambda value: value is None or _int_from(1)(value),
+                      "an integer, 1 or more, or nothing for the CPUs this process may use"),
+    "pool_policy": (lambda value: value in ("downstream", "most_ready"),
+                    "downstream or most_ready"),
 }
 
 
