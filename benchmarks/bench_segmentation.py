@@ -50,9 +50,9 @@ import time
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: the [luigi_daisy] section of the pipeline's luigi.cfg; after the worker pool of
-#: issue 17 lands, a run's budget goes here: "total_workers": "2"
-LUIGI_DAISY_SETTINGS: dict[str, str] = {}
+#: the [luigi_daisy] section of the pipeline's luigi.cfg: one pool of 2 workers per run
+#: (each stage's num_workers below is its cap)
+LUIGI_DAISY_SETTINGS: dict[str, str] = {"total_workers": "2"}
 #: the example's own parameters on the pipeline's command line (its stages pass
 #: --num-workers on to every blockwise task)
 PIPELINE_ARGUMENTS: list[str] = ["--num-workers", "2"]
