@@ -159,6 +159,22 @@ def smooth(data: np.ndarray, sigma: float) -> np.ndarray:
                                    cval=float(OUTSIDE), truncate=TRUNCATE)
 
 
+def smooth_inside(data: np.ndarray, sigma: float, context: int) -> np.ndarray:
+    """``smooth(data, sigma)`` without its outer ``context`` voxels, bit for bit, with
+    less work: the filter is separable, so after each axis's pass only the voxels the
+    remaining passes (and the result) use are kept; the first pass reads ``data`` as it
+    is (scipy converts every line to float64 either way)."""
+    from scipy import ndimage
+    for axis in range(data.ndim):
+        filtered = np.empty(data.shape, dtype=np.float32)
+        ndimage.gaussian_filter1d(data, sigma, axis, output=filtered, mode="constant",
+                                  cval=float(OUTSIDE), truncate=TRUNCATE)
+        inner = [slice(None)] * data.ndim
+        inner[axis] = slice(context, data.shape[axis] - context)
+        data = filtered[tuple(inner)]
+    return data
+
+
 def context_of(sigma: float) -> int:
     """Voxels of context the Gaussian filter reads on each side (its radius)."""
     return int(TRUNCATE * float(sigma) + 0.5)
@@ -276,18 +292,17 @@ class Stage(SegmentationParameters, BlockwiseTask):
 
     def process_block(self, block) -> None:
         started = time.time()
-        time.sleep(self.block_seconds)
+        if self.block_seconds:
+            time.sleep(self.block_seconds)
         self.compute(block)
-        line = f"{self.get_task_family()} {started:.6f} {time.time():.6f}\n"
-        descriptor = os.open(self.path(f"timings/{os.getpid()}.log"),
-                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
+        # one append per block to the worker's own file, opened once
+        os.write(self.timings, f"{self.family} {started:.6f} {time.time():.6f}\n".encode())
 
     def setup_worker(self) -> None:
         os.makedirs(self.path("timings"), exist_ok=True)
+        self.family = self.get_task_family()
+        self.timings = os.open(self.path(f"timings/{os.getpid()}.log"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
 # --------------------------------------------------------------------------- the stages
@@ -333,9 +348,8 @@ class GaussianSmooth(Stage):
                                        np.float32, self.block_roi().shape)
 
     def compute(self, block) -> None:
-        context = context_of(self.sigma)
-        inner = (slice(context, -context),) * 3 if context else (slice(None),) * 3
-        self.smoothed[block.write_roi] = smooth(self.raw[block.read_roi], self.sigma)[inner]
+        self.smoothed[block.write_roi] = smooth_inside(self.raw[block.read_roi], self.sigma,
+                                                       context_of(self.sigma))
 
 
 class ForegroundMask(Stage):
@@ -353,7 +367,8 @@ class ForegroundMask(Stage):
                                    self.block_roi().shape)
 
     def compute(self, block) -> None:
-        self.mask[block.write_roi] = (self.smoothed[block.write_roi] > self.level).astype(np.uint8)
+        # a bool array is stored as 0/1 bytes: its uint8 view is the mask, without a copy
+        self.mask[block.write_roi] = (self.smoothed[block.write_roi] > self.level).view(np.uint8)
 
 
 class BlockFragments(Stage):
@@ -378,14 +393,15 @@ class BlockFragments(Stage):
 
     def compute(self, block) -> None:
         from scipy import ndimage
-        local, count = ndimage.label(self.mask[block.write_roi])
+        mask = self.mask[block.write_roi]
+        fragments = np.empty(mask.shape, dtype=np.uint64)  # labelled in place, no copy
+        count = ndimage.label(mask, output=fragments)
         first = int(block.block_id[1]) * self.max_objects_per_block
         if first + count > MAX_FRAGMENT_ID:
             raise GeometryError(
                 f"{self.task_id}: block {block.block_id[1]} would use fragment ids up to "
                 f"{first + count}, beyond uint64; use fewer, larger blocks")
-        fragments = local.astype(np.uint64)
-        fragments[local > 0] += np.uint64(first)
+        np.add(fragments, np.uint64(first), out=fragments, where=fragments > 0)
         self.fragments[block.write_roi] = fragments
 
 
@@ -417,24 +433,57 @@ class FaceMerges(Stage):
         self.fragments = self.input()["array"].open("r", fill_value=0)
 
     def compute(self, block) -> None:
-        data = self.fragments[block.read_roi]
-        size = self.block_size
-        own = data[:size, :size, :size]
+        own = self.fragments[block.write_roi]
         pairs = []
         for axis in range(3):
-            last = [slice(0, size)] * 3
-            last[axis] = size - 1
-            beyond = [slice(0, size)] * 3
-            beyond[axis] = size
-            a, b = own[tuple(last)], data[tuple(beyond)]
+            # the neighbour's first voxel layer: its chunk only, not the edge and corner
+            # chunks a read of the grown ROI would decode too
+            begin, shape = list(block.write_roi.begin), list(block.write_roi.shape)
+            begin[axis] += shape[axis]
+            shape[axis] = VOXEL_SIZE[axis]
+            beyond = self.fragments[Roi(begin, shape)]
+            last = [slice(None)] * 3
+            last[axis] = slice(-1, None)
+            a, b = own[tuple(last)].reshape(-1), beyond.reshape(-1)
             touching = (a > 0) & (b > 0)
-            pairs.append(np.stack([a[touching], b[touching]], axis=1))
-        pairs = np.unique(np.concatenate(pairs), axis=0)
-        ids = np.unique(own)
-        ids = ids[ids > 0]
+            pairs.append(unique_pairs(a[touching], b[touching]))
+        # each face pairs with another neighbour, whose ids are its own: no duplicates
+        pairs = np.concatenate(pairs)
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+        ids = present_ids(own)
         name = "_".join(str(k) for k in self.position(block))
         write_atomically(self.path(f"merges/{name}.npz"),
                          lambda file: np.savez(file, ids=ids, pairs=pairs))
+
+
+def unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distinct pairs ``(a[i], b[i])``, as rows.
+
+    ``np.unique(..., axis=0)`` sorts the rows as opaque records; here each column is
+    made dense first (a face holds few distinct ids) and the pairs become one integer.
+    """
+    if not a.size:
+        return np.empty((0, 2), dtype=np.result_type(a, b))
+    a_values, a_index = np.unique(a, return_inverse=True)
+    b_values, b_index = np.unique(b, return_inverse=True)
+    keys = np.unique(a_index.astype(np.int64) * len(b_values) + b_index)
+    return np.stack([a_values[keys // len(b_values)], b_values[keys % len(b_values)]], axis=1)
+
+
+def present_ids(fragments: np.ndarray) -> np.ndarray:
+    """The distinct non-zero ids of one block's fragments, sorted.
+
+    A block's ids lie within the voxel count of each other (``BlockFragments``), so they
+    are counted in a table that long instead of sorting every voxel.
+    """
+    foreground = fragments[fragments > 0]
+    if not foreground.size:
+        return np.empty(0, dtype=fragments.dtype)
+    lowest, highest = foreground.min(), foreground.max()
+    if int(highest - lowest) > fragments.size:  # not one block's numbering: sort
+        return np.unique(foreground)
+    counts = np.bincount((foreground - lowest).astype(np.intp))
+    return (np.flatnonzero(counts).astype(fragments.dtype) + lowest).astype(fragments.dtype)
 
 
 class MergeTable(SegmentationParameters, luigi.Task):

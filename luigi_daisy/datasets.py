@@ -22,8 +22,14 @@ chunk boundaries, and says which chunk shape would fit.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
 import os
+import sys
+import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -203,6 +209,271 @@ def _open_zarr_array(path: str, mode: str) -> zarr.Array:
         raise _NoArrayError(f"no zarr array at {path}") from None
 
 
+# --------------------------------------------------------------------------- chunk I/O
+class _ChunkFiles:
+    """The chunk files of one zarr array in a local folder: any box read, whole chunks
+    written, in the calling thread.
+
+    zarr 3's synchronous API runs every call through its own event-loop thread and every
+    chunk's (de)compression through ``asyncio.to_thread``: about 0.7 ms per chunk read and
+    1.5 ms per chunk write on top of the codec, and a context switch or two per chunk
+    (benchmarks/bench_arrays.py). A block reads and writes whole chunks, so this does what
+    zarr would do for such chunks, with zarr's own metadata and codecs: the chunk's key
+    from ``encode_chunk_key``, the file under the store's root, zarr's missing-chunk fill
+    value, zarr's rule for chunks equal to the fill value (deleted, unless
+    ``write_empty_chunks``), and a write through a temporary file renamed into place.
+    The bytes on disk are the ones zarr writes. Only arrays whose chunks are stored one
+    per file in a :class:`zarr.storage.LocalStore`, with a regular chunk grid and no
+    array-to-array codecs, filters or sharding, are handled; :meth:`for_array` answers
+    ``None`` for any other and callers use zarr.
+    """
+
+    def __init__(self, data: zarr.Array) -> None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.codec_pipeline import fill_value_or_default
+
+        async_array = data._async_array
+        metadata = async_array.metadata
+        self.chunks = tuple(int(c) for c in data.chunks)
+        self.shape = tuple(int(s) for s in data.shape)
+        self.dtype = np.dtype(data.dtype)
+        self.prototype = default_buffer_prototype()
+        self.spec = metadata.get_chunk_spec((0,) * len(self.shape), async_array.config,
+                                            self.prototype)
+        self.fill_value = fill_value_or_default(self.spec)
+        self.write_empty_chunks = bool(async_array.config.write_empty_chunks)
+        self.encode_chunk_key = metadata.encode_chunk_key
+        prefix = data.path.strip("/")
+        self.root = os.path.join(str(data.store.root), prefix) if prefix else str(data.store.root)
+        self.order = "C"
+        pipeline = async_array.codec_pipeline
+        # a numcodecs codec that decodes straight into a caller's buffer, if that is all
+        self.compressor: Any = None
+        self.codecs: tuple = ()
+        if metadata.zarr_format == 2:
+            self.order = self.spec.order
+            self.compressor = metadata.compressor
+            self.codecs = None  # type: ignore[assignment]
+        else:
+            self.array_bytes = pipeline.array_bytes_codec
+            self.codecs = tuple(pipeline.bytes_bytes_codecs)
+            if len(self.codecs) == 1 and type(self.codecs[0]).__name__ in ("ZstdCodec",
+                                                                           "BloscCodec"):
+                codec = self.codecs[0]
+                self.compressor = (codec._zstd_codec if type(codec).__name__ == "ZstdCodec"
+                                   else codec._blosc_codec)
+
+    @classmethod
+    def for_array(cls, data: zarr.Array) -> _ChunkFiles | None:
+        """The chunk files of ``data``, or None where zarr must do the work."""
+        from zarr.codecs import BytesCodec
+        from zarr.core.chunk_grids import RegularChunkGrid
+        from zarr.storage import LocalStore
+
+        try:
+            metadata = data.metadata
+            if not isinstance(data.store, LocalStore) or getattr(data, "shards", None):
+                return None
+            dtype = np.dtype(data.dtype)
+            if dtype.hasobject or not dtype.isnative or dtype.kind in "USV":
+                return None
+            pipeline = data._async_array.codec_pipeline
+            if metadata.zarr_format == 2:
+                if metadata.filters or metadata.order not in ("C", "F"):
+                    return None
+            else:
+                if not isinstance(metadata.chunk_grid, RegularChunkGrid):
+                    return None
+                if pipeline.array_array_codecs:
+                    return None
+                codec = pipeline.array_bytes_codec
+                if not isinstance(codec, BytesCodec) or (
+                        codec.endian is not None and dtype.itemsize > 1
+                        and codec.endian.value != sys.byteorder):
+                    return None
+                if not all(hasattr(c, "_decode_sync") and hasattr(c, "_encode_sync")
+                           for c in pipeline.bytes_bytes_codecs):
+                    return None
+            return cls(data)
+        except (AttributeError, ImportError, TypeError):  # a zarr whose internals moved
+            return None
+
+    # ------------------------------------------------------------------ codecs
+    def _decode_into(self, encoded: bytes, target: np.ndarray) -> None:
+        """Decode one whole chunk's bytes into ``target`` (the chunk's shape)."""
+        if self.compressor is not None and self.order == "C" and target.flags.c_contiguous:
+            self.compressor.decode(encoded, out=target)
+            return
+        if self.codecs is None:  # zarr 2 format, filters refused above
+            decoded = self.compressor.decode(encoded) if self.compressor else encoded
+            target[...] = np.frombuffer(decoded, dtype=self.dtype).reshape(
+                self.chunks, order=self.order)
+            return
+        buffer = self.prototype.buffer.from_bytes(encoded)
+        for codec in reversed(self.codecs):
+            buffer = codec._decode_sync(buffer, self.spec)
+        target[...] = self.array_bytes._decode_sync(buffer, self.spec).as_numpy_array()
+
+    def _encode(self, chunk: np.ndarray) -> Any:
+        """One whole chunk (C-contiguous, the array's dtype) as the bytes zarr stores."""
+        if self.codecs is None:
+            chunk = chunk.astype(self.dtype, order=self.order, copy=False)
+            return self.compressor.encode(chunk) if self.compressor else chunk.tobytes(
+                order="A")
+        if self.compressor is not None:  # the bytes codec's output: the raw bytes
+            return self.compressor.encode(chunk.reshape(-1).view(np.uint8))
+        buffer = self.array_bytes._encode_sync(
+            self.prototype.nd_buffer.from_numpy_array(chunk), self.spec)
+        for codec in self.codecs:
+            buffer = codec._encode_sync(buffer, self.spec)
+        return buffer.as_buffer_like()
+
+    def _is_fill(self, chunk: np.ndarray) -> bool:
+        """zarr's own test for a chunk it does not store."""
+        if chunk.dtype.kind in "biu":  # exact without NaNs or signed zeros, and no temporary
+            lowest = chunk.min()
+            return bool(lowest == chunk.max() and lowest == self.fill_value)
+        nd_buffer = self.prototype.nd_buffer
+        first = chunk.reshape(-1)[:1]
+        if not nd_buffer.from_numpy_array(first).all_equal(self.fill_value):
+            return False  # the usual answer, without comparing the whole chunk
+        return nd_buffer.from_numpy_array(chunk).all_equal(self.fill_value)
+
+    def _path(self, coords: tuple[int, ...]) -> str:
+        return os.path.join(self.root, self.encode_chunk_key(coords))
+
+    # ------------------------------------------------------------------ boxes
+    def _chunk_boxes(self, low: Sequence[int], high: Sequence[int]):
+        """(chunk coordinates, chunk begin, begin, end) of every chunk the voxel box
+        ``[low, high)`` touches, box corners clipped to that chunk."""
+        ranges = [range(lo // c, (hi - 1) // c + 1) for lo, hi, c in zip(low, high, self.chunks)]
+        for coords in itertools.product(*ranges):
+            chunk_begin = tuple(k * c for k, c in zip(coords, self.chunks))
+            begin = tuple(max(lo, b) for lo, b in zip(low, chunk_begin))
+            end = tuple(min(hi, b + c) for hi, b, c in zip(high, chunk_begin, self.chunks))
+            yield coords, chunk_begin, begin, end
+
+    def read(self, low: Sequence[int], high: Sequence[int], out: np.ndarray,
+             out_low: Sequence[int]) -> None:
+        """Read the voxel box ``[low, high)`` of the array (inside it) into ``out``, whose
+        index ``out_low`` is voxel ``low``.
+
+        A read of several chunks (a block with its context) keeps them decoded: the
+        blocks around it read most of them again. A read of one whole chunk decodes it
+        straight into ``out``."""
+        several = any((hi - 1) // c > lo // c for lo, hi, c in zip(low, high, self.chunks))
+        for coords, chunk_begin, begin, end in self._chunk_boxes(low, high):
+            target = out[tuple(slice(b - lo + o, e - lo + o)
+                               for b, e, lo, o in zip(begin, end, low, out_low))]
+            direct = not several and tuple(e - b for b, e in zip(begin, end)) == self.chunks
+            path = self._path(coords)
+            try:
+                # one stat when the chunk is kept decoded; the version kept is the one
+                # of the bytes read (a file replaced between stat and open is read again
+                # next time)
+                decoded = None if direct else _DECODED.get(path, _file_version(os.stat(path)))
+                if decoded is None:
+                    with open(path, "rb") as file:
+                        version = _file_version(os.fstat(file.fileno()))
+                        encoded = file.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                target[...] = self.fill_value
+                continue
+            if decoded is None and direct:
+                self._decode_into(encoded, target)
+                continue
+            if decoded is None:
+                decoded = np.empty(self.chunks, dtype=self.dtype)
+                self._decode_into(encoded, decoded)
+                _DECODED.put(path, version, decoded)
+            target[...] = decoded[tuple(slice(b - c, e - c)
+                                        for b, e, c in zip(begin, end, chunk_begin))]
+
+    def covers_whole_chunks(self, low: Sequence[int], high: Sequence[int]) -> bool:
+        """Whether ``[low, high)`` is made of whole chunks, none of them past the array's
+        end (zarr pads those; it writes them itself)."""
+        return all(lo % c == 0 and hi % c == 0 and hi <= s
+                   for lo, hi, c, s in zip(low, high, self.chunks, self.shape))
+
+    def write(self, low: Sequence[int], high: Sequence[int], value: np.ndarray) -> None:
+        """Write ``value`` (the box's shape, the array's dtype) into the whole chunks of
+        ``[low, high)``."""
+        for coords, _, begin, end in self._chunk_boxes(low, high):
+            chunk = value[tuple(slice(b - lo, e - lo) for b, e, lo in zip(begin, end, low))]
+            chunk = np.ascontiguousarray(chunk)
+            path = self._path(coords)
+            if not self.write_empty_chunks and self._is_fill(chunk):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            encoded = self._encode(chunk)
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            try:
+                file = open(partial, "wb")
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                file = open(partial, "wb")
+            try:
+                with file:
+                    file.write(encoded)
+                os.replace(partial, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+                raise
+
+
+def _file_version(status: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a chunk file is replaced (a new inode) or rewritten."""
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+class _DecodedChunks:
+    """Decoded chunks of this process, least recently used dropped first, each checked
+    against its file's inode, modification time and size before it is used."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._lock = threading.Lock()  # process functions may read from threads
+        self._chunks: collections.OrderedDict[str, tuple[tuple, np.ndarray]] = (
+            collections.OrderedDict())
+
+    def get(self, path: str, version: tuple) -> np.ndarray | None:
+        with self._lock:
+            found = self._chunks.get(path)
+            if found is None:
+                return None
+            if found[0] != version:
+                self._drop(path)
+                return None
+            self._chunks.move_to_end(path)
+            return found[1]
+
+    def put(self, path: str, version: tuple, chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.capacity_bytes:
+            return
+        chunk.flags.writeable = False
+        with self._lock:
+            if path in self._chunks:
+                self._drop(path)
+            self._chunks[path] = (version, chunk)
+            self.used_bytes += chunk.nbytes
+            while self.used_bytes > self.capacity_bytes:
+                self._drop(next(iter(self._chunks)))
+
+    def _drop(self, path: str) -> None:
+        _, chunk = self._chunks.pop(path)
+        self.used_bytes -= chunk.nbytes
+
+
+#: chunks that reads used in part, kept decoded (64 MiB a process: the raw chunks around
+#: a few rows of blocks)
+_DECODED = _DecodedChunks(64 * 2 ** 20)
+
+_NOT_LOOKED = object()
+
+
 # --------------------------------------------------------------------------- Array
 class Array:
     """A zarr array indexed by ``Roi`` in world units.
@@ -254,6 +525,12 @@ class Array:
                                    if axis_type not in SPATIAL_TYPES)
         self._spatial_shape = tuple(data.shape[axis] for axis in self._spatial_axes)
         self.fill_value = fill_value
+        self._chunk_files_found: Any = _NOT_LOOKED
+
+    def _chunk_files(self) -> _ChunkFiles | None:
+        if self._chunk_files_found is _NOT_LOOKED:
+            self._chunk_files_found = _ChunkFiles.for_array(self.data)
+        return self._chunk_files_found
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -388,7 +665,7 @@ class Array:
             fill_value = self.fill_value
         out_shape = _interleave(shape, self.channel_shape, self._types)
         try:
-            out = np.full(out_shape, fill_value, dtype=self.dtype)
+            np.full((), fill_value, dtype=self.dtype)
         except (OverflowError, ValueError, TypeError) as error:
             raise DatasetError(
                 f"{self._name}: fill value {fill_value!r} does not fit dtype {self.dtype}: "
@@ -397,12 +674,28 @@ class Array:
         for roi_begin, roi_shape, extent in zip(begin, shape, self._spatial_shape):
             low = max(roi_begin, 0)
             high = min(roi_begin + roi_shape, extent)
-            if low >= high:
-                return out  # nothing of the array inside roi
+            if low >= high:  # nothing of the array inside roi
+                return np.full(out_shape, fill_value, dtype=self.dtype)
             source.append(slice(low, high))
             target.append(slice(low - roi_begin, high - roi_begin))
-        out[self._index(target)] = self.data[self._index(source)]
+        inside = all(s.start == 0 and s.stop == extent for s, extent in zip(target, shape))
+        files = self._chunk_files()
+        if files is None:
+            out = np.full(out_shape, fill_value, dtype=self.dtype)
+            out[self._index(target)] = self.data[self._index(source)]
+            return out
+        # every voxel of an ROI inside the array is written below: no need to fill first
+        out = (np.empty(out_shape, dtype=self.dtype) if inside
+               else np.full(out_shape, fill_value, dtype=self.dtype))
+        low, high = self._full_box(source)
+        files.read(low, high, out, self._full_box(target)[0])
         return out
+
+    def _full_box(self, spatial: Sequence[slice]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(low, high)`` in every dimension: spatial slices, channels whole."""
+        channels = [slice(0, extent) for extent in self.channel_shape]
+        box = _interleave(spatial, channels, self._types)
+        return tuple(s.start for s in box), tuple(s.stop for s in box)
 
     def __getitem__(self, key: Any) -> Any:
         """``array[roi]``: the data in a world-unit ``Roi`` (see :meth:`to_ndarray`);
@@ -444,7 +737,14 @@ class Array:
             raise DatasetError(
                 f"{self._name}: a value of shape {value.shape} does not fit write ROI {key}, "
                 f"which has shape {expected} in voxels")
-        self.data[self._index([slice(b, b + s) for b, s in zip(begin, shape)])] = value
+        spatial = [slice(b, b + s) for b, s in zip(begin, shape)]
+        files = self._chunk_files()
+        if files is not None and value.dtype == self.dtype:
+            low, high = self._full_box(spatial)
+            if files.covers_whole_chunks(low, high):
+                files.write(low, high, np.broadcast_to(value, expected))
+                return
+        self.data[self._index(spatial)] = value
 
 
 # --------------------------------------------------------------------------- open / prepare

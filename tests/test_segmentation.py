@@ -254,3 +254,60 @@ def test_fragment_ids_stay_unique_and_in_uint64_for_sparse_block_ids(tmp_path):
                       Roi((0, 0, 0), (block_size,) * 3), block_id=largest + 1, task_id="t")
     with pytest.raises(GeometryError, match="beyond uint64"):
         task.compute(too_large)
+
+
+# --------------------------------------------------------------------------- FaceMerges' helpers
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from examples.segmentation import present_ids, unique_pairs  # noqa: E402
+
+ids_of_a_block = st.integers(0, 2 ** 63).flatmap(
+    lambda first: st.lists(st.integers(0, 300).map(lambda k: 0 if k == 0 else first + k),
+                           max_size=400))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids_of_a_block, ids_of_a_block)
+def test_unique_pairs_are_numpys_unique_rows(a, b):
+    """FaceMerges records exactly the rows np.unique(axis=0) would, without its sort of
+    opaque records."""
+    length = min(len(a), len(b))
+    a = np.asarray(a[:length], dtype=np.uint64)
+    b = np.asarray(b[:length], dtype=np.uint64)
+    got = unique_pairs(a, b)
+    got = got[np.lexsort((got[:, 1], got[:, 0]))]
+    expected = np.unique(np.stack([a, b], axis=1).reshape(-1, 2), axis=0)
+    assert got.dtype == expected.dtype == np.uint64
+    np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids_of_a_block, st.booleans())
+def test_present_ids_are_numpys_unique_foreground(ids, spread):
+    """A block's ids are counted in a table; ids spread wider than the block fall back
+    to sorting, with the same answer."""
+    fragments = np.asarray(ids + [0], dtype=np.uint64)
+    if spread and fragments.size > 2:
+        fragments[1] = np.uint64(2 ** 64 - 1)
+    expected = np.unique(fragments)
+    expected = expected[expected > 0]
+    got = present_ids(fragments)
+    assert got.dtype == np.uint64
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_gaussian_stage_smooths_bit_for_bit_as_the_whole_filter():
+    """GaussianSmooth filters axis by axis, keeping only what later passes use; the
+    result must be smooth(data)[inner] to the last bit (the reference uses smooth)."""
+    from examples.segmentation import smooth, smooth_inside
+    rng = np.random.default_rng(3)
+    for sigma in (2.0, 1.3, 0.4):
+        context = int(4.0 * sigma + 0.5)
+        data = rng.integers(0, 256, size=(20 + 2 * context, 24 + 2 * context,
+                                          16 + 2 * context)).astype(np.uint8)
+        inner = tuple(slice(context, extent - context) for extent in data.shape)
+        expected = smooth(data, sigma)[inner]
+        got = smooth_inside(data, sigma, context)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
