@@ -156,11 +156,13 @@ READER = textwrap.dedent("""
 """)
 
 
-def wait_for(condition, what: str, timeout: float = DEADLINE) -> None:
+def wait_for(condition, what, timeout: float = DEADLINE) -> None:
+    """Wait for ``condition``; ``what`` (a text, or a function that gives one when the
+    wait fails) says what was waited for."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.02)
 
 
@@ -215,7 +217,10 @@ def test_readers_see_a_consistent_prefix_while_the_writer_is_killed_at_random(tm
                 assert ledger.failed_count() == commit
                 assert not [name for name in os.listdir(path) if name.startswith(".tmp-")]
         wait_for(lambda: all(log.exists() and log.read_text().count("SAW") >= 5
-                             for log in logs), "each reader to look five times")
+                             for log in logs),
+                 lambda: "each reader to look five times; the readers' last lines: " + "; ".join(
+                     log.read_text()[-300:] if log.exists() else f"{log.name} missing"
+                     for log in logs))
     finally:
         stop_file.touch()
         for reader in readers:
