@@ -527,6 +527,17 @@ class Array:
         self.fill_value = fill_value
         self._chunk_files_found: Any = _NOT_LOOKED
 
+    def __getstate__(self) -> dict:
+        # what this process found of the chunk files is looked at again where the array
+        # is unpickled (a worker): the marker for "not looked" is this process's object
+        state = dict(self.__dict__)
+        state.pop("_chunk_files_found", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._chunk_files_found = _NOT_LOOKED
+
     def _chunk_files(self) -> _ChunkFiles | None:
         if self._chunk_files_found is _NOT_LOOKED:
             self._chunk_files_found = _ChunkFiles.for_array(self.data)

@@ -278,3 +278,23 @@ def test_a_neighbours_context_read_decodes_only_the_chunks_it_has_not_seen(tmp_p
             assert len(decoded) == 27
         else:
             assert len(decoded) == 9, f"block at x={x} decoded {len(decoded)} chunks"
+
+
+def test_an_array_pickled_before_its_first_use_reads_and_writes_where_it_lands(tmp_path):
+    """An array in a process function's closure travels to the workers pickled, often
+    before the run's process read or wrote it: there it takes the chunk-file path too
+    (the marker of 'not looked at yet' is not this process's object any more)."""
+    import pickle
+
+    import cloudpickle
+
+    roi = Roi((0, 0), (8, 8))
+    array = prepare_ds(tmp_path / "travels.zarr", roi, voxel_size=(1, 1), dtype=np.uint8,
+                       chunk_shape=(4, 4), mode="w")
+    values = sample("uint8", (8, 8), 3)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        landed = pickle.loads(dumps(array))
+        landed[roi] = values
+        assert np.array_equal(landed[roi], values)
+        assert landed._chunk_files() is not None, "the chunk-file path, as before pickling"
+    assert np.array_equal(open_ds(tmp_path / "travels.zarr").to_ndarray(roi), values)
