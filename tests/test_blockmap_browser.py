@@ -157,7 +157,9 @@ def test_the_block_map_shows_every_task_and_changes_colour_as_blocks_finish(tmp_
                         PAGE_DEADLINE, "z = 1 of smooth drawn processing and ready")
         assert held["done"] == 0 and held["failed"] == 0
         assert 8 <= held["ready"] / held["processing"] <= 10  # 18 cells against 2
-        assert count(browser, "smooth", "processing") == "2"
+        # the counts come with the page's next poll of the run, the picture with its own
+        wait_for(lambda: count(browser, "smooth", "processing") == "2", PAGE_DEADLINE,
+                 "smooth's count of 2 blocks processing")
 
         # let the blocks go: the same cells turn done, without a reload
         run.open("hold_smooth")
