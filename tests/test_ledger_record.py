@@ -220,12 +220,12 @@ def test_readers_see_a_consistent_prefix_while_the_writer_is_killed_at_random(tm
                              for log in logs),
                  lambda: "each reader to look five times; the readers' last lines: " + "; ".join(
                      log.read_text()[-300:] if log.exists() else f"{log.name} missing"
-                     for log in logs))
+                     for log in logs), timeout=3 * DEADLINE)
     finally:
         stop_file.touch()
         for reader in readers:
-            try:
-                reader.wait(timeout=DEADLINE)
+            try:  # a look in progress ends first; under heavy I/O a look can be slow
+                reader.wait(timeout=3 * DEADLINE)
             except subprocess.TimeoutExpired:
                 stop(reader)
     assert writers_killed == 6
