@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import zlib
@@ -102,6 +103,16 @@ FINAL_PATIENCE = 60.0
 #: where a task's ledger folder is chosen, for messages that ask for another
 ELSEWHERE = ("give the task another ledger folder (run_blockwise(ledger_dir=...), "
              "Task(ledger=...), ledger_dir in [luigi_daisy])")
+
+
+def _is_folder(path: Path) -> bool | None:
+    """True for a folder, False for anything else, None where nothing is (or it cannot
+    be looked at): one ``stat``, so that a folder made between two looks is never
+    taken for a file."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return None
 
 
 def _exists(path: Path) -> bool:
@@ -525,10 +536,11 @@ class Ledger:
                 given.name.endswith(LEGACY_SUFFIX) or _exists(self.legacy_path)):
             self._open_legacy_reader()
             return
-        if not self.path.is_dir():
-            if _exists(self.path):
-                raise self._damaged("it is a file, not a record folder")
+        folder = _is_folder(self.path)
+        if folder is None:
             raise LedgerError(f"no ledger of task {self.task_id!r} at {self.path}")
+        if not folder:
+            raise self._damaged("it is a file, not a record folder")
         self._state = self._read_state(None)
         if self._state is None:
             raise LedgerError(f"ledger {self.path} of task {self.task_id!r} is not "
@@ -548,7 +560,7 @@ class Ledger:
         try:
             if fresh:
                 self._remove_record()
-            if _exists(self.path) and not self.path.is_dir():
+            if _is_folder(self.path) is False:
                 raise self._damaged("it is a file, not a record folder")
             own_subfolder(self.path, "ledger")
             state = self._read_state(None)

@@ -512,3 +512,35 @@ def test_status_reads_an_sqlite_ledger_without_converting_it(tmp_path):
     assert "the last line" in result.stdout
     assert old.is_file() and not ledger_path(tmp_path, "t").exists()
     assert sorted(os.listdir(tmp_path)) == [old.name]
+
+
+def test_a_reader_opening_while_the_record_folder_is_made_never_calls_it_damaged(tmp_path):
+    """A reader (a follower, ``complete()``) that looks just as the writer makes the
+    record's folder saw no folder, then something there, and called the record "a file,
+    not a record folder" (1 run in 5 of the random-kill test above)."""
+    import threading
+
+    path = ledger_path(tmp_path / "ledgers", "t")
+    path.parent.mkdir()
+    stop_making = threading.Event()
+
+    def make_and_remove() -> None:
+        while not stop_making.is_set():
+            path.mkdir()
+            path.rmdir()
+
+    maker = threading.Thread(target=make_and_remove)
+    maker.start()
+    damaged = []
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not damaged:
+            try:
+                Ledger(path, "t", GEOMETRY, read_only=True).close()
+            except LedgerError as error:
+                if "damaged" in str(error):
+                    damaged.append(str(error))
+    finally:
+        stop_making.set()
+        maker.join(10)
+    assert not damaged, damaged[:1]
