@@ -362,6 +362,15 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+class _RenamedNotDurable(OSError):
+    """The manifest was renamed into place, and making the rename durable failed (an
+    ``OSError`` with the failure's errno, so that callers that only report it can)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror, error.filename)
+        self.error = error
+
+
 def _write_whole(folder: Path, name: str, data: bytes) -> None:
     """Write ``folder/name`` whole: into a new temporary file beside it (``O_EXCL``,
     no link followed), fsynced, then renamed into place; a reader on any host sees the
@@ -558,6 +567,9 @@ class Ledger:
 
     def _open_writer(self, fresh: bool) -> None:
         try:
+            # a record started afresh continues the numbering of the one it replaces: a
+            # reader that stays open (a follower) compares generations only
+            self._previous_generation = self._peek_generation()
             if fresh:
                 self._remove_record()
             if _is_folder(self.path) is False:
@@ -570,8 +582,9 @@ class Ledger:
                 # converted, then stopped before the SQLite file was removed
                 self._remove_legacy()
             if state is None:
-                state = _State({"generation": 0, "done": 0, "failed": 0, "chunks": [],
-                                "failed_file": None, "origin": self._origin})
+                state = _State({"generation": self._first_generation(), "done": 0,
+                                "failed": 0, "chunks": [], "failed_file": None,
+                                "origin": self._origin})
                 self._state = state
                 self._write_manifest(state, state.files, None)
             else:
@@ -586,6 +599,14 @@ class Ledger:
             self._remove_strays()
         except OSError as error:
             raise storage_error(self.path, self.task_id, error, "opened for writing") from None
+
+    def _first_generation(self) -> int:
+        """The first generation of a new record: after the generation of the record it
+        replaces, and the milliseconds of the clock (a record deleted with its output
+        left nothing to read), so that a reader never takes the new record's state for
+        one it has seen of the old."""
+        previous = getattr(self, "_previous_generation", None)
+        return max(time.time_ns() // 1_000_000, -1 if previous is None else previous + 1)
 
     def _probe(self) -> None:
         """Fail at open, not at the first commit, where the record cannot be written
@@ -633,8 +654,8 @@ class Ledger:
             done = old.done_indices()
             with old._guarded():
                 failed = dict(old._connection.execute("SELECT block, error FROM failed"))
-        state = _State({"generation": 0, "done": 0, "failed": 0, "chunks": [],
-                        "failed_file": None, "origin": self._origin})
+        state = _State({"generation": self._first_generation(), "done": 0, "failed": 0,
+                        "chunks": [], "failed_file": None, "origin": self._origin})
         self._state = state
         self._commit_arrays([np.asarray(done, dtype=np.int64)], failed, [])
         self._remove_legacy()
@@ -1128,6 +1149,13 @@ class Ledger:
                              failed_now if failed_changed else state.failed)
                 new.manifest["generation"] = generation
                 self._write_manifest(new, files, failed_file)
+            except _RenamedNotDurable as failure:
+                # the manifest in place names the new files: they stay, the commit is
+                # made; only its durability is in doubt, and the next commit retries it
+                self._state = new
+                self._superseded.extend((time.monotonic(), name) for name in superseded)
+                raise storage_error(self.path, self.task_id, failure.error,
+                                    "written") from None
             except OSError as error:
                 for name in written:
                     with contextlib.suppress(OSError):
@@ -1155,8 +1183,11 @@ class Ledger:
         }
         _fsync_folder(self.path)
         _write_whole(self.path, MANIFEST, json.dumps(manifest).encode())
-        _fsync_folder(self.path)
         state.manifest = manifest
+        try:
+            _fsync_folder(self.path)
+        except OSError as error:
+            raise _RenamedNotDurable(error) from error
 
     def _remove_superseded(self, before: float) -> None:
         """Remove files superseded before ``before`` (monotonic seconds): a reader that

@@ -271,7 +271,8 @@ def test_a_writer_killed_mid_commit_leaves_the_previous_commit(tmp_path):
     with Ledger(path, "t", GEOMETRY) as ledger:
         assert ledger.done_indices().tolist() == list(range(100))
         assert ledger.failed_blocks() == []
-        assert sorted(os.listdir(path)) == ["done-0-1.zz", MANIFEST]
+        first = json.loads((path / MANIFEST).read_text())["generation"]
+        assert sorted(os.listdir(path)) == [f"done-0-{first}.zz", MANIFEST]
 
 
 # ---------------------------------------------------------------- conversion
@@ -394,7 +395,11 @@ def test_record_done_many_forget_done_and_failed_blocks(tmp_path):
         assert ledger.forget_done([]) == 0
         assert ledger.forget_done([10**6]) == 0
     # a commit that changed nothing writes nothing
-    assert sorted(os.listdir(path)) == ["done-0-3.zz", "failed-2.json", MANIFEST]
+    manifest = json.loads((path / MANIFEST).read_text())
+    chunk_generation, failed_generation = manifest["chunks"][0][1], manifest["failed_file"][0]
+    assert manifest["generation"] == chunk_generation == failed_generation + 1
+    assert sorted(os.listdir(path)) == [f"done-0-{chunk_generation}.zz",
+                                        f"failed-{failed_generation}.json", MANIFEST]
     with pytest.raises(LedgerError, match="negative"):
         with Ledger(path, "t", GEOMETRY) as ledger:
             ledger.record_done_many([-1])
@@ -544,3 +549,62 @@ def test_a_reader_opening_while_the_record_folder_is_made_never_calls_it_damaged
         stop_making.set()
         maker.join(10)
     assert not damaged, damaged[:1]
+
+
+def test_a_commit_whose_manifest_is_in_place_keeps_its_files_when_the_folder_fsync_fails(
+        tmp_path, monkeypatch):
+    """The manifest was renamed into place and the folder's fsync then failed (EIO over
+    NFS): the files the manifest names must stay, or every reader finds the record
+    damaged and the next run is told to delete it."""
+    import errno
+
+    from luigi_daisy import ledger as ledger_module
+
+    path = ledger_path(tmp_path / "ledgers", "t")
+    path.parent.mkdir()
+    ledger = Ledger(path, "t", GEOMETRY)
+    ledger.record_done_many(range(10))
+    ledger.flush()
+    real_fsync = ledger_module._fsync_folder
+    calls = []
+
+    def fsync_failing_after_the_rename(folder):
+        calls.append(folder)
+        if len(calls) == 2:  # the commit's second: after the manifest's rename
+            raise OSError(errno.EIO, "Input/output error", str(folder))
+        real_fsync(folder)
+
+    monkeypatch.setattr(ledger_module, "_fsync_folder", fsync_failing_after_the_rename)
+    ledger.record_done_many(range(10, 20))
+    with pytest.raises(LedgerError):
+        ledger.flush()
+    monkeypatch.setattr(ledger_module, "_fsync_folder", real_fsync)
+    with Ledger(path, "t", GEOMETRY, read_only=True) as reader:
+        assert reader.done_indices().tolist() == list(range(20))
+    ledger.record_done(20)
+    ledger.flush()
+    ledger.close()
+    with Ledger(path, "t", GEOMETRY) as again:
+        assert again.done_indices().tolist() == list(range(21))
+
+
+def test_a_follower_sees_a_record_started_afresh_at_the_same_number_of_commits(tmp_path):
+    path = ledger_path(tmp_path / "ledgers", "t")
+    path.parent.mkdir()
+    with Ledger(path, "t", GEOMETRY) as ledger:
+        for block in range(3):
+            ledger.record_done(block)
+            ledger.flush()
+    reader = Ledger(path, "t", GEOMETRY, read_only=True)
+    try:
+        view, seen = reader.done_since(None)
+        assert seen.tolist() == [0, 1, 2]
+        with Ledger(path, "t", GEOMETRY, fresh=True) as ledger:
+            for block in (50, 51, 52):
+                ledger.record_done(block)
+                ledger.flush()
+        assert reader.done_indices().tolist() == [50, 51, 52]
+        view, seen = reader.done_since(view)
+        assert seen.tolist() == [50, 51, 52]
+    finally:
+        reader.close()

@@ -97,7 +97,7 @@ def test_a_planted_ledger_link_is_refused_before_sqlite_opens_it(tmp_path, suffi
     assert target.read_text() == VICTIM_TEXT
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "done-0-1.zz"])
+@pytest.mark.parametrize("name", ["manifest.json", "done-0-*.zz"])
 def test_a_link_planted_inside_a_record_is_never_followed(tmp_path, name):
     """A file of the record replaced by a link: it is neither read through nor written
     through (a commit writes a new file and renames it over the name)."""
@@ -107,7 +107,7 @@ def test_a_link_planted_inside_a_record_is_never_followed(tmp_path, name):
     ledger.record_done(0)
     ledger.close()
     target = victim(tmp_path)
-    planted = ledger_path(ledgers, "t") / name
+    (planted,) = ledger_path(ledgers, "t").glob(name)  # chunk files carry a generation
     planted.unlink()
     plant(planted, target)
     with pytest.raises((UnsafePathError, LedgerError)) as raised:
