@@ -175,3 +175,20 @@ def test_the_shared_ledger_interface(tmp_path):
         pass
     assert find_ledgers(tmp_path / "records") == sorted([path, ledger_path(
         tmp_path / "records", "a")])
+
+
+def test_records_an_earlier_version_kept_in_ledger_dir_are_used_where_they_are(tmp_path):
+    """Before records lived with the data, every record was in ``ledger_dir``: after the
+    upgrade a finished chain must stay finished, not be computed again."""
+    setup_run(tmp_path)
+    run_chain(tmp_path, "first.log")
+    out = tmp_path / "out"
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    for folder in set(RECORD_FOLDERS.values()):
+        for record in find_ledgers(out / folder):
+            shutil.move(str(record), str(ledgers / record.name))
+    assert len(find_ledgers(ledgers)) == len(FAMILIES)
+    forget_calls(tmp_path)
+    run_chain(tmp_path, "again.log")
+    assert calls(tmp_path) == {}, "blocks recorded done before the upgrade ran again"

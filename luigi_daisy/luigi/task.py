@@ -18,7 +18,7 @@ from ..blocks import Block, BlockGrid
 from ..claims import Claims
 from ..datasets import check_write_alignment
 from ..errors import BlockwiseRunError, ConfigError, LauncherError, WorkerSetupError
-from ..ledger import Ledger, LedgerSet, ledger_path
+from ..ledger import Ledger, LedgerSet, ledger_path, legacy_path
 from ..run import WorkerRun, run_coroutine
 from ..summary import format_summary
 from ..task import Task
@@ -251,10 +251,20 @@ class BlockwiseTask(luigi.Task):
         for target in outputs:
             if not isinstance(target, LedgerTarget):
                 folder = record_folder_of(target)
-                if folder is not None:
+                if folder is not None and not self._earlier_record_elsewhere(folder):
                     return folder
                 break
         return Path(settings().ledger_dir)
+
+    def _earlier_record_elsewhere(self, folder: Path) -> bool:
+        """Whether an earlier version left this task's record in ``ledger_dir`` and
+        ``folder`` holds none: it is used where it is (an SQLite one is converted on
+        its first write), so that nothing done before the upgrade is lost."""
+        here = ledger_path(folder, self.task_id)
+        if here.exists() or legacy_path(here).exists():
+            return False
+        there = ledger_path(settings().ledger_dir, self.task_id)
+        return there.exists() or legacy_path(there).exists()
 
     def ledger_file(self) -> Path:
         """Path of this task's ledger (in :meth:`ledger_folder`)."""
