@@ -18,7 +18,9 @@ per call. The data are the segmentation example's kinds: smoothed noise (float32
   the same worker), and ``cold``: with none decoded;
 - ``zarr[...]``: the same chunk through ``zarr.Array.__getitem__`` / ``__setitem__``;
 - ``codec``: read the chunk's file and decode it with the array's own compressor, or
-  encode and write a file; what any layer above it costs at the least.
+  encode and write a file; what any layer above it costs at the least;
+- ``tensorstore``: the same chunk through tensorstore's zarr3 driver (read and write
+  ``.result()``), when tensorstore is installed.
 """
 
 from __future__ import annotations
@@ -128,8 +130,23 @@ def run(dtype: str, folder: str, repeat: int) -> list[tuple[str, float, float, f
     add("write Array[roi] =", lambda: array.__setitem__(roi, data))
     add("write zarr[...] =", lambda: plain.__setitem__(inner, data))
     add("write codec", lambda: codec_write(chunk_file, data))
+    tensorstore = _tensorstore()
+    if tensorstore is not None:  # the well-kept alternative to zarr's own API, weighed
+        view = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                               "path": path}}).result()[inner]
+        add("read  tensorstore", lambda: view.read().result())
+        add("write tensorstore", lambda: view.write(data).result())
     assert np.array_equal(reader[roi], data)
     return rows
+
+
+def _tensorstore():
+    """tensorstore if installed (``pip install tensorstore``), else None."""
+    try:
+        import tensorstore
+    except ImportError:
+        return None
+    return tensorstore
 
 
 def main() -> None:
