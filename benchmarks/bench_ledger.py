@@ -412,9 +412,15 @@ def child_scale_resume(kind: str, blocks: int, folder: Path) -> int:
     from luigi_daisy.scheduler import BlockScheduler
     task = scale_task(daisy, blocks)
     t0 = time.perf_counter()
-    ledgers = module.LedgerSet.open([task], folder)
-    t1 = time.perf_counter()
-    done_blocks = ledgers.done_blocks()
+    if kind == "sqlite":  # what the previous version's LedgerSet.open and done_blocks did
+        ledgers = module.Ledger(module.ledger_path(folder, task.task_id), task.task_id,
+                                task.grid.describe())
+        t1 = time.perf_counter()
+        done_blocks = {task.task_id: ledgers.done_indices()}
+    else:
+        ledgers = module.LedgerSet.open([task], folder)
+        t1 = time.perf_counter()
+        done_blocks = ledgers.done_blocks()
     t2 = time.perf_counter()
     scheduler = BlockScheduler([task], done_blocks=done_blocks)
     t3 = time.perf_counter()

@@ -1,11 +1,11 @@
-"""The ledger: a durable record of the finished blocks of one task (an SQLite file).
+"""The previous version's ledger (format 3, an SQLite file), kept to read and convert
+such files (:mod:`luigi_daisy.ledger`) and to compare with in ``benchmarks/bench_ledger.py``.
 
-Only the block server writes it, in batches of one transaction each, from a writer
-thread of its own (:class:`LedgerSet`), so that a slow or full file system never stalls
-the hand-out of blocks. It remembers the task's geometry and refuses to resume a task
-whose geometry changed. ``complete()`` is a single query. The file for task ``T`` in
-folder ``D`` is ``D/T.ledger.sqlite``, or ``D/<prefix>@<hash>.ledger.sqlite`` when ``T`` is
-not a plain file name (:func:`~luigi_daisy.context.safe_file_name`).
+Only the block server wrote it, in batches of one transaction each. It remembers the
+task's geometry and refuses to resume a task whose geometry changed. ``complete()`` is a
+single query. The file for task ``T`` in folder ``D`` is ``D/T.ledger.sqlite``, or
+``D/<prefix>@<hash>.ledger.sqlite`` when ``T`` is not a plain file name
+(:func:`~luigi_daisy.context.safe_file_name`).
 
 When the file system fails the writes (full, read-only, an I/O error) the records wait in
 memory and the writes are retried; each kind of failure has its own error class
@@ -20,10 +20,8 @@ import errno
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,13 +248,6 @@ def ledger_path(folder: str | os.PathLike, task_id: str) -> Path:
     return Path(folder) / f"{safe_file_name(task_id)}{SUFFIX}"
 
 
-def old_ledger_path(folder: str | os.PathLike, task_id: str) -> Path | None:
-    """Where versions before hashed file names kept the ledger of ``task_id``, when that
-    is not :func:`ledger_path` (only ids that are not plain file names moved)."""
-    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", task_id)
-    path = Path(folder) / f"{'_' + name if name.startswith('.') else name}{SUFFIX}"
-    return None if path == ledger_path(folder, task_id) else path
-
 
 def _of_another_task(path: Path, task_id: str, owner: str | None) -> str:
     """The message for ledger ``path`` of task ``task_id`` that records ``owner``."""
@@ -271,29 +262,6 @@ def _of_another_task(path: Path, task_id: str, owner: str | None) -> str:
             f"like 'a/b' and 'a_b' the same file; or it was copied here). Keep it while "
             f"task {owner!r} needs it: {move}or {ELSEWHERE} for {task_id!r}")
 
-
-def _refuse_old_name(folder: str | os.PathLike, task_id: str) -> None:
-    """Refuse to start ``task_id`` afresh beside the ledger an older version kept for it
-    under another name (a run in progress before an upgrade): say how to resume it."""
-    old = old_ledger_path(folder, task_id)
-    new = ledger_path(folder, task_id)
-    try:
-        if old is None or new.exists() or not old.is_file():
-            return
-    except OSError:
-        return  # a name too long for the file system: no file has it
-    try:
-        summary = read_ledger_summary(old)
-    except LedgerError:
-        return  # another task's, or not a ledger: not this task's record
-    if summary["task_id"] != task_id:
-        return
-    raise LedgerError(
-        f"task {task_id!r} has a ledger under its old name {old}, recording "
-        f"{summary['done']:,} finished blocks: its file name now carries a hash of the "
-        f"id ({new.name}), so that no two task ids share a file. To resume from it, move "
-        f"it (and nothing else) to {new}; to process every block again, start afresh "
-        f"(run_blockwise(..., fresh=True)) or delete it")
 
 
 class Ledger:
@@ -607,260 +575,3 @@ def read_ledger_summary(path: str | os.PathLike) -> dict:
     geometry = json.loads(geometry)
     return {"path": str(path), "task_id": task_id, "geometry": geometry,
             "done": done, "failed": failed, "total": geometry.get("num_blocks")}
-
-
-class LedgerSet:
-    """The ledgers of the tasks of one run, flushed together at least every second.
-
-    Two ways of writing them. Synchronously, in the caller's thread (:meth:`flush`,
-    :meth:`flush_if_due`; what tools and tests do). Or, during a run, from a writer thread
-    of their own (:meth:`start_writer` ... :meth:`finish`): the run's loop then only
-    appends records to an in-memory batch, and a commit that takes a second (NFS) or
-    fails (a full disk) never stalls the hand-out of blocks. While the file system fails
-    the writes, the records wait in memory, one warning says so, and the writes are
-    retried every ``flush_interval``; after ``storage_patience`` seconds of failures
-    (or at once for a damaged file) the writer gives up and :attr:`failure` holds the
-    error the run stops with. A record is only ever written for a block that finished.
-
-    Parameters
-    ----------
-    ledgers:
-        ``task_id -> Ledger`` for the tasks that keep one.
-    flush_interval:
-        Longest time, in seconds, a finished block waits before it is written.
-    max_pending:
-        Write as soon as this many records wait, whatever the time.
-    storage_patience:
-        Seconds of failing writes after which a run stops (default
-        :data:`STORAGE_PATIENCE`).
-    final_patience:
-        Seconds the end of a run retries its last writes (default
-        :data:`FINAL_PATIENCE`).
-    """
-
-    def __init__(self, ledgers: dict[str, Ledger], flush_interval: float = 1.0,
-                 max_pending: int = 50_000, storage_patience: float | None = None,
-                 final_patience: float | None = None) -> None:
-        self.ledgers = ledgers
-        self.flush_interval = flush_interval
-        self.max_pending = max_pending
-        self.storage_patience = (STORAGE_PATIENCE if storage_patience is None
-                                 else storage_patience)
-        self.final_patience = FINAL_PATIENCE if final_patience is None else final_patience
-        #: the error a run stops with once the writer gave up (None while all is well)
-        self.failure: LedgerError | None = None
-        self._last_flush: float | None = None
-        self._wake = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self._stopping = False
-        self._hurry = False
-        #: the error of the writes failing now, since when, and on which ledger
-        self._failing: LedgerError | None = None
-        self._failing_since: float | None = None
-        self._failing_ledger: Ledger | None = None
-
-    @classmethod
-    def open(cls, tasks, default_folder: str | os.PathLike | None = None,
-             fresh: bool = False) -> LedgerSet:
-        """Open (or create) the ledger of every task that has a ledger folder."""
-        opened = cls({})
-        try:
-            for task in tasks:
-                folder = task.ledger if task.ledger is not None else default_folder
-                if folder is not None:
-                    if not fresh:
-                        _refuse_old_name(folder, task.task_id)
-                    opened.ledgers[task.task_id] = Ledger(
-                        ledger_path(folder, task.task_id), task.task_id, task.grid.describe(),
-                        fresh=fresh)
-        except BaseException:
-            opened.close()
-            raise
-        return opened
-
-    def done_blocks(self) -> dict[str, np.ndarray]:
-        """Per task, the blocks recorded as done."""
-        return {task_id: ledger.done_indices() for task_id, ledger in self.ledgers.items()}
-
-    def add(self, task_id: str, ledger: Ledger) -> None:
-        """Write ``ledger`` too from now on (a task this run took over)."""
-        self.ledgers[task_id] = ledger
-
-    def record_done(self, task_id: str, index: int) -> None:
-        """Remember a finished block of ``task_id`` (if that task keeps a ledger)."""
-        ledger = self.ledgers.get(task_id)
-        if ledger is not None:
-            ledger.record_done(index)
-            if ledger.pending >= self.max_pending:
-                if self._writer is not None:
-                    self._nudge()
-                else:
-                    ledger.flush()
-
-    def record_failed(self, task_id: str, index: int, error: str | None) -> None:
-        """Remember a block of ``task_id`` that failed for good."""
-        ledger = self.ledgers.get(task_id)
-        if ledger is not None:
-            ledger.record_failed(index, error)
-
-    @property
-    def pending(self) -> int:
-        """Records of every ledger not yet written."""
-        return sum(ledger.pending for ledger in list(self.ledgers.values()))
-
-    def flush_if_due(self, now: float) -> int:
-        """Write pending records when the flush interval has passed since the last write."""
-        if self._last_flush is not None and now - self._last_flush < self.flush_interval:
-            return 0
-        self._last_flush = now
-        return self.flush()
-
-    def flush(self) -> int:
-        """Write every pending record, one transaction per ledger (each ledger is tried
-        even when another fails); raise the first error, a damaged file's first."""
-        written, errors = self._flush_all()
-        if errors:
-            raise errors[0][1]
-        return written
-
-    def _flush_all(self) -> tuple[int, list[tuple[Ledger, LedgerError]]]:
-        written, errors = 0, []
-        for ledger in list(self.ledgers.values()):
-            try:
-                written += ledger.flush()
-            except LedgerError as error:
-                errors.append((ledger, error))
-        errors.sort(key=lambda pair: not isinstance(pair[1], LedgerDamagedError))
-        return written, errors
-
-    # ------------------------------------------------------------ the writer thread
-    def start_writer(self) -> None:
-        """Write from a thread of its own from now on, every ``flush_interval``
-        seconds; :meth:`finish` stops it and writes the rest."""
-        if self._writer is not None:
-            return  # (started with no ledgers too: a task taken over later adds one)
-        self._stopping = False
-        self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                        name="luigi_daisy-ledger-writer")
-        self._writer.start()
-
-    def _nudge(self) -> None:
-        with self._wake:
-            self._hurry = True
-            self._wake.notify()
-
-    def _stop_writer(self) -> None:
-        writer = self._writer
-        if writer is None:
-            return
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        writer.join()
-        self._writer = None
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._wake:
-                if not self._stopping and not (self._hurry and self._failing is None):
-                    self._wake.wait(self.flush_interval)
-                self._hurry = False
-                if self._stopping or self.failure is not None:
-                    return  # stopped, or gave up: the run stops and says why
-            now = time.monotonic()
-            if self._attempt(now) or self.failure is not None:
-                continue
-            if now - self._failing_since >= self.storage_patience:
-                self._give_up(f"they failed for {now - self._failing_since:.0f} s "
-                              f"(storage_patience is {self.storage_patience:g} s)")
-
-    def _attempt(self, now: float) -> bool:
-        """Try to write everything pending; True when nothing is left to write."""
-        try:
-            written, errors = self._flush_all()
-        except Exception as error:  # the writer thread must not die silently
-            logger.exception("the ledger writer failed")
-            errors = [(None, LedgerError(f"writing the ledgers failed: {error!r}"))]
-        if not errors:
-            if self._failing is not None:
-                logger.info("ledger writes succeed again after %.0f s; %d records written",
-                            now - self._failing_since, written)
-                self._failing = self._failing_since = self._failing_ledger = None
-            return True
-        ledger, error = errors[0]
-        if not isinstance(error, LedgerStorageError):
-            self._failing_ledger = ledger
-            self._give_up("the file cannot be used any more")  # damaged: no retry helps
-            return False
-        if self._failing is None or type(error) is not type(self._failing):
-            logger.warning(
-                "%s. The run goes on: %d finished blocks wait in memory and the writes are "
-                "retried every %g s; the run stops if they still fail after %g s.",
-                error, self.pending, self.flush_interval, self.storage_patience)
-        if self._failing_since is None:
-            self._failing_since = now
-        self._failing, self._failing_ledger = error, ledger
-        return False
-
-    def _give_up(self, why: str) -> None:
-        """Stop writing: forget the records that could not be written and keep, in
-        :attr:`failure`, an error that says what happened and what the ledger holds."""
-        error, ledger = self._failing, self._failing_ledger
-        if error is None or not isinstance(error, LedgerStorageError):
-            error = error or LedgerError("the ledgers could not be written")
-        lost = sum(each.discard_pending() for each in list(self.ledgers.values()))
-        recorded = ""
-        if ledger is not None:
-            try:
-                total = ledger.geometry.get("num_blocks", "?")
-                recorded = (f" The ledger {ledger.path} records {ledger.done_count():,} "
-                            f"of the task's {total:,} blocks as done."
-                            if isinstance(total, int) else "")
-            except LedgerError:
-                recorded = ""
-        self.failure = type(error)(
-            f"the run stopped because its ledger writes failed: {why}. {error}.{recorded} "
-            f"{lost:,} finished blocks could not be recorded; they will run again.")
-        logger.error("%s", self.failure)
-
-    def finish(self, patience: float | None = None) -> None:
-        """Stop the writer thread and write every pending record before returning.
-
-        Retries failing writes for up to ``patience`` seconds (default
-        ``final_patience``; 0: one attempt).
-
-        Raises
-        ------
-        LedgerError
-            :attr:`failure`, when the writer gave up during the run or the last writes
-            still fail after ``patience`` seconds; its class says why
-            (:class:`~luigi_daisy.errors.LedgerDiskFullError`, ...).
-        """
-        self._stop_writer()
-        if self.failure is None:
-            patience = self.final_patience if patience is None else patience
-            started = time.monotonic()
-            while not self._attempt(time.monotonic()) and self.failure is None:
-                waited = time.monotonic() - started
-                if waited >= patience:
-                    self._give_up(f"the run ended and its last writes still failed after "
-                                  f"{waited:.0f} s more")
-                    break
-                time.sleep(min(self.flush_interval, patience - waited))
-        if self.failure is not None:
-            raise self.failure
-
-    def close(self) -> None:
-        """Flush and close every ledger (all of them, even if one fails); after a
-        :attr:`failure`, close without writing."""
-        self._stop_writer()
-        errors = []
-        for ledger in self.ledgers.values():
-            if self.failure is not None:
-                ledger.discard_pending()
-            try:
-                ledger.close()
-            except LedgerError as error:
-                errors.append(error)
-        if errors:
-            raise errors[0]
